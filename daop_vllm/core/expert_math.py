@@ -1,0 +1,47 @@
+"""The expert computation in plain torch, over any slot table.
+
+One function serves both sides of DAOP: the device path passes the device slot buffers and
+the device slot table; the CPU executor passes the host store and a table that maps only the
+experts it was given. Legend: T tokens, K top-k, E experts, S slots, H hidden, I intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routed_experts_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over k of topk_weights[t, k] * expert(topk_ids[t, k])(x[t]), for the experts that
+    `slot_of_expert` maps to a slot; unmapped experts (-1) contribute nothing.
+
+    x [T, H]; topk_ids, topk_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
+    w2 [S, H, I]; slot_of_expert [E] (slot index or -1). Returns [T, H] in x's dtype.
+    """
+    out = torch.zeros_like(x)
+    slots = slot_of_expert[topk_ids]  # [T, K]
+    mapped = slots >= 0
+    if not bool(mapped.any()):
+        return out
+    token_idx, k_idx = mapped.nonzero(as_tuple=True)
+    slot_idx = slots[token_idx, k_idx]
+    order = torch.argsort(slot_idx, stable=True)
+    token_idx, k_idx, slot_idx = token_idx[order], k_idx[order], slot_idx[order]
+    used_slots, counts = torch.unique_consecutive(slot_idx, return_counts=True)
+    start = 0
+    for slot, count in zip(used_slots.tolist(), counts.tolist()):
+        rows = token_idx[start : start + count]
+        weights = topk_weights[rows, k_idx[start : start + count]].to(x.dtype)
+        start += count
+        gate_up = x[rows] @ w13[slot].t()  # [n, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        expert_out = (F.silu(gate) * up) @ w2[slot].t()  # [n, H]
+        out.index_add_(0, rows, expert_out * weights[:, None])
+    return out

@@ -1,0 +1,59 @@
+"""The exact DAOP forward of one MoE layer: resident experts on the device, the others on
+the CPU on their true inputs, at the same time, combined with the routing weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from daop_vllm.core.cpu_executor import CpuExpertExecutor
+from daop_vllm.core.device_cache import DeviceExpertCache
+from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.stats import DaopStats
+
+RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class DaopMoE:
+    """One MoE layer: its host store, device cache, router function and shared executor."""
+
+    def __init__(
+        self,
+        layer: int,
+        store: HostExpertStore,
+        cache: DeviceExpertCache,
+        route: RoutingFunction,
+        executor: CpuExpertExecutor,
+        stats: DaopStats,
+    ) -> None:
+        self.layer = layer
+        self.store = store
+        self.cache = cache
+        self.route = route
+        self.executor = executor
+        self.stats = stats
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
+        topk_weights, topk_ids = self.route(router_logits)
+        host_ids = topk_ids.cpu()
+        on_cpu = ~self.cache.is_resident[host_ids]  # [T, K]
+        cpu_tokens = int(on_cpu.sum())
+        device_tokens = host_ids.numel() - cpu_tokens
+        cpu_job = None
+        if cpu_tokens:
+            cpu_job = self.executor.submit(
+                x.cpu(), host_ids, topk_weights.cpu(), self.store.w13, self.store.w2, self.cache.host_slot_table
+            )
+        if device_tokens:
+            out = routed_experts_forward(
+                x, topk_ids, topk_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
+            )
+        else:
+            out = torch.zeros_like(x)
+        if cpu_job is not None:
+            out += cpu_job.result().to(out.device, non_blocking=True)
+        self.stats.record(self.layer, device_tokens, cpu_tokens)
+        return out

@@ -1,0 +1,93 @@
+"""DAOP's options (`model_loader_extra_config`), parsed and checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from daop_vllm.core.errors import DaopConfigError
+
+BUDGET_KEYS = ("resident_experts", "resident_fraction", "expert_memory_gib")
+MODES = ("exact",)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# key -> (check, what is accepted)
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "resident_experts": (lambda v: _is_int(v) and v >= 0, "an integer n with 0 <= n <= E (experts per layer)"),
+    "resident_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "expert_memory_gib": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0"),
+    "mode": (lambda v: v in MODES, "one of " + ", ".join(f'"{m}"' for m in MODES)),
+    "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
+}
+ACCEPTED_KEYS = tuple(_CHECKS)
+
+
+@dataclass(frozen=True)
+class DaopOptions:
+    """Validated options. `budget_key` None means auto: as many experts as fit on the device."""
+
+    budget_key: str | None = None
+    budget_value: float | None = None
+    mode: str = "exact"
+    cpu_threads: int | None = None
+    profile: str | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
+        """Parse `model_loader_extra_config` (a dict, or the JSON text the CLI may pass on)."""
+        if raw is None or raw == "":
+            raw = {}
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DaopConfigError(
+                    f"model_loader_extra_config is not valid JSON ({exc.msg} at char {exc.pos}); "
+                    'expected a JSON object such as {"resident_fraction": 0.5}'
+                ) from None
+        if not isinstance(raw, dict):
+            raise DaopConfigError(
+                f"model_loader_extra_config must be a JSON object (dict), got {type(raw).__name__}; "
+                'for example {"resident_fraction": 0.5}'
+            )
+        for key, value in raw.items():
+            if key not in _CHECKS:
+                raise DaopConfigError(
+                    f"unknown daop option {key!r}; accepted keys: {', '.join(ACCEPTED_KEYS)}"
+                )
+            check, accepted = _CHECKS[key]
+            if not check(value):
+                raise DaopConfigError(f"daop option {key!r} must be {accepted}, got {value!r}")
+        budgets = [k for k in BUDGET_KEYS if k in raw]
+        if len(budgets) > 1:
+            raise DaopConfigError(
+                f"daop options {' and '.join(map(repr, budgets))} are given together; "
+                f"set at most one of {', '.join(BUDGET_KEYS)} (none: as many experts as fit)"
+            )
+        budget_key = budgets[0] if budgets else None
+        return cls(
+            budget_key=budget_key,
+            budget_value=raw[budget_key] if budget_key else None,
+            mode=raw.get("mode", "exact"),
+            cpu_threads=raw.get("cpu_threads"),
+            profile=raw.get("profile"),
+        )
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """Checks that need the model's shape."""
+        if self.budget_key == "resident_experts" and self.budget_value > num_experts:
+            raise DaopConfigError(
+                f"daop option 'resident_experts' must be an integer n with 0 <= n <= {num_experts} "
+                f"(the model has {num_experts} experts per layer), got {self.budget_value}"
+            )

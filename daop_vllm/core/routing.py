@@ -1,0 +1,27 @@
+"""Router functions: router logits -> (top-k weights, top-k expert ids).
+
+Each MoE family routes its own way; a `RoutingFunction` is what both the forward pass and
+(later) the next-layer predictor call, so that prediction uses the family's real router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SoftmaxTopK:
+    """Mixtral's router: softmax over all experts in fp32, top-k, optionally renormalised."""
+
+    top_k: int
+    renormalize: bool = True
+
+    def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # router_logits: [T, E] -> weights [T, K] fp32, ids [T, K] int64
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids

@@ -1,0 +1,104 @@
+"""Build small Mixtral-format checkpoints locally (no downloads), for tests and the demo.
+
+Random weights: the model says nothing about accuracy, but it exercises every code path of
+the real Mixtral architecture in vLLM. The tokenizer is a byte-level BPE trained here on a
+few sentences, so that text prompts work end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_TOKENIZER_CORPUS = [
+    "Mixture-of-Experts models route every token to a few experts out of many.",
+    "The experts that do not fit in accelerator memory live in host memory,",
+    "and the processor computes the tokens routed to them instead of copying weights.",
+    "After a prefill the device slots are filled with the experts the sequence uses.",
+    "During decode the next layer's experts are predicted from the current hidden state.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Once upon a time there was a small model that wanted to serve many requests at once.",
+    "One, two, three, four, five, six, seven, eight, nine, ten: numbers count tokens.",
+    "What is the capital of France? Paris is the capital and largest city of France.",
+    "Write a short poem about the sea, the wind, the rain and the mountains far away.",
+]
+
+
+@dataclass(frozen=True)
+class TinyMixtralShape:
+    """Shape of a generated checkpoint; head_dim 32 is the smallest vLLM's CPU attention takes."""
+
+    num_layers: int = 4
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    vocab_size: int = 512
+    max_positions: int = 1024
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE on a built-in corpus and save it in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    wrapped.save_pretrained(str(out_dir))
+
+
+def build_tiny_mixtral(
+    out_dir: str | Path,
+    shape: TinyMixtralShape = TinyMixtralShape(),
+    seed: int = 0,
+    init_std: float = 0.1,
+) -> Path:
+    """Write config, safetensors weights and tokenizer of a random Mixtral to `out_dir`.
+
+    `init_std` is larger than Mixtral's 0.02 so that greedy decoding has clear winners:
+    comparisons between two implementations then do not hinge on near-ties of logits.
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = MixtralConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        max_position_embeddings=shape.max_positions,
+        initializer_range=init_std,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).to(torch.float32)
+    model.save_pretrained(str(out), safe_serialization=True)
+    build_tokenizer(out, shape.vocab_size)
+    (out / "daop_model_card.json").write_text(
+        json.dumps({"builder": "daop_vllm.model_builder", "seed": seed, **shape.__dict__})
+    )
+    return out

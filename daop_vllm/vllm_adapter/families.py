@@ -1,0 +1,60 @@
+"""The MoE families DAOP serves, and how each is recognised in a Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from daop_vllm.core.errors import DaopConfigError
+
+# Attributes through which Hugging Face configs of MoE models give the routed-expert count.
+_EXPERT_COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """One supported architecture: where vLLM builds its MoE layers, and its config's names."""
+
+    architecture: str
+    model_module: str  # the vLLM module whose FusedMoEFactory the loader replaces
+    num_experts_attr: str
+    top_k_attr: str
+
+    def shape(self, hf_config: Any) -> tuple[int, int, int]:
+        """(MoE layers, routed experts per layer, top-k)."""
+        return (
+            hf_config.num_hidden_layers,
+            getattr(hf_config, self.num_experts_attr),
+            getattr(hf_config, self.top_k_attr),
+        )
+
+
+SUPPORTED_FAMILIES = {
+    family.architecture: family
+    for family in (
+        MoEFamily(
+            architecture="MixtralForCausalLM",
+            model_module="vllm.model_executor.models.mixtral",
+            num_experts_attr="num_local_experts",
+            top_k_attr="num_experts_per_tok",
+        ),
+    )
+}
+
+
+def family_for(architectures: list[str], hf_config: Any) -> MoEFamily:
+    """The family of a model, or a DaopConfigError saying why it cannot be served."""
+    for architecture in architectures:
+        if architecture in SUPPORTED_FAMILIES:
+            return SUPPORTED_FAMILIES[architecture]
+    names = ", ".join(architectures) or "unknown"
+    supported = ", ".join(SUPPORTED_FAMILIES)
+    is_moe = any((getattr(hf_config, attr, None) or 0) > 1 for attr in _EXPERT_COUNT_ATTRS)
+    if not is_moe:
+        raise DaopConfigError(
+            f"load_format 'daop' needs a Mixture-of-Experts model, and {names} is not an MoE model; "
+            f"supported architectures: {supported}"
+        )
+    raise DaopConfigError(
+        f"MoE architecture {names} is not supported by load_format 'daop' yet; supported: {supported}"
+    )

@@ -1,0 +1,109 @@
+"""The `daop` load format: builds the model with DAOP MoE layers, loads the stock
+checkpoint (experts into host memory), then fills each layer's device slots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from daop_vllm.core.cpu_executor import physical_core_count
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.options import DaopOptions
+from daop_vllm.core.placement import load_profile, plan_for_options
+from daop_vllm.vllm_adapter.families import MoEFamily, family_for
+from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers
+
+logger = init_logger("vllm.daop")
+
+# Device memory kept free beside the experts in auto mode, for activations and workspaces.
+_AUTO_HEADROOM_BYTES = 1 << 30
+
+
+def model_family(model_config: ModelConfig) -> MoEFamily:
+    return family_for(list(model_config.architectures or []), model_config.hf_text_config)
+
+
+def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
+    """Every check that needs the model's config; raises DaopConfigError. Runs in the
+    front-end process before the engine starts, and again in the worker."""
+    from daop_vllm.core.errors import DaopConfigError
+
+    model_config = vllm_config.model_config
+    family = model_family(model_config)
+    num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
+    options.check_model(num_layers, num_experts)
+    if options.profile:
+        load_profile(options.profile, num_layers, num_experts)
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise DaopConfigError(
+            "load_format 'daop' runs on one device: tensor_parallel_size and pipeline_parallel_size must be 1"
+        )
+
+
+class DaopModelLoader(BaseModelLoader):
+    """Wraps the default loader (for reading the checkpoint) around DAOP's model building."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.options = DaopOptions.parse(load_config.model_loader_extra_config)
+        self._checkpoint_loader = DefaultModelLoader(
+            dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
+        )
+        self._vllm_config: VllmConfig | None = None
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._checkpoint_loader.download_model(model_config)
+
+    def create_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        check_engine_config(self.options, vllm_config)
+        device = torch.device(vllm_config.device_config.device)
+        threads = self.options.cpu_threads or physical_core_count()
+        engine = DaopEngine(device, cpu_threads=threads, mode=self.options.mode)
+        with daop_moe_layers(model_family(model_config), engine, vllm_config):
+            model = super().create_model(vllm_config, model_config, prefix)
+        model.daop_engine = engine
+        self._vllm_config = vllm_config
+        logger.info("daop: %d MoE layers, device path: torch reference on %s, CPU executor: %d threads",
+                    len(engine.layers), device, threads)
+        return model
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        self._checkpoint_loader.load_weights(model, model_config)
+        engine: DaopEngine = model.daop_engine
+        num_layers, num_experts = len(engine.layers), engine.num_experts
+        engine.place(
+            plan_for_options(self.options, num_layers, num_experts, engine.expert_bytes, self._auto_bytes(engine))
+        )
+        resident = engine.resident_experts()
+        slots = sum(map(len, resident))
+        logger.info(
+            "daop: budget %s=%s -> %d of %d experts resident (%.1f%%); per layer: %s",
+            self.options.budget_key or "auto",
+            self.options.budget_value if self.options.budget_key else "all that fit",
+            slots, num_layers * num_experts, 100.0 * slots / (num_layers * num_experts),
+            [len(r) for r in resident],
+        )
+
+    def _auto_bytes(self, engine: DaopEngine) -> int | None:
+        """Device bytes left for experts in auto mode; None where device and host share memory."""
+        if engine.device.type != "cuda" or self._vllm_config is None:
+            return None
+        cfg = self._vllm_config
+        free, total = torch.cuda.mem_get_info(engine.device)
+        allowed = cfg.cache_config.gpu_memory_utilization * total - (total - free)
+        text = cfg.model_config.hf_text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * engine.layers[0].store.w13.element_size()
+        kv_reserve = cfg.cache_config.kv_cache_memory_bytes or kv_bytes_per_token * cfg.model_config.max_model_len
+        available = int(max(0, allowed - kv_reserve - _AUTO_HEADROOM_BYTES))
+        logger.info("daop: auto budget: %.2f GiB of device memory for experts (KV reserve %.2f GiB)",
+                    available / 2**30, kv_reserve / 2**30)
+        return available

@@ -1,0 +1,149 @@
+"""The DAOP MoE layer that replaces vLLM's MoE runner under the `daop` load format.
+
+While the `daop` loader builds a model, the model module's `FusedMoEFactory` is replaced by
+`daop_moe_factory`, which returns a `DaopMoELayer` instead of a `MoERunner`. The layer's
+forward is one opaque custom op (`torch.ops.vllm.daop_moe_forward`), so that Dynamo and
+inductor treat all of DAOP's Python - threads, host copies, counters - as a black box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.moe import DaopMoE
+from daop_vllm.core.routing import SoftmaxTopK
+from daop_vllm.vllm_adapter.families import MoEFamily
+
+
+class DaopMoELayer(nn.Module):
+    """Holds one layer's host expert store as parameters (so vLLM's weight loading and
+    checks see them) and forwards through the DAOP op."""
+
+    def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.moe = moe
+        self.layer_name = layer_name
+        # Same parameter names as vLLM's RoutedExperts: w13 = gate rows then up rows.
+        self.w13_weight = nn.Parameter(moe.store.w13, requires_grad=False)
+        self.w2_weight = nn.Parameter(moe.store.w2, requires_grad=False)
+        gate, down, up = (re.escape(name) for name in ckpt_names)
+        self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.weight")
+        self._ckpt_names = ckpt_names
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Checkpoint tensors `{expert}.{w1|w2|w3}.weight` into the host store."""
+        gate, down, up = self._ckpt_names
+        intermediate = self.moe.store.w2.shape[2]
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            match = self._ckpt_pattern.fullmatch(name)
+            if match is None:
+                raise ValueError(f"{self.layer_name}: unexpected expert weight {name!r}")
+            expert, proj = int(match.group(1)), match.group(2)
+            if proj == down:
+                self.moe.store.w2[expert].copy_(tensor)
+                loaded.add("w2_weight")
+            else:
+                rows = slice(0, intermediate) if proj == gate else slice(intermediate, 2 * intermediate)
+                self.moe.store.w13[expert, rows].copy_(tensor)
+                loaded.add("w13_weight")
+        return loaded
+
+
+def _daop_moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
+    from vllm.forward_context import get_forward_context
+
+    layer = get_forward_context().no_compile_layers[layer_name]
+    return layer.moe.forward(hidden_states, router_logits)
+
+
+def _daop_moe_forward_fake(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+def register_daop_op() -> None:
+    """Define `torch.ops.vllm.daop_moe_forward` once per process."""
+    if hasattr(torch.ops.vllm, "daop_moe_forward"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(
+        op_name="daop_moe_forward",
+        op_func=_daop_moe_forward,
+        mutates_args=[],
+        fake_impl=_daop_moe_forward_fake,
+    )
+
+
+def _factory_defaults() -> dict[str, Any]:
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(FusedMoEFactory).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+# FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
+_HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names"}
+# Arguments whose value does not change what the layer computes on one device.
+_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size", "enable_eplb"}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (not isinstance(value, torch.Tensor) and value == default)
+
+
+def _make_factory(engine: DaopEngine, vllm_config: Any):
+    defaults = _factory_defaults()
+
+    def daop_moe_factory(**kwargs: Any) -> DaopMoELayer:
+        if kwargs.get("quant_config") is not None:
+            raise DaopConfigError("load_format 'daop' supports unquantized checkpoints only; remove --quantization")
+        for name, value in kwargs.items():
+            if name not in _HANDLED | _IGNORED and not _is_default(value, defaults.get(name)):
+                raise DaopConfigError(
+                    f"this model's MoE layers use {name}={value!r}, which load_format 'daop' does not support yet"
+                )
+        route = SoftmaxTopK(kwargs["top_k"], kwargs.get("renormalize", True))
+        dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
+        moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
+        prefix = kwargs["prefix"]
+        layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]))
+        forward_context = vllm_config.compilation_config.static_forward_context
+        if prefix in forward_context:
+            raise ValueError(f"duplicate layer name {prefix!r}")
+        forward_context[prefix] = layer
+        return layer
+
+    return daop_moe_factory
+
+
+@contextlib.contextmanager
+def daop_moe_layers(family: MoEFamily, engine: DaopEngine, vllm_config: Any) -> Iterator[None]:
+    """While active, the family's model module builds DAOP layers instead of MoE runners.
+    Scoped so that other models in the same process are unaffected."""
+    register_daop_op()
+    module = importlib.import_module(family.model_module)
+    original = getattr(module, "FusedMoEFactory", None)
+    if original is None:
+        raise RuntimeError(f"{family.model_module} has no FusedMoEFactory: this vLLM version is not supported")
+    module.FusedMoEFactory = _make_factory(engine, vllm_config)
+    try:
+        yield
+    finally:
+        module.FusedMoEFactory = original

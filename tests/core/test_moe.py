@@ -1,0 +1,97 @@
+"""The exact forward of the core engine against a dense reference, on any torch device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.routing import SoftmaxTopK
+
+E, K, H, I, L = 8, 2, 48, 40, 3
+
+
+def dense_moe(x, logits, w13, w2):
+    """Every token through its top-k experts, written as plainly as possible."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, K, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(K):
+            e = int(ids[t, k])
+            gate, up = (x[t] @ w13[e].t()).chunk(2)
+            out[t] += weights[t, k].to(x.dtype) * ((F.silu(gate) * up) @ w2[e].t())
+    return out, ids
+
+
+def make_engine(cpu_threads=2):
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=cpu_threads)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(L):
+        layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
+        layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) * 0.2)
+        layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) * 0.2)
+    return engine
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize(
+    "resident",
+    [[], [0, 1, 2, 3, 4, 5, 6, 7], [0, 5], [3], [1, 2, 4, 6, 7]],
+    ids=["none", "all", "two", "one", "five"],
+)
+@pytest.mark.parametrize("cpu_threads", [1, 3])
+def test_exact_forward_matches_dense_and_counts_routing(tokens, resident, cpu_threads):
+    engine = make_engine(cpu_threads)
+    engine.place([resident] * L)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen)
+    logits = torch.randn(tokens, E, generator=gen)
+    for layer in engine.layers:
+        out = layer.forward(x, logits)
+        expected, ids = dense_moe(x, logits, layer.store.w13, layer.store.w2)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        on_device = sum(int(e) in resident for e in ids.flatten())
+        assert engine.stats.device_expert_tokens[layer.layer] == on_device
+        assert engine.stats.cpu_expert_tokens[layer.layer] == tokens * K - on_device
+    engine.close()
+
+
+def test_one_expert_gets_all_tokens():
+    engine = make_engine()
+    engine.place([[2]] * L)
+    x = torch.randn(9, H)
+    logits = torch.full((9, E), -5.0)
+    logits[:, 2] = 5.0  # everyone's first choice
+    layer = engine.layers[0]
+    torch.testing.assert_close(layer.forward(x, logits), dense_moe(x, logits, layer.store.w13, layer.store.w2)[0])
+    assert engine.stats.device_expert_tokens[0] == 9 and engine.stats.cpu_expert_tokens[0] == 9
+    engine.close()
+
+
+def test_replacing_keeps_slots_of_experts_that_stay():
+    engine = make_engine()
+    engine.place([[0, 1, 2]] * L)
+    cache = engine.layers[0].cache
+    before = dict(zip(cache.resident_experts, cache.slot_of_expert[cache.resident_experts].tolist()))
+    engine.place([[1, 2, 5]] * L)
+    assert engine.layers[0].cache is cache
+    after = dict(zip(cache.resident_experts, cache.slot_of_expert[cache.resident_experts].tolist()))
+    assert after[1] == before[1] and after[2] == before[2]
+    assert cache.is_resident.tolist() == [e in (1, 2, 5) for e in range(E)]
+    assert cache.host_slot_table.tolist() == [-1 if e in (1, 2, 5) else e for e in range(E)]
+    engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: checks host->device slot copies")
+def test_device_slots_hold_copies_on_cuda():
+    engine = DaopEngine(torch.device("cuda"), cpu_threads=2)
+    layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
+    layer.store.w13.normal_()
+    layer.store.w2.normal_()
+    assert layer.store.w13.is_pinned()
+    engine.place([[4, 6]])
+    x, logits = torch.randn(5, H, device="cuda"), torch.randn(5, E, device="cuda")
+    expected, _ = dense_moe(x.cpu(), logits.cpu(), layer.store.w13, layer.store.w2)
+    torch.testing.assert_close(layer.forward(x, logits).cpu(), expected, rtol=1e-4, atol=1e-4)
+    engine.close()

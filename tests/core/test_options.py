@@ -1,0 +1,58 @@
+import pytest
+
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.options import DaopOptions
+
+
+def test_defaults_are_auto_exact():
+    options = DaopOptions.parse(None)
+    assert options.budget_key is None and options.mode == "exact" and options.profile is None
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"resident_experts": 3}, "resident_experts"),
+        ({"resident_fraction": 0.25}, "resident_fraction"),
+        ({"resident_fraction": 1}, "resident_fraction"),
+        ({"expert_memory_gib": 1.5}, "expert_memory_gib"),
+        ('{"resident_fraction": 0.5}', "resident_fraction"),
+    ],
+)
+def test_one_budget_key_is_taken(raw, key):
+    options = DaopOptions.parse(raw)
+    assert options.budget_key == key
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"resident_experts": 2, "resident_fraction": 0.5}, ["'resident_experts' and 'resident_fraction'", "at most one"]),
+        ({"cache_ratio": 0.5}, ["unknown daop option 'cache_ratio'", "resident_fraction"]),
+        ({"resident_fraction": 1.5}, ["'resident_fraction'", "[0, 1]", "1.5"]),
+        ({"resident_fraction": "half"}, ["'resident_fraction'", "'half'"]),
+        ({"resident_experts": -1}, ["'resident_experts'", "-1"]),
+        ({"resident_experts": 2.0}, ["'resident_experts'", "integer"]),
+        ({"resident_experts": True}, ["'resident_experts'", "True"]),
+        ({"expert_memory_gib": -2}, ["'expert_memory_gib'", ">= 0"]),
+        ({"mode": "daop"}, ["'mode'", '"exact"']),
+        ({"cpu_threads": 0}, ["'cpu_threads'", ">= 1"]),
+        ({"profile": 3}, ["'profile'", "path"]),
+        ("resident_fraction=0.5", ["not valid JSON", "JSON object"]),
+        ("[1, 2]", ["must be a JSON object", "list"]),
+    ],
+)
+def test_wrong_input_names_key_and_accepted_values(raw, words):
+    with pytest.raises(DaopConfigError) as info:
+        DaopOptions.parse(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_resident_experts_above_model_experts():
+    options = DaopOptions.parse({"resident_experts": 9})
+    with pytest.raises(DaopConfigError, match=r"0 <= n <= 8.*got 9"):
+        options.check_model(num_layers=4, num_experts=8)
+    DaopOptions.parse({"resident_experts": 8}).check_model(num_layers=4, num_experts=8)

@@ -1,0 +1,85 @@
+"""Wrong input fails with DaopConfigError naming what was wrong, before any weight loads."""
+
+import json
+
+import pytest
+
+from daop_vllm.core.errors import DaopConfigError
+
+from .engines import make_llm
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory) -> str:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("dense")
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, architectures=["LlamaForCausalLM"])
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def unsupported_moe(tmp_path_factory) -> str:
+    from transformers import Qwen2MoeConfig
+
+    path = tmp_path_factory.mktemp("qwen2moe")
+    config = Qwen2MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=8, num_experts_per_tok=2,
+                            architectures=["Qwen2MoeForCausalLM"])
+    config.save_pretrained(path)
+    return str(path)
+
+
+def expect_config_error(model: str, extra, *words: str) -> None:
+    with pytest.raises(DaopConfigError) as info:
+        make_llm(model, load_format="daop", model_loader_extra_config=extra, enforce_eager=True,
+                 skip_tokenizer_init=True)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"resident_fraction": 0.5, "resident_experts": 2}, ["'resident_experts' and 'resident_fraction'"]),
+        ({"cache_ratio": 0.5}, ["unknown daop option 'cache_ratio'", "accepted keys"]),
+        ({"resident_fraction": "0.5"}, ["'resident_fraction'", "number in [0, 1]"]),
+        ({"resident_fraction": 2}, ["'resident_fraction'", "got 2"]),
+        ({"resident_experts": 9}, ["'resident_experts'", "0 <= n <= 8", "got 9"]),
+        ({"mode": "fast"}, ["'mode'", '"exact"']),
+        ({"cpu_threads": -1}, ["'cpu_threads'"]),
+        ({"profile": "/nonexistent/profile.json"}, ["'profile'", "does not exist"]),
+    ],
+)
+def test_bad_options(tiny_mixtral, extra, words):
+    expect_config_error(tiny_mixtral, extra, *words)
+
+
+def test_malformed_profile(tiny_mixtral, tmp_path):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps([[0, 1], [99, 0]]))
+    expect_config_error(tiny_mixtral, {"profile": str(bad)}, "'profile'", "[99, 0]", "0 <= layer < 4")
+
+
+def test_dense_model_is_not_moe(dense_model):
+    expect_config_error(dense_model, {}, "LlamaForCausalLM is not an MoE model", "MixtralForCausalLM")
+
+
+def test_unsupported_moe_architecture(unsupported_moe):
+    expect_config_error(unsupported_moe, {}, "Qwen2MoeForCausalLM is not supported", "MixtralForCausalLM")
+
+
+def test_loader_in_the_worker_checks_too():
+    """The worker builds the loader from the load config alone: options fail there as well."""
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    with pytest.raises(DaopConfigError, match="unknown daop option 'bogus'"):
+        get_model_loader(LoadConfig(load_format="daop", model_loader_extra_config={"bogus": 1}))
+    loader = get_model_loader(LoadConfig(load_format="daop", model_loader_extra_config={"resident_experts": 2}))
+    assert loader.options.budget_value == 2

@@ -1,0 +1,28 @@
+"""The demo end to end: the `daop-vllm` command, vLLM's default multi-process engine."""
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+
+def test_plugin_is_registered_through_entry_point():
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("daop") == "daop_vllm.vllm_adapter.plugin:register"
+
+
+def test_demo_prints_placement_speed_and_cpu_share(tmp_path):
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "daop_vllm.cli", "demo", "--model-dir", str(tmp_path / "model"),
+         "--resident-fraction", "0.25", "--num-prompts", "4", "--max-tokens", "8"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "resident_fraction=0.25" in out
+    for layer in range(4):
+        assert f"layer  {layer}: [0, 1]" in out, out
+    assert "4 prompts, 32 tokens in" in out and "tokens/s" in out
+    share = float(out.split("expert work on the CPU: ")[1].split("%")[0])
+    assert 0 < share < 100

@@ -1,0 +1,94 @@
+"""`load_format="daop"` generates the same greedy tokens as stock vLLM, eager and compiled."""
+
+import pytest
+
+from .engines import close_llm, make_llm
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox",
+    "Once upon a time there was",
+    "What is the capital of France?",
+    "Write a short poem about the sea",
+    "One, two, three, four",
+    "Mixture-of-Experts models route every token",
+    "During decode the next layer",
+    "experts",
+]
+MAX_TOKENS = 24
+
+
+def greedy_ids(llm) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_counted(llm) -> tuple[list[list[int]], dict]:
+    llm.collective_rpc("daop_reset_counters")
+    ids = greedy_ids(llm)
+    return ids, llm.collective_rpc("daop_report")[0]
+
+
+@pytest.fixture(scope="module")
+def stock_ids(tiny_mixtral):
+    llm = make_llm(tiny_mixtral, enforce_eager=True)
+    ids = greedy_ids(llm)
+    close_llm(llm)
+    assert len(ids) >= 8 and all(len(i) == MAX_TOKENS for i in ids)
+    return ids
+
+
+def check_counters(report: dict, fraction: float) -> None:
+    device, cpu = report["device_expert_tokens"], report["cpu_expert_tokens"]
+    totals = [d + c for d, c in zip(device, cpu)]
+    assert totals[0] > 0 and len(set(totals)) == 1, f"every layer sees the same expert-token work: {totals}"
+    resident = [len(r) for r in report["resident_experts"]]
+    if fraction == 0:
+        assert sum(device) == 0 and resident == [0] * len(resident)
+    elif fraction == 1:
+        assert sum(cpu) == 0 and resident == [report["num_experts"]] * len(resident)
+    else:
+        assert sum(device) > 0 and sum(cpu) > 0
+        assert sum(resident) == int(fraction * len(resident) * report["num_experts"])
+
+
+@pytest.mark.parametrize("fraction", [1, 0.5, 0.25, 0])
+def test_eager_matches_stock(tiny_mixtral, stock_ids, fraction):
+    llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
+                   model_loader_extra_config={"resident_fraction": fraction})
+    ids, report = run_counted(llm)
+    close_llm(llm)
+    assert ids == stock_ids
+    check_counters(report, fraction)
+
+
+def test_compiled_matches_stock(tiny_mixtral, stock_ids):
+    """One compiled engine (compiling costs most of a minute on CPU), started at 0.25 through the
+    option, then re-placed: the DAOP op is opaque to the compiled graph, so placement can change."""
+    llm = make_llm(tiny_mixtral, enforce_eager=False, load_format="daop",
+                   model_loader_extra_config={"resident_fraction": 0.25})
+    try:
+        for fraction in [0.25, 1, 0.5, 0]:
+            if fraction != 0.25:
+                llm.collective_rpc("daop_place_fraction", args=(fraction,))
+            ids, report = run_counted(llm)
+            assert ids == stock_ids, f"compiled, fraction {fraction}"
+            check_counters(report, fraction)
+    finally:
+        close_llm(llm)
+
+
+def test_stock_engine_still_works_after_daop(tiny_mixtral, stock_ids):
+    """The MoE replacement is scoped to the daop loader: a later stock LLM in the same process
+    builds vLLM's own MoE layers again."""
+    daop = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
+                    model_loader_extra_config={"resident_experts": 3})
+    close_llm(daop)
+    llm = make_llm(tiny_mixtral, enforce_eager=True)
+    try:
+        assert not llm.apply_model(lambda model: hasattr(model, "daop_engine"))[0]
+        assert greedy_ids(llm) == stock_ids
+    finally:
+        close_llm(llm)
