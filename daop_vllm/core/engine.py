@@ -3,6 +3,10 @@ the counters. No vLLM here; the adapter builds one engine per model."""
 
 from __future__ import annotations
 
+import atexit
+import weakref
+from typing import Any
+
 import torch
 
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
@@ -10,6 +14,7 @@ from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.moe import DaopMoE, RoutingFunction
 from daop_vllm.core.stats import DaopStats
+from daop_vllm.core.stats_file import StatsFile
 
 
 class DaopEngine:
@@ -22,6 +27,9 @@ class DaopEngine:
         self.executor = CpuExpertExecutor(cpu_threads)
         self.stats = DaopStats()
         self.layers: list[DaopMoE] = []
+        self.budget_asked: dict[str, Any] = {}  # the budget option as the user gave it; {} = auto
+        self.stats_file: StatsFile | None = None
+        self._closed = False
 
     def add_layer(
         self,
@@ -61,5 +69,44 @@ class DaopEngine:
     def resident_experts(self) -> list[list[int]]:
         return [layer.cache.resident_experts for layer in self.layers]
 
+    def report(self) -> dict[str, Any]:
+        """What the engine holds and has done; the `stats_path` schema (see the README)."""
+        resident = self.resident_experts()
+        device, cpu = self.stats.device_expert_tokens, self.stats.cpu_expert_tokens
+        return {
+            "mode": self.mode,
+            "device": str(self.device),
+            "cpu_threads": self.executor.num_threads,
+            "budget": {
+                "asked": dict(self.budget_asked) or {"auto": True},
+                "resident_experts": sum(map(len, resident)),
+                "total_experts": len(self.layers) * self.num_experts,
+                "slots_per_layer": [layer.cache.num_slots for layer in self.layers],
+            },
+            "layers": [
+                {"resident": r, "device_expert_tokens": d, "cpu_expert_tokens": c}
+                for r, d, c in zip(resident, device, cpu)
+            ],
+            "totals": {"device_expert_tokens": sum(device), "cpu_expert_tokens": sum(cpu)},
+        }
+
+    def write_stats_to(self, path: str) -> None:
+        """Keep `path` up to date with `report()` (every second, and at `close`)."""
+        self.stats_file = StatsFile(path, self.report)
+        # A weak reference: the exit hook must not keep a finished engine alive.
+        atexit.register(_close_if_alive, weakref.ref(self))
+
     def close(self) -> None:
+        """Final stats write, then stop the CPU threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.stats_file is not None:
+            self.stats_file.close()
         self.executor.shutdown()
+
+
+def _close_if_alive(engine_ref: weakref.ref[DaopEngine]) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.close()

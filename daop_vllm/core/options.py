@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "mode": (lambda v: v in MODES, "one of " + ", ".join(f'"{m}"' for m in MODES)),
     "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
+    "stats_path": (
+        lambda v: isinstance(v, str) and v != "" and os.path.isdir(os.path.dirname(os.path.abspath(v))),
+        "a file path in an existing directory (written with the engine's counters)",
+    ),
 }
 ACCEPTED_KEYS = tuple(_CHECKS)
 
@@ -42,6 +47,7 @@ class DaopOptions:
     mode: str = "exact"
     cpu_threads: int | None = None
     profile: str | None = None
+    stats_path: str | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -82,7 +88,12 @@ class DaopOptions:
             mode=raw.get("mode", "exact"),
             cpu_threads=raw.get("cpu_threads"),
             profile=raw.get("profile"),
+            stats_path=raw.get("stats_path"),
         )
+
+    @property
+    def budget_asked(self) -> dict[str, Any]:
+        return {self.budget_key: self.budget_value} if self.budget_key else {}
 
     def check_model(self, num_layers: int, num_experts: int) -> None:
         """Checks that need the model's shape."""

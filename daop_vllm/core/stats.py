@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class DaopStats:
     """Expert-token assignments (a token routed to an expert counts once) computed on the
@@ -25,11 +23,3 @@ class DaopStats:
         n = len(self.device_expert_tokens)
         self.device_expert_tokens = [0] * n
         self.cpu_expert_tokens = [0] * n
-
-    def snapshot(self) -> dict[str, Any]:
-        device, cpu = sum(self.device_expert_tokens), sum(self.cpu_expert_tokens)
-        return {
-            "device_expert_tokens": list(self.device_expert_tokens),
-            "cpu_expert_tokens": list(self.cpu_expert_tokens),
-            "cpu_share": cpu / (device + cpu) if device + cpu else 0.0,
-        }

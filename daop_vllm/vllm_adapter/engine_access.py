@@ -20,16 +20,8 @@ def _engine(model: nn.Module) -> DaopEngine:
 
 
 def engine_report(model: nn.Module) -> dict[str, Any]:
-    """Resident experts per layer and the engine's counters."""
-    engine = _engine(model)
-    return {
-        "mode": engine.mode,
-        "device": str(engine.device),
-        "cpu_threads": engine.executor.num_threads,
-        "num_experts": engine.num_experts,
-        "resident_experts": engine.resident_experts(),
-        **engine.stats.snapshot(),
-    }
+    """The engine's report: budget, resident experts and counters per layer, totals."""
+    return _engine(model).report()
 
 
 def reset_counters(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from daop_vllm.core.cpu_executor import physical_core_count
 from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.options import DaopOptions
 from daop_vllm.core.placement import load_profile, plan_for_options
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
@@ -33,8 +34,6 @@ def model_family(model_config: ModelConfig) -> MoEFamily:
 def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     """Every check that needs the model's config; raises DaopConfigError. Runs in the
     front-end process before the engine starts, and again in the worker."""
-    from daop_vllm.core.errors import DaopConfigError
-
     model_config = vllm_config.model_config
     family = model_family(model_config)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
@@ -46,6 +45,35 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
         raise DaopConfigError(
             "load_format 'daop' runs on one device: tensor_parallel_size and pipeline_parallel_size must be 1"
         )
+    cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+    check_cuda_graph_mode(cudagraph_mode.name if cudagraph_mode is not None else "NONE")
+
+
+def check_cuda_graph_mode(mode: str) -> None:
+    """CUDA graphs would capture the DAOP op's device work but not its CPU threads: refuse them."""
+    if mode != "NONE":
+        raise DaopConfigError(
+            f"load_format 'daop' cannot run under CUDA graphs (cudagraph_mode {mode}): the CPU experts run "
+            "outside the graph; pass --enforce-eager, or keep torch.compile with "
+            "-cc.cudagraph_mode=NONE (LLM(..., compilation_config={'cudagraph_mode': 'NONE'}))"
+        )
+
+
+def vllm_settings_report(vllm_config: VllmConfig | None) -> list[str]:
+    """vLLM settings DAOP set or depends on, for the startup log."""
+    from daop_vllm.vllm_adapter.plugin import WORKER_EXTENSION
+
+    if vllm_config is None:
+        return ["-"]
+    extension = vllm_config.parallel_config.worker_extension_cls
+    compilation = vllm_config.compilation_config
+    return [
+        "worker_extension_cls set to DAOP's (collective_rpc daop_*)" if extension == WORKER_EXTENSION
+        else f"worker_extension_cls {extension or '-'} kept (daop_* RPCs unavailable)",
+        f"cudagraph_mode {compilation.cudagraph_mode.name if compilation.cudagraph_mode else 'NONE'}"
+        " (daop refuses CUDA graphs)",
+        f"compilation mode {compilation.mode}",
+    ]
 
 
 class DaopModelLoader(BaseModelLoader):
@@ -67,30 +95,44 @@ class DaopModelLoader(BaseModelLoader):
         device = torch.device(vllm_config.device_config.device)
         threads = self.options.cpu_threads or physical_core_count()
         engine = DaopEngine(device, cpu_threads=threads, mode=self.options.mode)
+        engine.budget_asked = self.options.budget_asked
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
         model.daop_engine = engine
         self._vllm_config = vllm_config
-        logger.info("daop: %d MoE layers, device path: torch reference on %s, CPU executor: %d threads",
-                    len(engine.layers), device, threads)
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         self._checkpoint_loader.load_weights(model, model_config)
         engine: DaopEngine = model.daop_engine
-        num_layers, num_experts = len(engine.layers), engine.num_experts
         engine.place(
-            plan_for_options(self.options, num_layers, num_experts, engine.expert_bytes, self._auto_bytes(engine))
+            plan_for_options(self.options, len(engine.layers), engine.num_experts, engine.expert_bytes,
+                             self._auto_bytes(engine))
         )
-        resident = engine.resident_experts()
-        slots = sum(map(len, resident))
-        logger.info(
-            "daop: budget %s=%s -> %d of %d experts resident (%.1f%%); per layer: %s",
-            self.options.budget_key or "auto",
-            self.options.budget_value if self.options.budget_key else "all that fit",
-            slots, num_layers * num_experts, 100.0 * slots / (num_layers * num_experts),
-            [len(r) for r in resident],
+        if self.options.stats_path:
+            engine.write_stats_to(self.options.stats_path)
+        logger.info("%s", self._startup_report(engine))
+
+    def _startup_report(self, engine: DaopEngine) -> str:
+        report = engine.report()
+        budget = report["budget"]
+        asked = ", ".join(f"{k}={v}" for k, v in self.options.budget_asked.items()) or (
+            "auto (all experts that fit in device memory)"
         )
+        lines = [
+            "daop: load format ready",
+            f"  mode:          {engine.mode}",
+            f"  budget asked:  {asked}",
+            f"  budget chosen: {budget['resident_experts']} of {budget['total_experts']} experts resident "
+            f"({100.0 * budget['resident_experts'] / budget['total_experts']:.1f}%), "
+            f"slots per layer {budget['slots_per_layer']}",
+            *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
+            f"  device path:   torch reference on {engine.device}",
+            f"  CPU executor:  {engine.executor.num_threads} threads",
+            f"  stats_path:    {self.options.stats_path or '-'}",
+            f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
+        ]
+        return "\n".join(lines)
 
     def _auto_bytes(self, engine: DaopEngine) -> int | None:
         """Device bytes left for experts in auto mode; None where device and host share memory."""

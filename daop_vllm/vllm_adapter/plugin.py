@@ -8,6 +8,7 @@ cheap and makes no CUDA calls.
 from __future__ import annotations
 
 import functools
+import sys
 
 SUPPORTED_VLLM = "0.32."
 WORKER_EXTENSION = "daop_vllm.vllm_adapter.worker_extension.DaopWorkerExtension"
@@ -39,6 +40,8 @@ def register() -> None:
 
     register_model_loader("daop")(DaopModelLoader)
     _check_options_before_engine_start()
+    _close_engines_on_worker_shutdown()
+    _one_line_errors_in_vllm_cli()
 
 
 def _check_options_before_engine_start() -> None:
@@ -79,3 +82,48 @@ def _install_worker_extension(vllm_config) -> None:
             "worker_extension_cls=%s is set, so the daop_* collective_rpc methods are not available",
             parallel.worker_extension_cls,
         )
+
+
+def _close_engines_on_worker_shutdown() -> None:
+    """When vLLM shuts a worker down, close its DAOP engine: last stats write, CPU threads stop."""
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    original = WorkerWrapperBase.shutdown
+    if getattr(original, "_daop_closes", False):
+        return
+
+    @functools.wraps(original)
+    def shutdown(self) -> None:
+        runner = getattr(self.worker, "model_runner", None)
+        model = runner.get_model() if runner is not None and hasattr(runner, "model") else None
+        engine = getattr(model, "daop_engine", None)
+        if engine is not None:
+            engine.close()
+        original(self)
+
+    shutdown._daop_closes = True  # type: ignore[attr-defined]
+    WorkerWrapperBase.shutdown = shutdown
+
+
+def _one_line_errors_in_vllm_cli() -> None:
+    """`vllm serve` with bad DAOP options: one line on stderr and exit status 2, no traceback.
+    Only in the `vllm` command's own process (the serve module is loaded there, before plugins)."""
+    serve = sys.modules.get("vllm.entrypoints.cli.serve")
+    if serve is None or getattr(serve.ServeSubcommand.cmd, "_daop_one_line", False):
+        return
+    original = serve.ServeSubcommand.cmd
+
+    def cmd(args) -> None:
+        from daop_vllm.core.errors import DaopConfigError
+        from daop_vllm.core.options import DaopOptions
+
+        try:
+            if getattr(args, "load_format", None) == "daop":
+                DaopOptions.parse(args.model_loader_extra_config)
+            original(args)
+        except DaopConfigError as exc:
+            print(f"vllm serve: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    cmd._daop_one_line = True  # type: ignore[attr-defined]
+    serve.ServeSubcommand.cmd = staticmethod(cmd)

@@ -41,17 +41,20 @@ def stock_ids(tiny_mixtral):
 
 
 def check_counters(report: dict, fraction: float) -> None:
-    device, cpu = report["device_expert_tokens"], report["cpu_expert_tokens"]
+    device = [layer["device_expert_tokens"] for layer in report["layers"]]
+    cpu = [layer["cpu_expert_tokens"] for layer in report["layers"]]
     totals = [d + c for d, c in zip(device, cpu)]
     assert totals[0] > 0 and len(set(totals)) == 1, f"every layer sees the same expert-token work: {totals}"
-    resident = [len(r) for r in report["resident_experts"]]
+    assert report["totals"] == {"device_expert_tokens": sum(device), "cpu_expert_tokens": sum(cpu)}
+    resident = [len(layer["resident"]) for layer in report["layers"]]
+    num_experts = report["budget"]["total_experts"] // len(resident)
     if fraction == 0:
         assert sum(device) == 0 and resident == [0] * len(resident)
     elif fraction == 1:
-        assert sum(cpu) == 0 and resident == [report["num_experts"]] * len(resident)
+        assert sum(cpu) == 0 and resident == [num_experts] * len(resident)
     else:
         assert sum(device) > 0 and sum(cpu) > 0
-        assert sum(resident) == int(fraction * len(resident) * report["num_experts"])
+        assert sum(resident) == int(fraction * len(resident) * num_experts)
 
 
 @pytest.mark.parametrize("fraction", [1, 0.5, 0.25, 0])

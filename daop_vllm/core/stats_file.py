@@ -1,0 +1,45 @@
+"""The `stats_path` file: the engine's report as JSON, rewritten atomically on a timer."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class StatsFile:
+    """Writes `report()` to `path` every `interval_s` seconds on a thread of its own, and once
+    more on `close()`. Each write goes to a temporary file that is then renamed over `path`,
+    so a reader never sees half a file."""
+
+    def __init__(self, path: str | Path, report: Callable[[], dict[str, Any]], interval_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self._report = report
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.write()
+        self._thread = threading.Thread(target=self._run, name="daop-stats", daemon=True)
+        self._thread.start()
+
+    def write(self) -> None:
+        data = {**self._report(), "pid": os.getpid(), "updated_at": time.time()}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with self._lock:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.write()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self.write()

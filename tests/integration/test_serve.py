@@ -1,0 +1,54 @@
+"""`vllm serve --load-format daop` with the official openai client, against the stock server."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .servers import vllm_server
+
+openai = pytest.importorskip("openai", reason="the openai client is installed by `make test`")
+
+PROMPTS = [f"{start} {n}" for n in range(5) for start in ("Hello world", "The quick brown fox", "Once upon a time",
+                                                            "What is the capital")]
+MAX_TOKENS = 16
+
+
+def complete_all(base_url: str) -> list[str]:
+    """All prompts at once, one request each, from 16+ concurrent client threads."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+
+    def complete(prompt: str) -> str:
+        response = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0)
+        return response.choices[0].text
+
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        return list(pool.map(complete, PROMPTS))
+
+
+@pytest.fixture(scope="module")
+def stock_completions(tiny_mixtral, tmp_path_factory):
+    with vllm_server(tiny_mixtral, log_path=tmp_path_factory.mktemp("stock") / "serve.log") as url:
+        return complete_all(url)
+
+
+def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completions, tmp_path):
+    assert len(PROMPTS) >= 16
+    stats_path = tmp_path / "stats.json"
+    extra = json.dumps({"resident_fraction": 0.25, "stats_path": str(stats_path)})
+    with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
+                     log_path=tmp_path / "serve.log") as url:
+        completions = complete_all(url)
+        time.sleep(2.5)  # the stats file is rewritten every second
+        live = json.loads(stats_path.read_text())
+    assert completions == stock_completions
+    assert live["budget"]["asked"] == {"resident_fraction": 0.25}
+    assert [len(layer["resident"]) for layer in live["layers"]] == [2, 2, 2, 2]
+    assert live["totals"]["device_expert_tokens"] > 0 and live["totals"]["cpu_expert_tokens"] > 0
+    final = json.loads(stats_path.read_text())
+    assert final["updated_at"] >= live["updated_at"]
+    assert final["totals"]["cpu_expert_tokens"] >= live["totals"]["cpu_expert_tokens"]
+    log = (tmp_path / "serve.log").read_text()
+    assert "daop: load format ready" in log and "budget asked:  resident_fraction=0.25" in log
