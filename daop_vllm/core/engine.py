@@ -11,6 +11,7 @@ import torch
 
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
+from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.moe import DaopMoE, RoutingFunction
 from daop_vllm.core.stats import DaopStats
@@ -24,6 +25,7 @@ class DaopEngine:
     def __init__(self, device: torch.device, cpu_threads: int, mode: str = "exact") -> None:
         self.device = device
         self.mode = mode
+        self.device_forward, self.device_path = pick_device_forward(device)
         self.executor = CpuExpertExecutor(cpu_threads)
         self.stats = DaopStats()
         self.layers: list[DaopMoE] = []
@@ -42,7 +44,7 @@ class DaopEngine:
         pin = self.device.type == "cuda"
         store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
         cache = DeviceExpertCache(store, 0, self.device)
-        layer = DaopMoE(len(self.layers), store, cache, route, self.executor, self.stats)
+        layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats)
         self.layers.append(layer)
         self.stats.add_layer()
         return layer
@@ -76,6 +78,7 @@ class DaopEngine:
         return {
             "mode": self.mode,
             "device": str(self.device),
+            "device_path": self.device_path,
             "cpu_threads": self.executor.num_threads,
             "budget": {
                 "asked": dict(self.budget_asked) or {"auto": True},

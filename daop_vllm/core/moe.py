@@ -9,7 +9,7 @@ import torch
 
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
-from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.device_path import ExpertsForward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.stats import DaopStats
 
@@ -25,6 +25,7 @@ class DaopMoE:
         store: HostExpertStore,
         cache: DeviceExpertCache,
         route: RoutingFunction,
+        device_forward: ExpertsForward,
         executor: CpuExpertExecutor,
         stats: DaopStats,
     ) -> None:
@@ -32,6 +33,7 @@ class DaopMoE:
         self.store = store
         self.cache = cache
         self.route = route
+        self.device_forward = device_forward
         self.executor = executor
         self.stats = stats
 
@@ -48,7 +50,7 @@ class DaopMoE:
                 x.cpu(), host_ids, topk_weights.cpu(), self.store.w13, self.store.w2, self.cache.host_slot_table
             )
         if device_tokens:
-            out = routed_experts_forward(
+            out = self.device_forward(
                 x, topk_ids, topk_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
             )
         else:

@@ -127,7 +127,7 @@ class DaopModelLoader(BaseModelLoader):
             f"({100.0 * budget['resident_experts'] / budget['total_experts']:.1f}%), "
             f"slots per layer {budget['slots_per_layer']}",
             *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
-            f"  device path:   torch reference on {engine.device}",
+            f"  device path:   {engine.device_path}",
             f"  CPU executor:  {engine.executor.num_threads} threads",
             f"  stats_path:    {self.options.stats_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",

@@ -1,0 +1,23 @@
+"""Which implementation runs the resident experts: the Triton kernel on CUDA, the torch
+reference elsewhere (and where Triton is missing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from daop_vllm.core.expert_math import routed_experts_forward
+
+ExpertsForward = Callable[..., torch.Tensor]
+
+
+def pick_device_forward(device: torch.device) -> tuple[ExpertsForward, str]:
+    """(function, description for the startup log)."""
+    if device.type != "cuda":
+        return routed_experts_forward, f"torch reference on {device} (the Triton kernel needs CUDA)"
+    try:
+        from daop_vllm.core.triton_moe import resident_experts_forward_triton
+    except ImportError as exc:
+        return routed_experts_forward, f"torch reference on {device} (Triton unavailable: {exc})"
+    return resident_experts_forward_triton, f"Triton fused kernel on {device}"

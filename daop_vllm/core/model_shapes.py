@@ -1,0 +1,37 @@
+"""Expert shapes of the MoE models the project talks about: one table for every command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """L MoE layers of E routed experts (top-k), hidden size H, expert intermediate size I."""
+
+    name: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+
+    def expert_bytes(self, element_size: int = 2) -> int:
+        return 3 * self.hidden_size * self.intermediate_size * element_size
+
+
+MODEL_SHAPES = {
+    shape.name: shape
+    for shape in (
+        MoEShape("mixtral-8x7b", 32, 8, 2, 4096, 14336),
+        MoEShape("phi-3.5-moe", 32, 16, 2, 4096, 6400),
+        MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408),  # layers 1..26; layer 0 is dense
+        MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.model_builder's default
+    )
+}
+
+
+def model_shape(name: str) -> MoEShape:
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
+    return MODEL_SHAPES[name]

@@ -1,0 +1,145 @@
+"""The resident experts of one layer in one fused Triton launch.
+
+A grouped GEMM over the (token, k) pairs routed to device-resident experts, with the slot table
+as indirection: per block of pairs of one slot and one chunk of the intermediate dimension, the
+kernel computes gate and up projections, SiLU-and-multiply, scales by the routing weight, runs
+its chunk of the down projection and adds the partial result into the output with atomics
+(split over I, so no program holds a whole intermediate row). Pairs routed to experts that are
+not resident are skipped. Same contract as `expert_math.routed_experts_forward`.
+
+Legend: T tokens, K top-k, P = T*K pairs, E experts, S slots, H hidden, I intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _resident_moe_kernel(
+    # pointers
+    x_ptr, w13_ptr, w2_ptr, out_ptr, pair_ptr, block_slot_ptr, pair_weight_ptr,
+    # sizes
+    num_pairs, H, I, top_k,
+    # strides
+    stride_xt, stride_xh,
+    stride_w13s, stride_w13n, stride_w13h,
+    stride_w2s, stride_w2h, stride_w2i,
+    stride_ot, stride_oh,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ptr + offs_m)  # a pair index, or num_pairs for padding
+        valid = pair < num_pairs
+        token = tl.where(valid, pair // top_k, 0)
+        weight = tl.load(pair_weight_ptr + pair, mask=valid, other=0.0)
+        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < I
+        w13 = w13_ptr + slot * stride_w13s
+
+        gate = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            x = tl.load(x_ptr + token[:, None] * stride_xt + offs_h[None, :] * stride_xh,
+                        mask=valid[:, None] & mask_h[None, :], other=0.0)  # [M, BH]
+            w_mask = mask_h[:, None] & mask_i[None, :]
+            w_gate = tl.load(w13 + offs_i[None, :] * stride_w13n + offs_h[:, None] * stride_w13h,
+                             mask=w_mask, other=0.0)  # [BH, BI]
+            w_up = tl.load(w13 + (offs_i[None, :] + I) * stride_w13n + offs_h[:, None] * stride_w13h,
+                           mask=w_mask, other=0.0)  # [BH, BI]
+            gate = tl.dot(x, w_gate, gate)
+            up = tl.dot(x, w_up, up)
+        act = gate * tl.sigmoid(gate) * up * weight[:, None]  # [M, BI], routing weight applied
+        act = act.to(w2_ptr.dtype.element_ty)
+
+        w2 = w2_ptr + slot * stride_w2s
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            w_down = tl.load(w2 + offs_i[:, None] * stride_w2i + offs_h[None, :] * stride_w2h,
+                             mask=mask_i[:, None] & mask_h[None, :], other=0.0)  # [BI, BH]
+            part = tl.dot(act, w_down)  # [M, BH]
+            tl.atomic_add(out_ptr + token[:, None] * stride_ot + offs_h[None, :] * stride_oh, part,
+                          mask=valid[:, None] & mask_h[None, :])
+
+
+def group_pairs_by_slot(
+    topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the (token, k) pairs by slot, each slot's run padded to a multiple of `block_m`,
+    without a host sync (the grid is sized for the worst case).
+
+    Returns pair_of_row [R] (pair index, or P for padding) and slot_of_block [R / block_m]
+    (-1 for blocks past the end), R = cdiv(P, block_m) * block_m + num_slots * block_m.
+    """
+    pairs = topk_ids.numel()
+    device = topk_ids.device
+    slots = slot_of_expert[topk_ids.flatten()]  # [P], -1 for host experts
+    order = torch.argsort(slots, stable=True)
+    sorted_slots = slots[order]
+    counts = torch.bincount(slots + 1, minlength=num_slots + 1)[1:]  # [S]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_start = torch.cumsum(padded, 0) - padded  # [S]
+    start = torch.cumsum(counts, 0) - counts + (pairs - counts.sum())  # [S], host pairs sort first
+    num_rows = triton.cdiv(pairs, block_m) * block_m + num_slots * block_m
+    pair_of_row = torch.full((num_rows,), pairs, dtype=torch.int32, device=device)
+    resident = sorted_slots >= 0
+    slot_idx = sorted_slots.clamp(min=0)
+    rank = torch.arange(pairs, device=device) - start[slot_idx]
+    row = torch.where(resident, padded_start[slot_idx] + rank, num_rows)  # host pairs: dropped below
+    pair_of_row.scatter_(0, row[resident], order[resident].to(torch.int32))
+    block_end = torch.cumsum(padded, 0) // block_m  # [S]
+    blocks = torch.arange(num_rows // block_m, device=device)
+    slot_of_block = torch.searchsorted(block_end, blocks, right=True)
+    slot_of_block = torch.where(slot_of_block < num_slots, slot_of_block, -1).to(torch.int32)
+    return pair_of_row, slot_of_block
+
+
+def resident_experts_forward_triton(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    block_m: int = 16,
+    block_i: int = 64,
+    block_h: int = 64,
+) -> torch.Tensor:
+    """x [T, H]; topk_ids, topk_weights [T, K]; w13 [S, 2I, H]; w2 [S, H, I]; slot_of_expert [E]
+    -> [T, H] in x's dtype: the contributions of the experts mapped to slots."""
+    assert x.dim() == 2 and topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0], (
+        f"x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}"
+    )
+    num_slots, two_i, hidden = w13.shape
+    intermediate = two_i // 2
+    assert hidden == x.shape[1] and w2.shape == (num_slots, hidden, intermediate), (
+        f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match x {tuple(x.shape)}"
+    )
+    assert x.dtype == w13.dtype == w2.dtype, f"dtypes differ: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}"
+    assert all(t.device == x.device for t in (topk_ids, topk_weights, w13, w2, slot_of_expert)), "mixed devices"
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if num_slots == 0 or x.shape[0] == 0:
+        return out.to(x.dtype)
+    pair_of_row, slot_of_block = group_pairs_by_slot(topk_ids, slot_of_expert, num_slots, block_m)
+    pair_weight = topk_weights.flatten().to(torch.float32).contiguous()
+    grid = (slot_of_block.numel(), triton.cdiv(intermediate, block_i))
+    _resident_moe_kernel[grid](
+        x, w13, w2, out, pair_of_row, slot_of_block, pair_weight,
+        topk_ids.numel(), hidden, intermediate, topk_ids.shape[1],
+        x.stride(0), x.stride(1),
+        w13.stride(0), w13.stride(1), w13.stride(2),
+        w2.stride(0), w2.stride(1), w2.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_H=block_h,
+    )
+    return out.to(x.dtype)

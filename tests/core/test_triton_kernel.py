@@ -1,0 +1,91 @@
+"""The fused Triton kernel against the torch reference, in Triton's interpreter on the CPU.
+
+fp32 only: the interpreter's bf16 dot is unreliable. The GPU check in bf16/fp16 is
+benchmarks/gpu/check_kernel.py.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Without CUDA the kernel runs in Triton's interpreter. Triton decides when its own and our
+# kernels are defined (so before Triton is first imported) and checks again at launch, so the
+# variable stays set while this module runs, and no longer: other tests and their
+# subprocesses don't see it.
+_saved = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "Triton was imported before its interpreter could be chosen"
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from daop_vllm.core.expert_math import routed_experts_forward  # noqa: E402
+from daop_vllm.core.triton_moe import group_pairs_by_slot, resident_experts_forward_triton  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_variable():
+    yield
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(tokens, experts, top_k, hidden, intermediate, resident, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    scores = torch.rand(tokens, experts, generator=gen)
+    topk_weights, topk_ids = torch.topk(torch.softmax(scores, -1), top_k, dim=-1)
+    slot_of_expert = torch.full((experts,), -1, dtype=torch.int64)
+    for slot, expert in enumerate(resident):
+        slot_of_expert[expert] = slot
+    num_slots = max(1, len(resident))
+    w13 = torch.randn(num_slots, 2 * intermediate, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(num_slots, hidden, intermediate, generator=gen) / intermediate**0.5
+    tensors = (x.to(dtype), topk_ids, topk_weights, w13.to(dtype), w2.to(dtype), slot_of_expert)
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, hidden, intermediate, resident",
+    [
+        (1, 8, 2, 64, 64, [0, 1, 2, 3, 4, 5, 6, 7]),  # one token, all resident
+        (1, 8, 2, 64, 64, [3]),
+        (7, 8, 2, 48, 40, [1, 4, 6]),  # T, H and I not block multiples
+        (33, 8, 2, 100, 72, list(range(8))),  # all resident, more rows than a block
+        (20, 8, 2, 64, 32, []),  # none resident
+        (19, 16, 4, 80, 96, [15, 0, 7, 9, 2]),  # slots in another order than experts
+    ],
+)
+def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, resident):
+    args = make_case(tokens, experts, top_k, hidden, intermediate, resident)
+    got = resident_experts_forward_triton(*args)
+    want = routed_experts_forward(*args)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if not resident:
+        assert torch.count_nonzero(got) == 0
+
+
+def test_one_expert_with_all_tokens():
+    x, topk_ids, topk_weights, w13, w2, slot_of_expert = make_case(40, 8, 2, 64, 48, [5])
+    topk_ids[:, 0] = 5  # every token's first choice is the one resident expert
+    topk_ids[:, 1] = torch.where(topk_ids[:, 1] == 5, 6, topk_ids[:, 1])
+    args = (x, topk_ids, topk_weights, w13, w2, slot_of_expert)
+    torch.testing.assert_close(resident_experts_forward_triton(*args), routed_experts_forward(*args),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_grouping_pads_each_slot_to_whole_blocks():
+    topk_ids = torch.tensor([[0, 1], [1, 2], [3, 1], [2, 0]])
+    slot_of_expert = torch.tensor([-1, 0, 1, -1])  # experts 1 and 2 resident, in slots 0 and 1
+    pair_of_row, slot_of_block = group_pairs_by_slot(topk_ids, slot_of_expert, num_slots=2, block_m=4)
+    pairs = topk_ids.numel()
+    assert pair_of_row.numel() == 8 + 2 * 4
+    assert pair_of_row[:4].tolist() == [1, 2, 5, pairs]  # expert 1: pairs (0,1), (1,0), (2,1)
+    assert pair_of_row[4:8].tolist() == [3, 6, pairs, pairs]  # expert 2: pairs (1,1), (3,0)
+    assert slot_of_block.tolist() == [0, 1, -1, -1]
+    assert (pair_of_row[8:] == pairs).all()
