@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.model_shapes import MODEL_SHAPES, model_shape
 
 
 def _fraction(text: str) -> float:
@@ -36,8 +37,52 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden-size", type=int, default=64)
     build.add_argument("--intermediate-size", type=int, default=128)
     build.add_argument("--seed", type=int, default=0)
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench", required=True)
+    cpu = bench_commands.add_parser("cpu-experts", help="CPU expert executor vs streaming read and PyTorch")
+    cpu.add_argument("--model-shape", default="mixtral-8x7b", choices=sorted(MODEL_SHAPES))
+    cpu.add_argument("--threads", type=int, default=None, help="executor threads (default: physical cores)")
+    cpu.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="tokens per expert")
+    cpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    cpu.add_argument("--repeats", type=int, default=3, help="passes per figure; medians are reported")
+    cpu.add_argument("--scaling", action="store_true", help="also GB/s for 1, 2, 4, 8, 16 threads")
+    cpu.add_argument("--json", action="store_true", help="print one JSON object")
+    cpu.add_argument("--out", type=Path, help="also write the JSON here")
+    cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
     commands.add_parser("patch-vllm", help="apply patches/ to the installed vLLM (idempotent; `make` does it)")
     return parser
+
+
+def _bench_cpu_experts(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from daop_vllm.bench.cpu_experts import measure, plot, thread_scaling
+    from daop_vllm.core.cpu_executor import physical_core_count
+
+    shape = model_shape(args.model_shape)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype)
+    if args.scaling:
+        result["thread_scaling"] = thread_scaling(shape, args.repeats, dtype)
+    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
+    print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
+          f"{100 * result['decode_efficiency']:.0f}%")
+    print(f"{'tokens':>6} {'executor GB/s':>14} {'torch GB/s':>11} {'executor GFLOP/s':>17} {'torch GFLOP/s':>14}")
+    for n in result["tokens"]:
+        r = result["per_tokens"][str(n)]
+        print(f"{n:6d} {r['executor_gbps']:14.1f} {r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} "
+              f"{r['torch_gflops']:14.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                                      hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
+        elif args.command == "bench":
+            _bench_cpu_experts(args)
         elif args.command == "patch-vllm":
             from daop_vllm.patch_vllm import apply_patches
 

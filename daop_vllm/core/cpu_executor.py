@@ -1,19 +1,36 @@
 """Computes host-resident experts on the CPU, on threads of its own.
 
-The caller submits a job and goes on with the device work; `CpuJob.result()` waits. Experts
-are split between the threads by token count, each thread sums its experts into a partial
-output, and the partials are added at the end. torch releases the GIL inside its kernels,
-so the threads run in parallel with each other and with the caller.
+The caller submits one layer's CPU work and goes on with the device work; `CpuJob.result()`
+waits. Two paths, chosen per expert by how many tokens it got:
+
+- native (decode-sized, up to `native_max_tokens` tokens, fp32/bf16, when the C extension is
+  built): every thread takes a slice of each expert's gate/up rows, waits at a barrier, then a
+  slice of the output columns of each down projection, adding the weighted result into the
+  output directly. Each weight byte is read once per call: this path runs at memory bandwidth.
+- torch (more tokens, other dtypes, or no extension): the first thread runs these experts one
+  after another with torch matmuls, which spread over the cores themselves (oneDNN/AMX where
+  available); more threads calling torch at once would oversubscribe the cores.
+
+The C kernels release the GIL, so the threads run in parallel with each other and the caller.
+An exception in any thread fails that job only (the barrier is broken so no thread waits
+forever) and the executor keeps serving.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
+from daop_vllm.core.expert_math import expert_mlp
+
+# Up to this many tokens per expert the native kernel beats torch's matmul on our development
+# machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins.
+NATIVE_MAX_TOKENS = 4
 
 
 def physical_core_count() -> int:
@@ -28,28 +45,62 @@ def physical_core_count() -> int:
     return max(1, min(logical, physical))
 
 
-class CpuJob:
-    """The pending result [T, H] of one layer's CPU experts."""
+@dataclass
+class _ExpertWork:
+    """The pairs routed to one expert: host-store index, token rows, routing weights."""
 
-    def __init__(self, parts: list[Future[torch.Tensor]]) -> None:
+    expert: int
+    tokens: torch.Tensor  # [n] int64
+    weights: torch.Tensor  # [n] fp32
+    act_row: int = 0  # native path: first row of this expert's activations in the workspace
+
+
+class CpuJob:
+    """The pending result [T, H] (x's dtype) of one layer's CPU experts. For fp32 inputs the
+    result may be a view of the executor's workspace: use it before the next `submit`."""
+
+    def __init__(self, parts: list[Future], out: torch.Tensor, dtype: torch.dtype) -> None:
         self._parts = parts
+        self._out = out
+        self._dtype = dtype
 
     def result(self) -> torch.Tensor:
-        partials = [part.result() for part in self._parts]
-        total = partials[0]
-        for partial in partials[1:]:
-            total += partial
-        return total
+        errors, partials = [], []
+        for part in self._parts:
+            try:
+                partials.append(part.result())
+            except threading.BrokenBarrierError:
+                pass  # a consequence of another thread's error, which is reported instead
+            except Exception as exc:  # noqa: BLE001 - re-raised below for this job only
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        out = self._out
+        for partial in partials:
+            for tokens, values in partial:
+                out.index_add_(0, tokens, values)
+        return out.to(self._dtype)
 
 
 class CpuExpertExecutor:
     """A pool of `num_threads` threads that run routed experts held in host memory."""
 
-    def __init__(self, num_threads: int) -> None:
+    def __init__(self, num_threads: int, native_max_tokens: int = NATIVE_MAX_TOKENS, use_native: bool = True) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
+        self.native_max_tokens = native_max_tokens
+        self._kernels = native_kernels() if use_native else None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
+        self._act = torch.empty(0)  # workspace, grown on demand, reused across calls
+        self._out = torch.empty(0)
+
+    @property
+    def kernel_name(self) -> str:
+        if self._kernels is None:
+            return "torch"
+        return f"native ({'avx512-bf16' if self._kernels.isa()['avx512_bf16'] else 'portable C'}) up to " \
+               f"{self.native_max_tokens} tokens per expert, torch beyond"
 
     def submit(
         self,
@@ -62,29 +113,93 @@ class CpuExpertExecutor:
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
         them. All tensors are on the CPU; see `routed_experts_forward` for their layouts."""
-        tables = self._split_by_tokens(topk_ids, slot_of_expert)
+        x = x.contiguous()
+        tokens, hidden = x.shape
+        # The native kernels trust these: check them here, in the caller's thread.
+        assert w13.is_contiguous() and w2.is_contiguous(), "expert weights must be contiguous"
+        assert w13.shape[2] == hidden and w2.shape[:2] == (w13.shape[0], hidden) and w13.shape[1] == 2 * w2.shape[2], (
+            f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together"
+        )
+        assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
+        out = self._workspace("_out", (tokens, hidden), torch.float32)
+        out.zero_()
+        native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
+        act = None
+        if native:
+            act = self._workspace("_act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
+        barrier = threading.Barrier(self.num_threads) if native else None
         parts = [
-            self._pool.submit(routed_experts_forward, x, topk_ids, topk_weights, w13, w2, table)
-            for table in tables
+            self._pool.submit(self._run_part, part, barrier, native, by_torch if part == 0 else [], x, w13, w2, act, out)
+            for part in range(self.num_threads)
         ]
-        return CpuJob(parts)
+        return CpuJob(parts, out, x.dtype)
 
-    def _split_by_tokens(self, topk_ids: torch.Tensor, slot_of_expert: torch.Tensor) -> list[torch.Tensor]:
-        """One slot table per thread, each mapping a share of the mapped experts, balanced by
-        the tokens routed to them (largest first onto the least-loaded thread)."""
-        tokens_per_expert = torch.bincount(topk_ids.flatten(), minlength=slot_of_expert.numel())
-        experts = [e for e in torch.argsort(tokens_per_expert, descending=True, stable=True).tolist()
-                   if slot_of_expert[e] >= 0 and tokens_per_expert[e] > 0]
-        num_parts = min(self.num_threads, len(experts))
-        if num_parts <= 1:
-            return [slot_of_expert]
-        loads = [0] * num_parts
-        tables = [torch.full_like(slot_of_expert, -1) for _ in range(num_parts)]
-        for expert in experts:
-            part = loads.index(min(loads))
-            loads[part] += int(tokens_per_expert[expert])
-            tables[part][expert] = slot_of_expert[expert]
-        return tables
+    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[list[_ExpertWork], list[_ExpertWork]]:
+        """Group the pairs by host expert (plain lists: a decode step has a handful of pairs),
+        and split the experts into native work (laid out in the activation workspace) and
+        torch work."""
+        table = slot_of_expert.tolist()
+        groups: dict[int, tuple[list[int], list[float]]] = {}
+        for token, (ids, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
+            for expert, weight in zip(ids, weights):
+                if table[expert] >= 0:
+                    rows, ws = groups.setdefault(table[expert], ([], []))
+                    rows.append(token)
+                    ws.append(weight)
+        native_ok = self._kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
+        native, by_torch, act_row = [], [], 0
+        for expert, (rows, ws) in groups.items():
+            work = _ExpertWork(expert, torch.tensor(rows, dtype=torch.int64), torch.tensor(ws, dtype=torch.float32))
+            if native_ok and len(rows) <= self.native_max_tokens:
+                work.act_row = act_row
+                act_row += len(rows)
+                native.append(work)
+            else:
+                by_torch.append(work)
+        return native, by_torch
+
+    def _run_part(self, part, barrier, native, torch_share, x, w13, w2, act, out) -> list:
+        """One thread's share: its slice of the native work, then (first thread) the torch
+        experts, whose weighted outputs go back as (tokens, values) for the caller to add."""
+        try:
+            if native:
+                self._native_part(part, barrier, native, x, w13, w2, act, out)
+            return [
+                (work.tokens, expert_mlp(x[work.tokens], w13[work.expert], w2[work.expert]).float()
+                 * work.weights[:, None])
+                for work in torch_share
+            ]
+        except threading.BrokenBarrierError:
+            raise
+        except BaseException:
+            if barrier is not None:
+                barrier.abort()
+            raise
+
+    def _native_part(self, part, barrier, native, x, w13, w2, act, out) -> None:
+        kernels, n_threads = self._kernels, self.num_threads
+        dtype = NATIVE_DTYPES[x.dtype]
+        hidden, inter = x.shape[1], w2.shape[2]
+        i0, i1 = part * inter // n_threads, (part + 1) * inter // n_threads
+        for work in native:
+            kernels.gate_up_act(dtype, w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(), hidden,
+                                work.tokens.data_ptr(), work.tokens.numel(), act[work.act_row].data_ptr(), inter,
+                                i0, i1)
+        barrier.wait()  # the down projection needs every row of the activations
+        h0, h1 = part * hidden // n_threads, (part + 1) * hidden // n_threads
+        for work in native:
+            kernels.down_scatter(dtype, w2[work.expert].data_ptr(), inter, act[work.act_row].data_ptr(), inter,
+                                 work.tokens.data_ptr(), work.weights.data_ptr(), work.tokens.numel(),
+                                 out.data_ptr(), hidden, h0, h1)
+
+    def _workspace(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, cols] buffer reused across calls; reallocated only when it must grow."""
+        buffer = getattr(self, name)
+        needed = shape[0] * shape[1]
+        if buffer.dtype != dtype or buffer.numel() < needed:
+            buffer = torch.empty(max(needed, 2 * buffer.numel() if buffer.dtype == dtype else needed), dtype=dtype)
+            setattr(self, name, buffer)
+        return buffer[:needed].view(shape)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -40,8 +40,11 @@ def routed_experts_forward(
         rows = token_idx[start : start + count]
         weights = topk_weights[rows, k_idx[start : start + count]].to(x.dtype)
         start += count
-        gate_up = x[rows] @ w13[slot].t()  # [n, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        expert_out = (F.silu(gate) * up) @ w2[slot].t()  # [n, H]
-        out.index_add_(0, rows, expert_out * weights[:, None])
+        out.index_add_(0, rows, expert_mlp(x[rows], w13[slot], w2[slot]) * weights[:, None])
     return out
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert on its tokens: x [n, H], w13 [2I, H], w2 [H, I] -> [n, H]."""
+    gate, up = (x @ w13.t()).chunk(2, dim=-1)  # [n, I] each
+    return (F.silu(gate) * up) @ w2.t()

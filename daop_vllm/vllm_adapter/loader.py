@@ -128,7 +128,7 @@ class DaopModelLoader(BaseModelLoader):
             f"slots per layer {budget['slots_per_layer']}",
             *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
             f"  device path:   {engine.device_path}",
-            f"  CPU executor:  {engine.executor.num_threads} threads",
+            f"  CPU executor:  {engine.executor.num_threads} threads, {engine.executor.kernel_name}",
             f"  stats_path:    {self.options.stats_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]

@@ -1,0 +1,1 @@
+"""Benchmarks behind `daop-vllm bench`."""

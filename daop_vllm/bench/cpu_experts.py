@@ -1,0 +1,160 @@
+"""`daop-vllm bench cpu-experts`: the CPU expert executor against the machine's streaming read
+bandwidth and against PyTorch's matmul on the same weights, measured in one run.
+
+Each measurement rotates through more expert bytes than 4x the last-level cache, so weights
+come from memory as they do in decode; each figure is the median of `repeats` passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from daop_vllm.core.cpu_executor import CpuExpertExecutor, physical_core_count
+from daop_vllm.core.cpu_kernels import native_kernels
+from daop_vllm.core.expert_math import expert_mlp
+from daop_vllm.core.model_shapes import MoEShape
+
+MAX_ROTATED_EXPERTS = 512
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the L3 (or the largest cache the kernel reports); 256 MiB when unknown."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=256 * 2**20)
+
+
+def stream_read_gbps(nbytes: int, threads: int, repeats: int) -> float:
+    """Read `nbytes` split between `threads` threads; median GB/s."""
+    kernels = native_kernels()
+    buffer = torch.ones(nbytes // 8, dtype=torch.int64)
+    part = buffer.numel() // threads
+    with ThreadPoolExecutor(threads) as pool:
+        def read(index: int) -> int:
+            chunk = buffer[index * part : (index + 1) * part]
+            return kernels.read_sum(chunk.data_ptr(), chunk.numel() * 8) if kernels else int(chunk.sum())
+
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(read, range(threads)))
+            rates.append(part * threads * 8 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def _experts(shape: MoEShape, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    h, i = shape.hidden_size, shape.intermediate_size
+    w13 = torch.empty(count, 2 * i, h, dtype=dtype)
+    w2 = torch.empty(count, h, i, dtype=dtype)
+    for weights, fan_in in ((w13, h), (w2, i)):
+        for chunk in weights.view(-1).split(1 << 26):  # no fp32 copy of everything at once
+            chunk.copy_(torch.randn(chunk.numel(), generator=gen) / fan_in**0.5)
+    return w13, w2
+
+
+def _median_seconds(runs: dict[str, Any], calls: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function. The functions take turns pass by pass, so
+    that the noise of a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(0)  # warm-up: thread start, workspace growth
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for call in range(calls):
+                run(call)
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtype: torch.dtype,
+            native_max_tokens: int | None = None) -> dict[str, Any]:
+    llc = last_level_cache_bytes()
+    expert_bytes = shape.expert_bytes(torch.tensor([], dtype=dtype).element_size())
+    # Rotate through > 4x the L3, so that weights come from memory; tiny test shapes would
+    # need too many calls for that and stop at MAX_ROTATED_EXPERTS ("rotated_bytes" tells).
+    num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // expert_bytes) + 1))
+    w13, w2 = _experts(shape, num_experts, dtype)
+    executor = CpuExpertExecutor(threads, **({"native_max_tokens": native_max_tokens} if native_max_tokens else {}))
+    torch.set_num_threads(threads)
+    table = torch.arange(num_experts)
+    result: dict[str, Any] = {
+        "model_shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+        "cpu_kernel": executor.kernel_name, "llc_bytes": llc, "expert_bytes": expert_bytes,
+        "experts_rotated": num_experts, "rotated_bytes": num_experts * expert_bytes, "repeats": repeats,
+        "stream_read_gbps": stream_read_gbps(max(4 * llc, 2**30), threads, repeats),
+        "tokens": tokens, "per_tokens": {},
+    }
+    for n in tqdm(tokens, desc=f"{shape.name} {threads} threads", leave=False):
+        x = torch.randn(n, shape.hidden_size).to(dtype)
+        weights = torch.ones(n, 1)
+
+        def run_executor(call: int) -> None:
+            ids = torch.full((n, 1), call % num_experts, dtype=torch.int64)
+            executor.submit(x, ids, weights, w13, w2, table).result()
+
+        def run_torch(call: int) -> None:
+            e = call % num_experts
+            expert_mlp(x, w13[e], w2[e])
+
+        flops = 6 * shape.hidden_size * shape.intermediate_size * n
+        row = {}
+        seconds = _median_seconds({"executor": run_executor, "torch": run_torch}, num_experts, repeats)
+        for name, s in seconds.items():
+            row[f"{name}_gbps"] = expert_bytes / s / 1e9
+            row[f"{name}_gflops"] = flops / s / 1e9
+        row["executor_over_torch"] = row["executor_gbps"] / row["torch_gbps"]
+        result["per_tokens"][str(n)] = row
+    result["decode_efficiency"] = result["per_tokens"][str(tokens[0])]["executor_gbps"] / result["stream_read_gbps"]
+    executor.shutdown()
+    return result
+
+
+def thread_scaling(shape: MoEShape, repeats: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Stream and 1-token executor GB/s for 1, 2, 4, 8, 16 threads, as far as the cores go."""
+    cores = physical_core_count()
+    scaling = {}
+    for threads in (t for t in (1, 2, 4, 8, 16) if t <= cores):
+        r = measure(shape, threads, [1], repeats, dtype)
+        scaling[str(threads)] = {"stream_read_gbps": r["stream_read_gbps"],
+                                 "executor_gbps": r["per_tokens"]["1"]["executor_gbps"]}
+    return scaling
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = result["tokens"]
+    rows = [result["per_tokens"][str(n)] for n in tokens]
+    fig, (bw, fl) = plt.subplots(1, 2, figsize=(11, 4))
+    bw.plot(tokens, [r["executor_gbps"] for r in rows], "o-", label="DAOP executor")
+    bw.plot(tokens, [r["torch_gbps"] for r in rows], "s--", label="PyTorch x @ w.t()")
+    bw.axhline(result["stream_read_gbps"], color="gray", linestyle=":", label="streaming read")
+    bw.axhline(0.85 * result["stream_read_gbps"], color="gray", linestyle="-.", linewidth=0.7, label="85% of it")
+    bw.set(xscale="log", xlabel="tokens per expert", ylabel="GB/s of expert weights", title="bandwidth")
+    fl.plot(tokens, [r["executor_gflops"] for r in rows], "o-", label="DAOP executor")
+    fl.plot(tokens, [r["torch_gflops"] for r in rows], "s--", label="PyTorch")
+    fl.set(xscale="log", yscale="log", xlabel="tokens per expert", ylabel="GFLOP/s", title="compute")
+    for axis in (bw, fl):
+        axis.set_xticks(tokens, [str(n) for n in tokens])
+        axis.legend()
+    fig.suptitle(f"{result['model_shape']} experts, {result['dtype']}, {result['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,15 @@
+"""Build of the optional C extension; everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "daop_vllm._cpu_experts",
+            sources=["csrc/cpu_experts.c"],
+            extra_compile_args=["-O3", "-std=gnu11"],
+            # Without a C compiler the package still installs; the executor then uses torch.
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,22 @@
+"""`daop-vllm bench cpu-experts` produces its documented fields (a smoke run, not a timing)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_cpu_experts_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "daop_vllm.cli", "bench", "cpu-experts", "--model-shape", "tiny-mixtral",
+         "--tokens", "1", "4", "--repeats", "1", "--threads", "2", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["tokens"] == [1, 4] and printed["threads"] == 2 and printed["stream_read_gbps"] > 0
+    for n in ("1", "4"):
+        row = printed["per_tokens"][n]
+        assert all(row[key] > 0 for key in ("executor_gbps", "executor_gflops", "torch_gbps", "torch_gflops"))
+    assert printed["decode_efficiency"] == printed["per_tokens"]["1"]["executor_gbps"] / printed["stream_read_gbps"]

@@ -1,0 +1,99 @@
+"""The CPU expert executor against a float64 reference: native and torch paths, thread counts,
+sizes that are not multiples of the vector width; errors in a worker thread."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daop_vllm.core.cpu_executor import CpuExpertExecutor
+from daop_vllm.core.cpu_kernels import native_kernels
+
+
+def reference(x, topk_ids, topk_weights, w13, w2, table):
+    x, w13, w2 = x.double(), w13.double(), w2.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            slot = int(table[topk_ids[t, k]])
+            if slot >= 0:
+                gate, up = (x[t] @ w13[slot].t()).chunk(2)
+                out[t] += float(topk_weights[t, k]) * ((F.silu(gate) * up) @ w2[slot].t())
+    return out
+
+
+def case(tokens, experts, top_k, hidden, inter, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    topk_weights, topk_ids = torch.topk(torch.rand(tokens, experts, generator=gen), top_k, dim=-1)
+    table = torch.where(torch.arange(experts) % 3 == 0, -1, torch.arange(experts))  # some experts not ours
+    return x, topk_ids, topk_weights, w13, w2, table
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, hidden, inter",
+    [(1, 8, 2, 64, 128), (2, 8, 2, 100, 70), (3, 4, 2, 33, 17), (9, 8, 2, 96, 40), (40, 16, 4, 48, 24)],
+)
+@pytest.mark.parametrize("native_max_tokens", [0, 2, 64], ids=["torch", "mixed", "native"])
+def test_matches_float64_reference(dtype, threads, tokens, experts, top_k, hidden, inter, native_max_tokens):
+    args = case(tokens, experts, top_k, hidden, inter, dtype)
+    executor = CpuExpertExecutor(threads, native_max_tokens=native_max_tokens)
+    try:
+        got = executor.submit(*args).result()
+        want = reference(*args)
+        assert got.dtype == dtype and got.shape == want.shape
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[dtype] * scale
+        # the workspace is reused: a second, smaller call must not see the first one's values
+        again = executor.submit(*[a[:1] if i in (0, 1, 2) else a for i, a in enumerate(args)]).result()
+        want_again = reference(*[a[:1] if i in (0, 1, 2) else a for i, a in enumerate(args)])
+        assert (again.double() - want_again).abs().max().item() <= TOLERANCE[dtype] * max(scale, 1e-6)
+    finally:
+        executor.shutdown()
+
+
+def test_native_kernels_are_built_here():
+    """make test builds the C extension; without it the executor would silently be slow."""
+    kernels = native_kernels()
+    assert kernels is not None, "daop_vllm._cpu_experts is missing: reinstall with a C compiler"
+    assert set(kernels.isa()) == {"avx512f", "avx512_bf16"}
+
+
+class FailingOnce:
+    """Wraps the native kernels; the first gate_up_act call raises, as a fault in a worker would."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+        self.failed = False
+
+    def __getattr__(self, name):
+        return getattr(self.kernels, name)
+
+    def gate_up_act(self, *args):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected fault")
+        return self.kernels.gate_up_act(*args)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_worker_error_fails_that_call_and_executor_keeps_serving(threads):
+    if native_kernels() is None:
+        pytest.skip("needs the C extension (daop_vllm._cpu_experts) to inject a fault into its path")
+    executor = CpuExpertExecutor(threads, native_max_tokens=64)
+    executor._kernels = FailingOnce(executor._kernels)
+    args = case(4, 8, 2, 64, 32, torch.float32)
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            executor.submit(*args).result()
+        got = executor.submit(*args).result()
+        want = reference(*args)
+        assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    finally:
+        executor.shutdown()
