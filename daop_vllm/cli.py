@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--out", type=Path, help="also write the JSON here")
     cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
+    calibrate = commands.add_parser("calibrate", help="write a placement profile from routing traces")
+    calibrate.add_argument("--trace", type=Path, action="append", required=True, help="trace file (repeatable)")
+    calibrate.add_argument("-o", "--out", type=Path, required=True, help="profile JSON to write")
+
+    stats = commands.add_parser("trace-stats", help="what a routing trace says")
+    stats.add_argument("trace", type=Path)
+    stats.add_argument("--split", type=_fraction, default=None,
+                       help="treat the first S of each prefill-only sequence as prefill, the rest as decode")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+
     commands.add_parser("patch-vllm", help="apply patches/ to the installed vLLM (idempotent; `make` does it)")
     return parser
 
@@ -85,6 +95,44 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
               f"{r['torch_gflops']:14.1f}")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    import json
+
+    from daop_vllm.core.trace_analysis import calibrate_profile
+    from daop_vllm.core.traces import read_traces
+
+    seqs = [seq for path in args.trace for seq in read_traces(path)]
+    shapes = {(s.num_layers, s.num_experts) for s in seqs}
+    if len(shapes) != 1:
+        raise DaopConfigError(f"the traces mix model shapes {sorted(shapes)}; calibrate one model at a time")
+    profile = calibrate_profile(seqs)
+    args.out.write_text(json.dumps([list(pair) for pair in profile]))
+    print(f"{len(seqs)} sequences -> {len(profile)} [layer, expert] pairs, most popular first: {args.out}")
+
+
+def _trace_stats(args: argparse.Namespace) -> None:
+    import json
+
+    from daop_vllm.core.trace_analysis import split_sequence, trace_stats
+    from daop_vllm.core.traces import read_traces
+
+    seqs = [split_sequence(seq, args.split) for seq in read_traces(args.trace)]
+    stats = trace_stats(seqs)
+    if args.json:
+        print(json.dumps(stats))
+        return
+    similarity = stats["prefill_decode_similarity"]["mean"]
+    print(f"{stats['model'] or args.trace.name}: {stats['sequences']} sequences, {stats['num_layers']} layers, "
+          f"top-{stats['top_k']} of {stats['num_experts']}, aligned: {stats['aligned']}")
+    print(f"tokens (layer 0): prefill {stats['prefill_tokens']}, decode {stats['decode_tokens']}")
+    print(f"experts used per layer: {stats['experts_used_per_layer']}")
+    print("prefill-to-decode similarity (cosine of tokens per expert): "
+          + (f"{100 * similarity:.2f}% (paper, Mixtral: 90.72%)" if similarity is not None
+             else "no sequence has both phases (try --split 0.5)"))
+    for budget, rate in stats["static_profile_hit_rate"].items():
+        print(f"static profile at {100 * float(budget):.0f}% of experts resident: hit rate {100 * rate:.1f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -100,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
         elif args.command == "bench":
             _bench_cpu_experts(args)
+        elif args.command == "calibrate":
+            _calibrate(args)
+        elif args.command == "trace-stats":
+            _trace_stats(args)
         elif args.command == "patch-vllm":
             from daop_vllm.patch_vllm import apply_patches
 

@@ -9,11 +9,14 @@ from typing import Any
 
 import torch
 
+from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.moe import DaopMoE, RoutingFunction
+from daop_vllm.core.realloc import REALLOC_POLICIES, paper_swaps
+from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
 from daop_vllm.core.stats_file import StatsFile
 
@@ -22,9 +25,21 @@ class DaopEngine:
     """Owns the layers of one model. Layers are added while the model is built (empty
     caches), weights are loaded into their host stores, then `place` fills the device slots."""
 
-    def __init__(self, device: torch.device, cpu_threads: int, mode: str = "exact") -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        cpu_threads: int,
+        mode: str = "exact",
+        realloc: str = "off",
+        swap_threshold: float = 1.05,
+    ) -> None:
+        if realloc not in REALLOC_POLICIES:
+            raise ValueError(f"realloc must be one of {REALLOC_POLICIES}, got {realloc!r}")
         self.device = device
         self.mode = mode
+        self.realloc = realloc
+        self.swap_threshold = swap_threshold
+        self.requests = RequestTracker(0, 0)
         self.device_forward, self.device_path = pick_device_forward(device)
         self.executor = CpuExpertExecutor(cpu_threads)
         self.stats = DaopStats()
@@ -44,9 +59,11 @@ class DaopEngine:
         pin = self.device.type == "cuda"
         store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
         cache = DeviceExpertCache(store, 0, self.device)
-        layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats)
+        layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats,
+                        self.requests)
         self.layers.append(layer)
         self.stats.add_layer()
+        self.requests.num_layers, self.requests.num_experts = len(self.layers), num_experts
         return layer
 
     @property
@@ -68,13 +85,41 @@ class DaopEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def begin_step(self, batch: StepBatch) -> None:
+        """Called before each engine step's forward with the step's rows per request."""
+        self.requests.begin_step(batch)
+
+    def end_step(self) -> None:
+        """Called after the step's forward: re-allocate for the prompts that just completed."""
+        batch = self.requests.batch
+        if batch is not None and self.realloc == "paper":
+            for req_id, completes in zip(batch.req_ids, batch.prefill_completes):
+                if completes:
+                    self._swap_for(self.requests.prefill_counts[req_id])
+        self.requests.end_step()
+
+    def drop_request(self, req_id: str) -> None:
+        """A request finished, was aborted or preempted: forget its state."""
+        self.requests.drop(req_id)
+
+    def _swap_for(self, counts: torch.Tensor) -> None:
+        """The paper's rule, layer by layer, for one sequence's prompt counts [L, E]."""
+        for layer in self.layers:
+            resident = layer.cache.resident_experts
+            swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
+            if not swaps:
+                continue
+            cold = {c for _, c in swaps}
+            layer.cache.fill([e for e in resident if e not in cold] + [h for h, _ in swaps])
+            copied = 0 if layer.cache.shares_host_memory else len(swaps) * layer.store.expert_bytes
+            self.stats.add(layer.layer, swaps=len(swaps), swap_bytes=copied)
+
     def resident_experts(self) -> list[list[int]]:
         return [layer.cache.resident_experts for layer in self.layers]
 
     def report(self) -> dict[str, Any]:
         """What the engine holds and has done; the `stats_path` schema (see the README)."""
         resident = self.resident_experts()
-        device, cpu = self.stats.device_expert_tokens, self.stats.cpu_expert_tokens
         return {
             "mode": self.mode,
             "device": str(self.device),
@@ -86,11 +131,10 @@ class DaopEngine:
                 "total_experts": len(self.layers) * self.num_experts,
                 "slots_per_layer": [layer.cache.num_slots for layer in self.layers],
             },
-            "layers": [
-                {"resident": r, "device_expert_tokens": d, "cpu_expert_tokens": c}
-                for r, d, c in zip(resident, device, cpu)
-            ],
-            "totals": {"device_expert_tokens": sum(device), "cpu_expert_tokens": sum(cpu)},
+            "realloc": self.realloc,
+            "requests_tracked": len(self.requests),
+            "layers": [{"resident": r, **self.stats.layer(i)} for i, r in enumerate(resident)],
+            "totals": self.stats.totals(),
         }
 
     def write_stats_to(self, path: str) -> None:

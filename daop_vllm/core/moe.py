@@ -11,6 +11,7 @@ from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import ExpertsForward
 from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
 
 RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -28,6 +29,7 @@ class DaopMoE:
         device_forward: ExpertsForward,
         executor: CpuExpertExecutor,
         stats: DaopStats,
+        requests: RequestTracker,
     ) -> None:
         self.layer = layer
         self.store = store
@@ -36,6 +38,7 @@ class DaopMoE:
         self.device_forward = device_forward
         self.executor = executor
         self.stats = stats
+        self.requests = requests
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
@@ -57,5 +60,17 @@ class DaopMoE:
             out = torch.zeros_like(x)
         if cpu_job is not None:
             out += cpu_job.result().to(out.device, non_blocking=True)
-        self.stats.record(self.layer, device_tokens, cpu_tokens)
+        self._count(host_ids, on_cpu, device_tokens, cpu_tokens)
         return out
+
+    def _count(self, host_ids: torch.Tensor, on_cpu: torch.Tensor, device_tokens: int, cpu_tokens: int) -> None:
+        self.stats.add(self.layer, device_expert_tokens=device_tokens, cpu_expert_tokens=cpu_tokens)
+        phases = self.requests.row_phases(host_ids.shape[0])
+        if phases is None:
+            return
+        row_request, row_prefill = phases
+        for phase, rows in (("prefill", row_prefill), ("decode", ~row_prefill & (row_request >= 0))):
+            cpu = int(on_cpu[rows].sum())
+            self.stats.add(self.layer, **{f"{phase}_device_expert_tokens": int(rows.sum()) * on_cpu.shape[1] - cpu,
+                                          f"{phase}_cpu_expert_tokens": cpu})
+        self.requests.record(self.layer, host_ids)

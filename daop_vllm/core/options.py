@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.realloc import REALLOC_POLICIES
 
 BUDGET_KEYS = ("resident_experts", "resident_fraction", "expert_memory_gib")
 MODES = ("exact",)
@@ -30,6 +31,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "mode": (lambda v: v in MODES, "one of " + ", ".join(f'"{m}"' for m in MODES)),
     "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
+    "realloc": (lambda v: v in REALLOC_POLICIES, "one of " + ", ".join(f'"{p}"' for p in REALLOC_POLICIES)),
+    "swap_threshold": (lambda v: _is_number(v) and v > 0, "a number > 0 (a swap needs count[hot] > it * count[cold])"),
     "stats_path": (
         lambda v: isinstance(v, str) and v != "" and os.path.isdir(os.path.dirname(os.path.abspath(v))),
         "a file path in an existing directory (written with the engine's counters)",
@@ -48,6 +51,8 @@ class DaopOptions:
     cpu_threads: int | None = None
     profile: str | None = None
     stats_path: str | None = None
+    realloc: str = "off"
+    swap_threshold: float = 1.05
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -89,6 +94,8 @@ class DaopOptions:
             cpu_threads=raw.get("cpu_threads"),
             profile=raw.get("profile"),
             stats_path=raw.get("stats_path"),
+            realloc=raw.get("realloc", "off"),
+            swap_threshold=raw.get("swap_threshold", 1.05),
         )
 
     @property

@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+# Expert-token counters count (token, expert) assignments: a token routed to k experts counts k.
+COUNTERS = (
+    "device_expert_tokens",  # computed by the device (resident experts)
+    "cpu_expert_tokens",  # computed by the CPU executor
+    "prefill_device_expert_tokens",  # the same two, for prompt rows only ...
+    "prefill_cpu_expert_tokens",
+    "decode_device_expert_tokens",  # ... and for generated rows only
+    "decode_cpu_expert_tokens",
+    "swaps",  # experts brought onto the device by re-allocation
+    "swap_bytes",  # bytes copied to the device for those swaps (0 where device and host share memory)
+)
+
 
 class DaopStats:
-    """Expert-token assignments (a token routed to an expert counts once) computed on the
-    device and on the CPU, per layer. Written by the forward thread, read by anyone."""
+    """The counters of COUNTERS, one value per layer. Written by the forward thread, read by
+    anyone (the stats file's thread, RPCs)."""
 
     def __init__(self, num_layers: int = 0) -> None:
-        self.device_expert_tokens = [0] * num_layers
-        self.cpu_expert_tokens = [0] * num_layers
+        self.values: dict[str, list[int]] = {name: [0] * num_layers for name in COUNTERS}
 
     def add_layer(self) -> None:
-        self.device_expert_tokens.append(0)
-        self.cpu_expert_tokens.append(0)
+        for values in self.values.values():
+            values.append(0)
 
-    def record(self, layer: int, device_tokens: int, cpu_tokens: int) -> None:
-        self.device_expert_tokens[layer] += device_tokens
-        self.cpu_expert_tokens[layer] += cpu_tokens
+    def add(self, layer: int, **counts: int) -> None:
+        for name, count in counts.items():
+            self.values[name][layer] += count
+
+    def layer(self, layer: int) -> dict[str, int]:
+        return {name: values[layer] for name, values in self.values.items()}
+
+    def totals(self) -> dict[str, int]:
+        return {name: sum(values) for name, values in self.values.items()}
 
     def reset(self) -> None:
-        n = len(self.device_expert_tokens)
-        self.device_expert_tokens = [0] * n
-        self.cpu_expert_tokens = [0] * n
+        for values in self.values.values():
+            values[:] = [0] * len(values)

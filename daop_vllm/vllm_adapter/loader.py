@@ -73,6 +73,7 @@ def vllm_settings_report(vllm_config: VllmConfig | None) -> list[str]:
         f"cudagraph_mode {compilation.cudagraph_mode.name if compilation.cudagraph_mode else 'NONE'}"
         " (daop refuses CUDA graphs)",
         f"compilation mode {compilation.mode}",
+        "V1 model runner (hooks for per-request state)",
     ]
 
 
@@ -94,7 +95,8 @@ class DaopModelLoader(BaseModelLoader):
         check_engine_config(self.options, vllm_config)
         device = torch.device(vllm_config.device_config.device)
         threads = self.options.cpu_threads or physical_core_count()
-        engine = DaopEngine(device, cpu_threads=threads, mode=self.options.mode)
+        engine = DaopEngine(device, cpu_threads=threads, mode=self.options.mode, realloc=self.options.realloc,
+                            swap_threshold=self.options.swap_threshold)
         engine.budget_asked = self.options.budget_asked
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
@@ -129,6 +131,8 @@ class DaopModelLoader(BaseModelLoader):
             *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
             f"  device path:   {engine.device_path}",
             f"  CPU executor:  {engine.executor.num_threads} threads, {engine.executor.kernel_name}",
+            f"  realloc:       {engine.realloc}"
+            + (f" (swap_threshold {engine.swap_threshold})" if engine.realloc != "off" else ""),
             f"  stats_path:    {self.options.stats_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]

@@ -37,8 +37,10 @@ def register() -> None:
     from vllm.model_executor.model_loader import register_model_loader
 
     from daop_vllm.vllm_adapter.loader import DaopModelLoader
+    from daop_vllm.vllm_adapter.runner_hooks import install_runner_hooks
 
     register_model_loader("daop")(DaopModelLoader)
+    install_runner_hooks()
     _check_options_before_engine_start()
     _close_engines_on_worker_shutdown()
     _one_line_errors_in_vllm_cli()
@@ -61,6 +63,7 @@ def _check_options_before_engine_start() -> None:
         from daop_vllm.vllm_adapter.loader import check_engine_config
 
         options = DaopOptions.parse(self.model_loader_extra_config)
+        _use_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         check_engine_config(options, vllm_config)
         _install_worker_extension(vllm_config)
@@ -127,3 +130,18 @@ def _one_line_errors_in_vllm_cli() -> None:
 
     cmd._daop_one_line = True  # type: ignore[attr-defined]
     serve.ServeSubcommand.cmd = staticmethod(cmd)
+
+
+def _use_v1_model_runner() -> None:
+    """DAOP's per-step hooks live on the V1 model runner, the one vLLM uses on CPU; the V2
+    runner (CUDA's default) cannot run without Triton, so hooks on it could not be tested.
+    Set before the engine builds its runner; worker processes inherit the variable."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        from vllm.logger import init_logger
+
+        init_logger("vllm.daop").info("daop: VLLM_USE_V2_MODEL_RUNNER=0 (DAOP hooks the V1 model runner)")

@@ -52,8 +52,9 @@ def test_exact_forward_matches_dense_and_counts_routing(tokens, resident, cpu_th
         expected, ids = dense_moe(x, logits, layer.store.w13, layer.store.w2)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         on_device = sum(int(e) in resident for e in ids.flatten())
-        assert engine.stats.device_expert_tokens[layer.layer] == on_device
-        assert engine.stats.cpu_expert_tokens[layer.layer] == tokens * K - on_device
+        counts = engine.stats.layer(layer.layer)
+        assert counts["device_expert_tokens"] == on_device
+        assert counts["cpu_expert_tokens"] == tokens * K - on_device
     engine.close()
 
 
@@ -65,7 +66,7 @@ def test_one_expert_gets_all_tokens():
     logits[:, 2] = 5.0  # everyone's first choice
     layer = engine.layers[0]
     torch.testing.assert_close(layer.forward(x, logits), dense_moe(x, logits, layer.store.w13, layer.store.w2)[0])
-    assert engine.stats.device_expert_tokens[0] == 9 and engine.stats.cpu_expert_tokens[0] == 9
+    assert engine.stats.layer(0)["device_expert_tokens"] == 9 and engine.stats.layer(0)["cpu_expert_tokens"] == 9
     engine.close()
 
 

@@ -45,7 +45,7 @@ def check_counters(report: dict, fraction: float) -> None:
     cpu = [layer["cpu_expert_tokens"] for layer in report["layers"]]
     totals = [d + c for d, c in zip(device, cpu)]
     assert totals[0] > 0 and len(set(totals)) == 1, f"every layer sees the same expert-token work: {totals}"
-    assert report["totals"] == {"device_expert_tokens": sum(device), "cpu_expert_tokens": sum(cpu)}
+    assert (report["totals"]["device_expert_tokens"], report["totals"]["cpu_expert_tokens"]) == (sum(device), sum(cpu))
     resident = [len(layer["resident"]) for layer in report["layers"]]
     num_experts = report["budget"]["total_experts"] // len(resident)
     if fraction == 0:
@@ -79,6 +79,30 @@ def test_compiled_matches_stock(tiny_mixtral, stock_ids):
             ids, report = run_counted(llm)
             assert ids == stock_ids, f"compiled, fraction {fraction}"
             check_counters(report, fraction)
+    finally:
+        close_llm(llm)
+
+
+def test_paper_realloc_keeps_exact_outputs_and_drops_request_state(tiny_mixtral, stock_ids):
+    """Re-allocation after each prompt (the paper's rule) under continuous batching: experts
+    move, greedy outputs stay the stock ones, and finished requests leave no state behind."""
+    llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
+                   model_loader_extra_config={"resident_fraction": 0.25, "realloc": "paper"})
+    try:
+        ids, report = run_counted(llm)
+        assert ids == stock_ids
+        totals = report["totals"]
+        assert totals["swaps"] > 0 and totals["swap_bytes"] == 0, "on CPU a swap only flips the slot table"
+        assert [len(layer["resident"]) for layer in report["layers"]] == [2, 2, 2, 2], "quotas unchanged"
+        prompt_rows = totals["prefill_device_expert_tokens"] + totals["prefill_cpu_expert_tokens"]
+        decode_rows = totals["decode_device_expert_tokens"] + totals["decode_cpu_expert_tokens"]
+        assert prompt_rows > 0 and decode_rows > 0
+        assert prompt_rows + decode_rows == totals["device_expert_tokens"] + totals["cpu_expert_tokens"]
+        # vLLM tells the worker about finished requests at its next step: after one more
+        # request, only that one may still be tracked.
+        greedy_ids(llm)
+        llm.generate(["one more"], use_tqdm=False)
+        assert llm.collective_rpc("daop_report")[0]["requests_tracked"] <= 1
     finally:
         close_llm(llm)
 

@@ -34,16 +34,38 @@ def stock_completions(tiny_mixtral, tmp_path_factory):
         return complete_all(url)
 
 
+def abort_streams(base_url: str, count: int) -> None:
+    """Streaming requests whose clients hang up after the first chunk."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+
+    def abort(prompt: str) -> None:
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=200, temperature=0.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stream.close()
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        list(pool.map(abort, PROMPTS[:count]))
+
+
 def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completions, tmp_path):
     assert len(PROMPTS) >= 16
     stats_path = tmp_path / "stats.json"
-    extra = json.dumps({"resident_fraction": 0.25, "stats_path": str(stats_path)})
+    extra = json.dumps({"resident_fraction": 0.25, "realloc": "paper", "stats_path": str(stats_path)})
     with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
                      log_path=tmp_path / "serve.log") as url:
         completions = complete_all(url)
+        abort_streams(url, 8)
+        # vLLM tells the worker about finished and aborted requests at its next step: after
+        # one more request on its own, only that one may still be tracked.
+        openai.OpenAI(base_url=url, api_key="unused").completions.create(
+            model=tiny_mixtral, prompt="one more", max_tokens=2)
         time.sleep(2.5)  # the stats file is rewritten every second
         live = json.loads(stats_path.read_text())
     assert completions == stock_completions
+    assert live["requests_tracked"] <= 1, "finished and aborted requests leave no state behind"
+    assert live["totals"]["swaps"] > 0
     assert live["budget"]["asked"] == {"resident_fraction": 0.25}
     assert [len(layer["resident"]) for layer in live["layers"]] == [2, 2, 2, 2]
     assert live["totals"]["device_expert_tokens"] > 0 and live["totals"]["cpu_expert_tokens"] > 0

@@ -1,0 +1,37 @@
+"""Which request each token row of an engine step belongs to, and in which phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One engine step: requests in row order, the rows each one has, and whether those rows
+    are prompt tokens (a prefill, or a piece of a chunked prefill) or generated ones."""
+
+    req_ids: tuple[str, ...]
+    rows: tuple[int, ...]
+    prefill: tuple[bool, ...]
+    prefill_completes: tuple[bool, ...]  # this step computes the last prompt token
+
+    def __post_init__(self) -> None:
+        n = len(self.req_ids)
+        if not (len(self.rows) == len(self.prefill) == len(self.prefill_completes) == n):
+            raise ValueError("StepBatch fields must have one entry per request")
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def row_request(self, total_rows: int) -> torch.Tensor:
+        """[total_rows] index into req_ids per row; -1 for padding rows past the requests."""
+        index = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(self.rows, dtype=torch.int64))
+        return torch.cat([index, torch.full((total_rows - index.numel(),), -1, dtype=torch.int64)])
+
+    def row_is_prefill(self, total_rows: int) -> torch.Tensor:
+        """[total_rows] True for prompt rows (padding rows are neither phase)."""
+        flags = torch.repeat_interleave(torch.tensor(self.prefill), torch.tensor(self.rows, dtype=torch.int64))
+        return torch.cat([flags, torch.zeros(total_rows - flags.numel(), dtype=torch.bool)])
