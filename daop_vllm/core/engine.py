@@ -19,6 +19,7 @@ from daop_vllm.core.realloc import REALLOC_POLICIES, paper_swaps
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
 from daop_vllm.core.stats_file import StatsFile
+from daop_vllm.core.traces import TraceWriter
 
 
 class DaopEngine:
@@ -46,6 +47,8 @@ class DaopEngine:
         self.layers: list[DaopMoE] = []
         self.budget_asked: dict[str, Any] = {}  # the budget option as the user gave it; {} = auto
         self.stats_file: StatsFile | None = None
+        self.trace_writer: TraceWriter | None = None
+        self.trace_model = ""
         self._closed = False
 
     def add_layer(
@@ -98,9 +101,27 @@ class DaopEngine:
                     self._swap_for(self.requests.prefill_counts[req_id])
         self.requests.end_step()
 
-    def drop_request(self, req_id: str) -> None:
-        """A request finished, was aborted or preempted: forget its state."""
-        self.requests.drop(req_id)
+    def drop_request(self, req_id: str, finished: bool = True) -> None:
+        """A request finished or was aborted (`finished`), or was preempted (it will be
+        recomputed when it resumes): forget its state; a finished one goes to the trace."""
+        routes = self.requests.drop(req_id)
+        if routes is not None and finished and self.trace_writer is not None:
+            self.trace_writer.append(self._trace_line(req_id, routes))
+
+    def record_traces_to(self, path: str, model: str = "") -> None:
+        """Append every finished request's routing to `path` (the format of traces.py)."""
+        self.trace_writer = TraceWriter(path)
+        self.trace_model = model
+        self.requests.recording = True
+
+    def _trace_line(self, req_id: str, routes: dict) -> dict:
+        line = {"id": req_id, "model": self.trace_model, "source": "daop-vllm trace_path",
+                "num_layers": len(self.layers), "num_experts": self.num_experts,
+                "top_k": self.layers[0].route.top_k, "aligned": True}
+        for phase in ("prefill", "decode"):
+            line[phase] = [ids for ids, _ in routes[phase]]
+            line[f"{phase}_probs"] = [[[round(w, 6) for w in row] for row in weights] for _, weights in routes[phase]]
+        return line
 
     def _swap_for(self, counts: torch.Tensor) -> None:
         """The paper's rule, layer by layer, for one sequence's prompt counts [L, E]."""
@@ -148,6 +169,8 @@ class DaopEngine:
         if self._closed:
             return
         self._closed = True
+        for req_id in list(self.requests.routes):  # finished ones vLLM had not reported yet
+            self.drop_request(req_id)
         if self.stats_file is not None:
             self.stats_file.close()
         self.executor.shutdown()

@@ -60,10 +60,11 @@ class DaopMoE:
             out = torch.zeros_like(x)
         if cpu_job is not None:
             out += cpu_job.result().to(out.device, non_blocking=True)
-        self._count(host_ids, on_cpu, device_tokens, cpu_tokens)
+        self._count(host_ids, topk_weights, on_cpu, device_tokens, cpu_tokens)
         return out
 
-    def _count(self, host_ids: torch.Tensor, on_cpu: torch.Tensor, device_tokens: int, cpu_tokens: int) -> None:
+    def _count(self, host_ids: torch.Tensor, topk_weights: torch.Tensor, on_cpu: torch.Tensor, device_tokens: int,
+               cpu_tokens: int) -> None:
         self.stats.add(self.layer, device_expert_tokens=device_tokens, cpu_expert_tokens=cpu_tokens)
         phases = self.requests.row_phases(host_ids.shape[0])
         if phases is None:
@@ -73,4 +74,4 @@ class DaopMoE:
             cpu = int(on_cpu[rows].sum())
             self.stats.add(self.layer, **{f"{phase}_device_expert_tokens": int(rows.sum()) * on_cpu.shape[1] - cpu,
                                           f"{phase}_cpu_expert_tokens": cpu})
-        self.requests.record(self.layer, host_ids)
+        self.requests.record(self.layer, host_ids, topk_weights.cpu() if self.requests.recording else None)

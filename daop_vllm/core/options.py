@@ -23,6 +23,10 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _is_path_in_existing_dir(value: Any) -> bool:
+    return isinstance(value, str) and value != "" and os.path.isdir(os.path.dirname(os.path.abspath(value)))
+
+
 # key -> (check, what is accepted)
 _CHECKS: dict[str, tuple[Any, str]] = {
     "resident_experts": (lambda v: _is_int(v) and v >= 0, "an integer n with 0 <= n <= E (experts per layer)"),
@@ -33,10 +37,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
     "realloc": (lambda v: v in REALLOC_POLICIES, "one of " + ", ".join(f'"{p}"' for p in REALLOC_POLICIES)),
     "swap_threshold": (lambda v: _is_number(v) and v > 0, "a number > 0 (a swap needs count[hot] > it * count[cold])"),
-    "stats_path": (
-        lambda v: isinstance(v, str) and v != "" and os.path.isdir(os.path.dirname(os.path.abspath(v))),
-        "a file path in an existing directory (written with the engine's counters)",
-    ),
+    "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
+    "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
 }
 ACCEPTED_KEYS = tuple(_CHECKS)
 
@@ -51,6 +53,7 @@ class DaopOptions:
     cpu_threads: int | None = None
     profile: str | None = None
     stats_path: str | None = None
+    trace_path: str | None = None
     realloc: str = "off"
     swap_threshold: float = 1.05
 
@@ -94,6 +97,7 @@ class DaopOptions:
             cpu_threads=raw.get("cpu_threads"),
             profile=raw.get("profile"),
             stats_path=raw.get("stats_path"),
+            trace_path=raw.get("trace_path"),
             realloc=raw.get("realloc", "off"),
             swap_threshold=raw.get("swap_threshold", 1.05),
         )

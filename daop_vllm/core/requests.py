@@ -16,6 +16,9 @@ class RequestTracker:
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.decode_decay = decode_decay
+        # When recording traces: req -> phase -> [layer] -> (expert-id rows, weight rows)
+        self.recording = False
+        self.routes: dict[str, dict[str, list[tuple[list, list]]]] = {}
         self.prefill_counts: dict[str, torch.Tensor] = {}  # req -> [L, E]
         self.decode_counts: dict[str, torch.Tensor] = {}  # req -> [L, E], decayed per step
         self.batch: StepBatch | None = None
@@ -45,8 +48,9 @@ class RequestTracker:
             self._row_prefill = self.batch.row_is_prefill(total_rows)
         return self._row_request, self._row_prefill
 
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count layer `layer`'s routing [T, K] (host tensor) into each row's request."""
+    def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None = None) -> None:
+        """Count layer `layer`'s routing [T, K] (host tensors) into each row's request, and
+        keep the rows themselves when recording traces."""
         phases = self.row_phases(topk_ids.shape[0])
         if phases is None:
             return
@@ -54,12 +58,21 @@ class RequestTracker:
         for index, req_id in enumerate(self.batch.req_ids):
             rows = row_request == index
             counts = torch.bincount(topk_ids[rows].flatten(), minlength=self.num_experts).float()
-            target = self.prefill_counts if self.batch.prefill[index] else self.decode_counts
+            phase = "prefill" if self.batch.prefill[index] else "decode"
+            target = self.prefill_counts if phase == "prefill" else self.decode_counts
             target[req_id][layer] += counts
+            if self.recording and topk_weights is not None:
+                routes = self.routes.setdefault(req_id, {p: [([], []) for _ in range(self.num_layers)]
+                                                         for p in ("prefill", "decode")})
+                ids, weights = routes[phase][layer]
+                ids.extend(topk_ids[rows].tolist())
+                weights.extend(topk_weights[rows].tolist())
 
     def end_step(self) -> None:
         self.batch = None
 
-    def drop(self, req_id: str) -> None:
+    def drop(self, req_id: str) -> dict[str, list[tuple[list, list]]] | None:
+        """Forget a request; returns its recorded routes, if any."""
         self.prefill_counts.pop(req_id, None)
         self.decode_counts.pop(req_id, None)
+        return self.routes.pop(req_id, None)

@@ -113,6 +113,8 @@ class DaopModelLoader(BaseModelLoader):
         )
         if self.options.stats_path:
             engine.write_stats_to(self.options.stats_path)
+        if self.options.trace_path:
+            engine.record_traces_to(self.options.trace_path, model=model_config.model)
         logger.info("%s", self._startup_report(engine))
 
     def _startup_report(self, engine: DaopEngine) -> str:
@@ -134,6 +136,7 @@ class DaopModelLoader(BaseModelLoader):
             f"  realloc:       {engine.realloc}"
             + (f" (swap_threshold {engine.swap_threshold})" if engine.realloc != "off" else ""),
             f"  stats_path:    {self.options.stats_path or '-'}",
+            f"  trace_path:    {self.options.trace_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)

@@ -32,7 +32,7 @@ def install_runner_hooks() -> None:
         engine = _engine_of(self)
         if engine is not None:
             for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
-                engine.drop_request(req_id)
+                engine.drop_request(req_id, finished=False)
             engine.begin_step(step_batch(self.input_batch, num_scheduled_tokens))
         return prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
