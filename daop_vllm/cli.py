@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--out", type=Path, help="also write the JSON here")
     cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
-    calibrate = commands.add_parser("calibrate", help="write a placement profile from routing traces")
-    calibrate.add_argument("--trace", type=Path, action="append", required=True, help="trace file (repeatable)")
+    calibrate = commands.add_parser("calibrate", help="write a placement profile from routing traces or prompts")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", type=Path, action="append", help="trace file (repeatable)")
+    source.add_argument("--model", type=Path, help="model to run the prompts through (with --prompts)")
+    calibrate.add_argument("--prompts", type=Path, help="text file, one prompt per line (with --model)")
     calibrate.add_argument("-o", "--out", type=Path, required=True, help="profile JSON to write")
 
     stats = commands.add_parser("trace-stats", help="what a routing trace says")
@@ -101,7 +104,15 @@ def _calibrate(args: argparse.Namespace) -> None:
     from daop_vllm.core.trace_analysis import calibrate_profile
     from daop_vllm.core.traces import read_traces
 
-    seqs = [seq for path in args.trace for seq in read_traces(path)]
+    if args.model is not None:
+        if args.prompts is None:
+            raise DaopConfigError("calibrate --model needs --prompts FILE (one prompt per line)")
+        from daop_vllm.calibration import record_prompt_traces
+
+        traces = [record_prompt_traces(args.model, args.prompts)]
+    else:
+        traces = args.trace
+    seqs = [seq for path in traces for seq in read_traces(path)]
     shapes = {(s.num_layers, s.num_experts) for s in seqs}
     if len(shapes) != 1:
         raise DaopConfigError(f"the traces mix model shapes {sorted(shapes)}; calibrate one model at a time")
