@@ -54,14 +54,17 @@ class RequestTracker:
         phases = self.row_phases(topk_ids.shape[0])
         if phases is None:
             return
-        row_request, row_prefill = phases
+        row_request, _ = phases
+        real = row_request >= 0
+        # [requests, E] tokens per expert of each request's rows, in one scatter
+        counts = torch.zeros(len(self.batch.req_ids), self.num_experts)
+        requests = row_request[real][:, None].expand(-1, topk_ids.shape[1])
+        counts.index_put_((requests.flatten(), topk_ids[real].flatten()), torch.ones(requests.numel()), accumulate=True)
         for index, req_id in enumerate(self.batch.req_ids):
-            rows = row_request == index
-            counts = torch.bincount(topk_ids[rows].flatten(), minlength=self.num_experts).float()
             phase = "prefill" if self.batch.prefill[index] else "decode"
-            target = self.prefill_counts if phase == "prefill" else self.decode_counts
-            target[req_id][layer] += counts
+            (self.prefill_counts if phase == "prefill" else self.decode_counts)[req_id][layer] += counts[index]
             if self.recording and topk_weights is not None:
+                rows = row_request == index
                 routes = self.routes.setdefault(req_id, {p: [([], []) for _ in range(self.num_layers)]
                                                          for p in ("prefill", "decode")})
                 ids, weights = routes[phase][layer]

@@ -41,9 +41,11 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     if options.profile:
         load_profile(options.profile, num_layers, num_experts)
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+    sizes = {name: getattr(parallel, name) for name in
+             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
+    if any(size != 1 for size in sizes.values()):
         raise DaopConfigError(
-            "load_format 'daop' runs on one device: tensor_parallel_size and pipeline_parallel_size must be 1"
+            f"load_format 'daop' runs on one device: {', '.join(sizes)} must be 1, got {sizes}"
         )
     cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
     check_cuda_graph_mode(cudagraph_mode.name if cudagraph_mode is not None else "NONE")

@@ -101,7 +101,8 @@ def _factory_defaults() -> dict[str, Any]:
 # FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names"}
 # Arguments whose value does not change what the layer computes on one device.
-_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size", "enable_eplb"}
+# (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
+_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size"}
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -83,3 +83,13 @@ def test_loader_in_the_worker_checks_too():
         get_model_loader(LoadConfig(load_format="daop", model_loader_extra_config={"bogus": 1}))
     loader = get_model_loader(LoadConfig(load_format="daop", model_loader_extra_config={"resident_experts": 2}))
     assert loader.options.budget_value == 2
+
+
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "PIECEWISE", "FULL"])
+def test_cuda_graphs_are_refused_naming_the_flags(mode):
+    from daop_vllm.vllm_adapter.loader import check_cuda_graph_mode
+
+    check_cuda_graph_mode("NONE")
+    with pytest.raises(DaopConfigError) as info:
+        check_cuda_graph_mode(mode)
+    assert mode in str(info.value) and "--enforce-eager" in str(info.value) and "cudagraph_mode=NONE" in str(info.value)
