@@ -91,11 +91,12 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
     print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
           f"{100 * result['decode_efficiency']:.0f}%")
-    print(f"{'tokens':>6} {'executor GB/s':>14} {'torch GB/s':>11} {'executor GFLOP/s':>17} {'torch GFLOP/s':>14}")
+    print(f"{'tokens':>6} {'stream GB/s':>12} {'executor GB/s':>14} {'of stream':>10} {'torch GB/s':>11} "
+          f"{'executor GFLOP/s':>17} {'torch GFLOP/s':>14}")
     for n in result["tokens"]:
         r = result["per_tokens"][str(n)]
-        print(f"{n:6d} {r['executor_gbps']:14.1f} {r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} "
-              f"{r['torch_gflops']:14.1f}")
+        print(f"{n:6d} {r['stream_gbps']:12.1f} {r['executor_gbps']:14.1f} {100 * r['executor_over_stream']:9.0f}% "
+              f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
