@@ -97,9 +97,9 @@ def _close_engines_on_worker_shutdown() -> None:
 
     @functools.wraps(original)
     def shutdown(self) -> None:
-        runner = getattr(self.worker, "model_runner", None)
-        model = runner.get_model() if runner is not None and hasattr(runner, "model") else None
-        engine = getattr(model, "daop_engine", None)
+        from daop_vllm.vllm_adapter.runner_hooks import engine_of_runner
+
+        engine = engine_of_runner(getattr(self.worker, "model_runner", None))
         if engine is not None:
             engine.close()
         original(self)

@@ -14,9 +14,11 @@ import functools
 from daop_vllm.core.batch import StepBatch
 
 
-def _engine_of(runner):
-    model = getattr(runner, "model", None)
-    return getattr(runner.get_model(), "daop_engine", None) if model is not None else None
+def engine_of_runner(runner):
+    """The DAOP engine of a model runner's model, or None (not loaded yet, or not daop)."""
+    if runner is None or getattr(runner, "model", None) is None:
+        return None
+    return getattr(runner.get_model(), "daop_engine", None)
 
 
 def install_runner_hooks() -> None:
@@ -29,7 +31,7 @@ def install_runner_hooks() -> None:
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        engine = _engine_of(self)
+        engine = engine_of_runner(self)
         if engine is not None:
             for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
                 engine.drop_request(req_id, finished=False)
@@ -41,7 +43,7 @@ def install_runner_hooks() -> None:
     @functools.wraps(model_forward)
     def _model_forward(self, *args, **kwargs):
         output = model_forward(self, *args, **kwargs)
-        engine = _engine_of(self)
+        engine = engine_of_runner(self)
         if engine is not None:
             engine.end_step()
         return output
@@ -50,7 +52,7 @@ def install_runner_hooks() -> None:
 
     @functools.wraps(on_removed)
     def _on_request_state_removed(self, req_id, req_state):
-        engine = _engine_of(self)
+        engine = engine_of_runner(self)
         if engine is not None:
             engine.drop_request(req_id)
         return on_removed(self, req_id, req_state)
