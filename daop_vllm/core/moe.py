@@ -47,10 +47,12 @@ class DaopMoE:
         on_cpu = ~self.cache.is_resident[host_ids]  # [T, K]
         cpu_tokens = int(on_cpu.sum())
         device_tokens = host_ids.numel() - cpu_tokens
+        # the weights go to the host once, for the CPU experts and for trace recording
+        host_weights = topk_weights.cpu() if cpu_tokens or self.requests.recording else None
         cpu_job = None
         if cpu_tokens:
             cpu_job = self.executor.submit(
-                x.cpu(), host_ids, topk_weights.cpu(), self.store.w13, self.store.w2, self.cache.host_slot_table
+                x.cpu(), host_ids, host_weights, self.store.w13, self.store.w2, self.cache.host_slot_table
             )
         if device_tokens:
             out = self.device_forward(
@@ -60,11 +62,11 @@ class DaopMoE:
             out = torch.zeros_like(x)
         if cpu_job is not None:
             out += cpu_job.result().to(out.device, non_blocking=True)
-        self._count(host_ids, topk_weights, on_cpu, device_tokens, cpu_tokens)
+        self._count(host_ids, host_weights, on_cpu, device_tokens, cpu_tokens)
         return out
 
-    def _count(self, host_ids: torch.Tensor, topk_weights: torch.Tensor, on_cpu: torch.Tensor, device_tokens: int,
-               cpu_tokens: int) -> None:
+    def _count(self, host_ids: torch.Tensor, host_weights: torch.Tensor | None, on_cpu: torch.Tensor,
+               device_tokens: int, cpu_tokens: int) -> None:
         self.stats.add(self.layer, device_expert_tokens=device_tokens, cpu_expert_tokens=cpu_tokens)
         phases = self.requests.row_phases(host_ids.shape[0])
         if phases is None:
@@ -74,4 +76,4 @@ class DaopMoE:
             cpu = int(on_cpu[rows].sum())
             self.stats.add(self.layer, **{f"{phase}_device_expert_tokens": int(rows.sum()) * on_cpu.shape[1] - cpu,
                                           f"{phase}_cpu_expert_tokens": cpu})
-        self.requests.record(self.layer, host_ids, topk_weights.cpu() if self.requests.recording else None)
+        self.requests.record(self.layer, host_ids, host_weights if self.requests.recording else None)
