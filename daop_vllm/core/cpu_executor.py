@@ -31,6 +31,9 @@ from daop_vllm.core.expert_math import expert_mlp
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins.
 NATIVE_MAX_TOKENS = 4
+# Workspace lanes: the layer's own CPU work, and pre-computations for even and odd layers
+# (at layer i, layer i's pre-computed results and layer i+1's pre-computation are both in flight).
+NUM_LANES = 3
 
 
 def physical_core_count() -> int:
@@ -53,6 +56,21 @@ class _ExpertWork:
     tokens: torch.Tensor  # [n] int64
     weights: torch.Tensor  # [n] fp32
     act_row: int = 0  # native path: first row of this expert's activations in the workspace
+
+
+class _Workspace:
+    """Buffers of one lane, reused across calls; reallocated only when they must grow."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(name, torch.empty(0, dtype=dtype))
+        needed = shape[0] * shape[1]
+        if buffer.dtype != dtype or buffer.numel() < needed:
+            buffer = torch.empty(max(needed, 2 * buffer.numel() if buffer.dtype == dtype else needed), dtype=dtype)
+            self._buffers[name] = buffer
+        return buffer[:needed].view(shape)
 
 
 class CpuJob:
@@ -92,8 +110,7 @@ class CpuExpertExecutor:
         self.native_max_tokens = native_max_tokens
         self._kernels = native_kernels() if use_native else None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
-        self._act = torch.empty(0)  # workspace, grown on demand, reused across calls
-        self._out = torch.empty(0)
+        self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
 
     @property
     def kernel_name(self) -> str:
@@ -110,9 +127,13 @@ class CpuExpertExecutor:
         w13: torch.Tensor,
         w2: torch.Tensor,
         slot_of_expert: torch.Tensor,
+        lane: int = 0,
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
-        them. All tensors are on the CPU; see `routed_experts_forward` for their layouts."""
+        them (expert ids < 0 in `topk_ids` are skipped). All tensors are on the CPU; see
+        `routed_experts_forward` for their layouts. Jobs in flight at the same time must use
+        different lanes (each lane has its own workspaces); a lane's previous result must have
+        been used before the lane is submitted to again."""
         x = x.contiguous()
         tokens, hidden = x.shape
         # The native kernels trust these: check them here, in the caller's thread.
@@ -121,12 +142,13 @@ class CpuExpertExecutor:
             f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together"
         )
         assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
-        out = self._workspace("_out", (tokens, hidden), torch.float32)
+        workspace = self._workspaces[lane]
+        out = workspace.buffer("out", (tokens, hidden), torch.float32)
         out.zero_()
         native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
         act = None
         if native:
-            act = self._workspace("_act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
+            act = workspace.buffer("act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
         barrier = threading.Barrier(self.num_threads) if native else None
         parts = [
             self._pool.submit(self._run_part, part, barrier, native, by_torch if part == 0 else [], x, w13, w2, act, out)
@@ -142,7 +164,7 @@ class CpuExpertExecutor:
         groups: dict[int, tuple[list[int], list[float]]] = {}
         for token, (ids, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
             for expert, weight in zip(ids, weights):
-                if table[expert] >= 0:
+                if expert >= 0 and table[expert] >= 0:
                     rows, ws = groups.setdefault(table[expert], ([], []))
                     rows.append(token)
                     ws.append(weight)
@@ -191,15 +213,6 @@ class CpuExpertExecutor:
             kernels.down_scatter(dtype, w2[work.expert].data_ptr(), inter, act[work.act_row].data_ptr(), inter,
                                  work.tokens.data_ptr(), work.weights.data_ptr(), work.tokens.numel(),
                                  out.data_ptr(), hidden, h0, h1)
-
-    def _workspace(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """A [rows, cols] buffer reused across calls; reallocated only when it must grow."""
-        buffer = getattr(self, name)
-        needed = shape[0] * shape[1]
-        if buffer.dtype != dtype or buffer.numel() < needed:
-            buffer = torch.empty(max(needed, 2 * buffer.numel() if buffer.dtype == dtype else needed), dtype=dtype)
-            setattr(self, name, buffer)
-        return buffer[:needed].view(shape)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

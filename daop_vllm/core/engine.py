@@ -14,7 +14,8 @@ from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
-from daop_vllm.core.moe import DaopMoE, RoutingFunction
+from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
+from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.realloc import REALLOC_POLICIES, paper_swaps
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
@@ -30,14 +31,14 @@ class DaopEngine:
         self,
         device: torch.device,
         cpu_threads: int,
-        mode: str = "exact",
+        fidelity: Fidelity | None = None,
         realloc: str = "off",
         swap_threshold: float = 1.05,
     ) -> None:
         if realloc not in REALLOC_POLICIES:
             raise ValueError(f"realloc must be one of {REALLOC_POLICIES}, got {realloc!r}")
         self.device = device
-        self.mode = mode
+        self.fidelity = fidelity or Fidelity()
         self.realloc = realloc
         self.swap_threshold = swap_threshold
         self.requests = RequestTracker(0, 0)
@@ -69,6 +70,31 @@ class DaopEngine:
         self.requests.num_layers, self.requests.num_experts = len(self.layers), num_experts
         return layer
 
+    def set_router(self, layer: int, router_logits: RouterLogits) -> None:
+        """Layer `layer`'s gate (MoE input -> router logits), which the layer before uses to
+        predict its experts."""
+        self.layers[layer].router_logits = router_logits
+
+    @property
+    def mode(self) -> str:
+        return self.fidelity.mode
+
+    @property
+    def first_predicted_layer(self) -> int | None:
+        """The first layer whose decode rows use a prediction; None in exact mode."""
+        return None if self.mode == "exact" else self.fidelity.first_layer(len(self.layers))
+
+    def _link_layers(self) -> None:
+        """Each layer before a predicted one predicts it (once the model's layers are all there)."""
+        first = self.first_predicted_layer
+        for layer in self.layers:
+            layer.fidelity = self.fidelity
+            layer.predicted = first is not None and layer.layer >= first
+        for layer, following in zip(self.layers, self.layers[1:]):
+            if following.predicted and following.router_logits is None:
+                raise ValueError(f"mode {self.mode!r} predicts layer {following.layer}'s experts: set_router it first")
+            layer.next_layer = following if following.predicted else None
+
     @property
     def num_experts(self) -> int:
         return self.layers[0].store.num_experts
@@ -85,6 +111,7 @@ class DaopEngine:
             if layer.cache.num_slots != len(experts):
                 layer.cache = DeviceExpertCache(layer.store, len(experts), self.device)
             layer.cache.fill(experts)
+        self._link_layers()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -143,6 +170,8 @@ class DaopEngine:
         resident = self.resident_experts()
         return {
             "mode": self.mode,
+            "first_predicted_layer": self.first_predicted_layer,
+            "degrade": self.fidelity.degrades if self.mode != "exact" else False,
             "device": str(self.device),
             "device_path": self.device_path,
             "cpu_threads": self.executor.num_threads,

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.prediction import MODES, Fidelity
 from daop_vllm.core.realloc import REALLOC_POLICIES
 
 BUDGET_KEYS = ("resident_experts", "resident_fraction", "expert_memory_gib")
-MODES = ("exact",)
+PREDICTION_KEYS = ("first_predicted_layer", "degrade")  # knobs of the verified and daop modes
 
 
 def _is_int(value: Any) -> bool:
@@ -33,6 +34,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "resident_fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "expert_memory_gib": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0"),
     "mode": (lambda v: v in MODES, "one of " + ", ".join(f'"{m}"' for m in MODES)),
+    "first_predicted_layer": (lambda v: _is_int(v) and v >= 1,
+                              ("an integer i with 1 <= i <= L-1 (0-based index of the first MoE layer whose "
+                               "experts are predicted)")),
+    "degrade": (lambda v: isinstance(v, bool), "true or false"),
     "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
     "realloc": (lambda v: v in REALLOC_POLICIES, "one of " + ", ".join(f'"{p}"' for p in REALLOC_POLICIES)),
@@ -50,6 +55,8 @@ class DaopOptions:
     budget_key: str | None = None
     budget_value: float | None = None
     mode: str = "exact"
+    first_predicted_layer: int | None = None
+    degrade: bool | None = None
     cpu_threads: int | None = None
     profile: str | None = None
     stats_path: str | None = None
@@ -90,10 +97,19 @@ class DaopOptions:
                 f"set at most one of {', '.join(BUDGET_KEYS)} (none: as many experts as fit)"
             )
         budget_key = budgets[0] if budgets else None
+        mode = raw.get("mode", "exact")
+        knobs = [k for k in PREDICTION_KEYS if k in raw]
+        if mode == "exact" and knobs:
+            raise DaopConfigError(
+                f"daop option {knobs[0]!r} applies to mode \"verified\" or \"daop\" only, and the mode is "
+                '"exact"; set "mode" too, or drop the option'
+            )
         return cls(
             budget_key=budget_key,
             budget_value=raw[budget_key] if budget_key else None,
-            mode=raw.get("mode", "exact"),
+            mode=mode,
+            first_predicted_layer=raw.get("first_predicted_layer"),
+            degrade=raw.get("degrade"),
             cpu_threads=raw.get("cpu_threads"),
             profile=raw.get("profile"),
             stats_path=raw.get("stats_path"),
@@ -101,6 +117,10 @@ class DaopOptions:
             realloc=raw.get("realloc", "off"),
             swap_threshold=raw.get("swap_threshold", 1.05),
         )
+
+    @property
+    def fidelity(self) -> Fidelity:
+        return Fidelity(self.mode, self.first_predicted_layer, self.degrade)
 
     @property
     def budget_asked(self) -> dict[str, Any]:
@@ -112,4 +132,15 @@ class DaopOptions:
             raise DaopConfigError(
                 f"daop option 'resident_experts' must be an integer n with 0 <= n <= {num_experts} "
                 f"(the model has {num_experts} experts per layer), got {self.budget_value}"
+            )
+        if self.mode != "exact" and num_layers < 2:
+            raise DaopConfigError(
+                f"daop mode {self.mode!r} predicts each layer's experts at the layer before, and this model has "
+                f"{num_layers} MoE layer; use mode \"exact\""
+            )
+        first = self.first_predicted_layer
+        if first is not None and not 1 <= first <= num_layers - 1:
+            raise DaopConfigError(
+                f"daop option 'first_predicted_layer' must be an integer i with 1 <= i <= {num_layers - 1} "
+                f"(the model has {num_layers} MoE layers), got {first}"
             )

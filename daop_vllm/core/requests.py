@@ -22,6 +22,7 @@ class RequestTracker:
         self.prefill_counts: dict[str, torch.Tensor] = {}  # req -> [L, E]
         self.decode_counts: dict[str, torch.Tensor] = {}  # req -> [L, E], decayed per step
         self.batch: StepBatch | None = None
+        self.step = 0  # counts begin_step calls: what a row's pre-computed results are keyed by
         self._row_request = torch.empty(0, dtype=torch.int64)
         self._row_prefill = torch.empty(0, dtype=torch.bool)
 
@@ -30,6 +31,7 @@ class RequestTracker:
 
     def begin_step(self, batch: StepBatch) -> None:
         self.batch = batch
+        self.step += 1
         for req_id, prefill in zip(batch.req_ids, batch.prefill):
             if req_id not in self.prefill_counts:
                 self.prefill_counts[req_id] = torch.zeros(self.num_layers, self.num_experts)

@@ -10,6 +10,11 @@ COUNTERS = (
     "prefill_cpu_expert_tokens",
     "decode_device_expert_tokens",  # ... and for generated rows only
     "decode_cpu_expert_tokens",
+    "predictions",  # (row, expert) pairs predicted for this layer at the layer before (before degradation)
+    "predictions_correct",  # ... of which this layer's own router chose the expert too
+    "precomputed_used",  # pre-computed (row, expert) results this layer's routing used
+    "precomputed_wasted",  # ... and those it did not use (computed for nothing)
+    "degraded",  # decode rows whose host-resident experts degradation replaced (all but one)
     "swaps",  # experts brought onto the device by re-allocation
     "swap_bytes",  # bytes copied to the device for those swaps (0 where device and host share memory)
 )

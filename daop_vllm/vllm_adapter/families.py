@@ -19,6 +19,7 @@ class MoEFamily:
     model_module: str  # the vLLM module whose FusedMoEFactory the loader replaces
     num_experts_attr: str
     top_k_attr: str
+    gate_attr: str = "gate"  # the router's module, beside the experts in the MoE block
 
     def shape(self, hf_config: Any) -> tuple[int, int, int]:
         """(MoE layers, routed experts per layer, top-k)."""

@@ -19,7 +19,7 @@ from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.options import DaopOptions
 from daop_vllm.core.placement import load_profile, plan_for_options
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
-from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers
+from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
 
 logger = init_logger("vllm.daop")
 
@@ -97,7 +97,7 @@ class DaopModelLoader(BaseModelLoader):
         check_engine_config(self.options, vllm_config)
         device = torch.device(vllm_config.device_config.device)
         threads = self.options.cpu_threads or physical_core_count()
-        engine = DaopEngine(device, cpu_threads=threads, mode=self.options.mode, realloc=self.options.realloc,
+        engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
                             swap_threshold=self.options.swap_threshold)
         engine.budget_asked = self.options.budget_asked
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
@@ -109,6 +109,7 @@ class DaopModelLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         self._checkpoint_loader.load_weights(model, model_config)
         engine: DaopEngine = model.daop_engine
+        set_routers(model, engine, model_family(model_config))
         engine.place(
             plan_for_options(self.options, len(engine.layers), engine.num_experts, engine.expert_bytes,
                              self._auto_bytes(engine))
@@ -127,7 +128,7 @@ class DaopModelLoader(BaseModelLoader):
         )
         lines = [
             "daop: load format ready",
-            f"  mode:          {engine.mode}",
+            f"  mode:          {self._mode_report(engine)}",
             f"  budget asked:  {asked}",
             f"  budget chosen: {budget['resident_experts']} of {budget['total_experts']} experts resident "
             f"({100.0 * budget['resident_experts'] / budget['total_experts']:.1f}%), "
@@ -142,6 +143,14 @@ class DaopModelLoader(BaseModelLoader):
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)
+
+    @staticmethod
+    def _mode_report(engine: DaopEngine) -> str:
+        if engine.mode == "exact":
+            return "exact (own router, CPU experts on their true input)"
+        return (f"{engine.mode}, first_predicted_layer {engine.first_predicted_layer}, degrade "
+                f"{'on' if engine.fidelity.degrades else 'off'}; the next layer's CPU experts run in the "
+                "executor's threads while the device works (the DAOP op is opaque to torch.compile)")
 
     def _auto_bytes(self, engine: DaopEngine) -> int | None:
         """Device bytes left for experts in auto mode; None where device and host share memory."""

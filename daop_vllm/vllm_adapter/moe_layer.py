@@ -63,6 +63,22 @@ class DaopMoELayer(nn.Module):
         return loaded
 
 
+def set_routers(model: nn.Module, engine: DaopEngine, family: MoEFamily) -> None:
+    """Give the engine each layer's gate, so that the layer before can predict its experts."""
+    for layer in model.modules():
+        if isinstance(layer, DaopMoELayer):
+            block = model.get_submodule(layer.layer_name.rsplit(".", 1)[0])
+            engine.set_router(layer.moe.layer, _router_logits(getattr(block, family.gate_attr)))
+
+
+def _router_logits(gate: nn.Module):
+    def router_logits(x: torch.Tensor) -> torch.Tensor:
+        out = gate(x)
+        return out[0] if isinstance(out, tuple) else out  # vLLM's linear layers return (out, bias)
+
+    return router_logits
+
+
 def _daop_moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
     from vllm.forward_context import get_forward_context
 

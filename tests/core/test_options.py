@@ -35,7 +35,11 @@ def test_one_budget_key_is_taken(raw, key):
         ({"resident_experts": 2.0}, ["'resident_experts'", "integer"]),
         ({"resident_experts": True}, ["'resident_experts'", "True"]),
         ({"expert_memory_gib": -2}, ["'expert_memory_gib'", ">= 0"]),
-        ({"mode": "daop"}, ["'mode'", '"exact"']),
+        ({"mode": "fast"}, ["'mode'", '"exact", "verified", "daop"']),
+        ({"degrade": True}, ["'degrade'", '"verified" or "daop" only', '"exact"']),
+        ({"mode": "exact", "first_predicted_layer": 2}, ["'first_predicted_layer'", '"exact"']),
+        ({"mode": "daop", "first_predicted_layer": 0}, ["'first_predicted_layer'", "1 <= i <= L-1", "0"]),
+        ({"mode": "daop", "degrade": "yes"}, ["'degrade'", "true or false"]),
         ({"cpu_threads": 0}, ["'cpu_threads'", ">= 1"]),
         ({"profile": 3}, ["'profile'", "path"]),
         ("resident_fraction=0.5", ["not valid JSON", "JSON object"]),
@@ -56,3 +60,21 @@ def test_resident_experts_above_model_experts():
     with pytest.raises(DaopConfigError, match=r"0 <= n <= 8.*got 9"):
         options.check_model(num_layers=4, num_experts=8)
     DaopOptions.parse({"resident_experts": 8}).check_model(num_layers=4, num_experts=8)
+
+
+def test_first_predicted_layer_must_leave_a_layer_before_it():
+    with pytest.raises(DaopConfigError, match=r"1 <= i <= 3 .*4 MoE layers.*got 4"):
+        DaopOptions.parse({"mode": "daop", "first_predicted_layer": 4}).check_model(num_layers=4, num_experts=8)
+    with pytest.raises(DaopConfigError, match=r"1 MoE layer; use mode \"exact\""):
+        DaopOptions.parse({"mode": "verified"}).check_model(num_layers=1, num_experts=8)
+    DaopOptions.parse({"mode": "daop", "first_predicted_layer": 3}).check_model(num_layers=4, num_experts=8)
+
+
+def test_fidelity_defaults_follow_the_mode():
+    daop = DaopOptions.parse({"mode": "daop"}).fidelity
+    verified = DaopOptions.parse({"mode": "verified"}).fidelity
+    assert daop.degrades and not verified.degrades
+    assert not DaopOptions.parse({"mode": "daop", "degrade": False}).fidelity.degrades
+    # the paper's 4, or the last layer of a shallower model
+    assert daop.first_layer(32) == 4 and daop.first_layer(4) == 3
+    assert DaopOptions.parse({"mode": "daop", "first_predicted_layer": 1}).fidelity.first_layer(32) == 1

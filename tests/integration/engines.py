@@ -15,3 +15,33 @@ def close_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox",
+    "Once upon a time there was",
+    "What is the capital of France?",
+    "Write a short poem about the sea",
+    "One, two, three, four",
+    "Mixture-of-Experts models route every token",
+    "During decode the next layer",
+    "experts",
+]
+MAX_TOKENS = 24
+
+
+def greedy_ids(llm) -> list[list[int]]:
+    """The greedy tokens of PROMPTS, all submitted at once (vLLM batches them)."""
+    from vllm import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                           use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_counted(llm) -> tuple[list[list[int]], dict]:
+    """greedy_ids with the DAOP counters of just that run."""
+    llm.collective_rpc("daop_reset_counters")
+    ids = greedy_ids(llm)
+    return ids, llm.collective_rpc("daop_report")[0]

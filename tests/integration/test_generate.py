@@ -2,42 +2,7 @@
 
 import pytest
 
-from .engines import close_llm, make_llm
-
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox",
-    "Once upon a time there was",
-    "What is the capital of France?",
-    "Write a short poem about the sea",
-    "One, two, three, four",
-    "Mixture-of-Experts models route every token",
-    "During decode the next layer",
-    "experts",
-]
-MAX_TOKENS = 24
-
-
-def greedy_ids(llm) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
-def run_counted(llm) -> tuple[list[list[int]], dict]:
-    llm.collective_rpc("daop_reset_counters")
-    ids = greedy_ids(llm)
-    return ids, llm.collective_rpc("daop_report")[0]
-
-
-@pytest.fixture(scope="module")
-def stock_ids(tiny_mixtral):
-    llm = make_llm(tiny_mixtral, enforce_eager=True)
-    ids = greedy_ids(llm)
-    close_llm(llm)
-    assert len(ids) >= 8 and all(len(i) == MAX_TOKENS for i in ids)
-    return ids
+from .engines import close_llm, greedy_ids, make_llm, run_counted
 
 
 def check_counters(report: dict, fraction: float) -> None:

@@ -1,0 +1,174 @@
+"""Prediction, pre-computation and degradation (modes verified and daop) against a plain
+per-row reference, in batches that mix prefill, decode and padding rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daop_vllm.core.batch import StepBatch
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.prediction import Fidelity, degrade
+from daop_vllm.core.routing import SoftmaxTopK
+
+E, K, H, I, L = 8, 2, 32, 24, 4
+
+
+def test_degrade_keeps_one_host_expert_and_renormalises():
+    is_resident = torch.tensor([False, False, True, True, False, True, False, False])
+    ids = torch.tensor([[0, 1], [0, 2], [4, 6]])  # all host / one on device / all host
+    scores = torch.tensor([
+        [0.40, 0.30, 0.05, 0.10, 0.05, 0.02, 0.04, 0.04],
+        [0.50, 0.05, 0.30, 0.05, 0.05, 0.02, 0.02, 0.01],
+        [0.05, 0.05, 0.04, 0.03, 0.40, 0.13, 0.30, 0.00],
+    ])
+    weights = torch.gather(scores, 1, ids)
+    weights = weights / weights.sum(1, keepdim=True)
+    new_ids, new_weights, degraded = degrade(ids, weights, scores, is_resident)
+    assert degraded.tolist() == [True, False, True]
+    # the top-ranked host expert stays; the other is the best device-resident one
+    assert new_ids.tolist() == [[0, 3], [0, 2], [4, 5]]
+    torch.testing.assert_close(new_weights[0], torch.tensor([0.40, 0.10]) / 0.50)
+    torch.testing.assert_close(new_weights[2], torch.tensor([0.40, 0.13]) / 0.53)
+    torch.testing.assert_close(new_weights[1], weights[1])
+    assert (~is_resident[new_ids]).sum(1).max() == 1  # at most one CPU expert per row
+
+
+def test_degrade_without_device_experts_changes_nothing():
+    ids, weights = torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.4]])
+    new_ids, _, degraded = degrade(ids, weights, torch.rand(1, E), torch.zeros(E, dtype=torch.bool))
+    assert new_ids.tolist() == [[0, 1]] and not degraded.any()
+
+
+def make_engine(fidelity: Fidelity, resident: list[int]) -> tuple[DaopEngine, list[torch.Tensor]]:
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=2, fidelity=fidelity)
+    gen = torch.Generator().manual_seed(1)
+    gates = []
+    for index in range(L):
+        layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
+        layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) * 0.3)
+        layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) * 0.3)
+        gate = torch.randn(E, H, generator=gen)
+        gates.append(gate)
+        engine.set_router(index, lambda x, gate=gate: x @ gate.t())
+    engine.place([resident] * L)
+    return engine, gates
+
+
+def run_step(engine, xs, batch: StepBatch) -> list[torch.Tensor]:
+    engine.begin_step(batch)
+    outs = [layer.forward(x, layer.router_logits(x)) for layer, x in zip(engine.layers, xs)]
+    engine.end_step()
+    return outs
+
+
+def expert(layer, e, x):
+    gate, up = (x @ layer.store.w13[e].t()).chunk(2)
+    return (F.silu(gate) * up) @ layer.store.w2[e].t()
+
+
+def topk(logits):
+    weights, ids = torch.softmax(logits, -1).topk(K)
+    return ids.tolist(), (weights / weights.sum()).tolist()
+
+
+def reference(engine, gates, xs, decode, resident, degrades):
+    """Row by row, layer by layer, as the modes are defined."""
+    mode, first = engine.mode, engine.first_predicted_layer
+    outs, degraded = [], 0
+    for i, (layer, x) in enumerate(zip(engine.layers, xs)):
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            ids, weights = topk(x[t] @ gates[i].t())
+            source = {e: x[t] for e in ids}
+            if i >= first and decode[t]:
+                probs = torch.softmax(xs[i - 1][t] @ gates[i].t(), -1)
+                predicted, predicted_weights = topk(xs[i - 1][t] @ gates[i].t())
+                if mode == "daop":
+                    ids, weights = predicted, predicted_weights
+                    if degrades and not any(e in resident for e in ids) and resident:
+                        degraded += 1
+                        best = max(resident, key=lambda e: float(probs[e]))
+                        ids = [ids[0], best]
+                        kept = probs[ids]
+                        weights = (kept / kept.sum()).tolist()
+                source = {e: xs[i - 1][t] if e not in resident and e in predicted else x[t] for e in ids}
+            for e, w in zip(ids, weights):
+                out[t] += w * expert(layer, e, source[e])
+        outs.append(out)
+    return outs, degraded
+
+
+# 2 prompt rows of request a, 1 decode row each of b and c, 1 decode row of d, 2 padding rows
+BATCH = StepBatch(("a", "b", "c", "d"), (2, 1, 1, 1), (True, False, False, False), (True, False, False, False))
+DECODE = [False, False, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("mode, degrades", [("verified", False), ("daop", True), ("daop", False)])
+@pytest.mark.parametrize("resident", [[], [2, 5], [0, 3, 4, 6], list(range(E))], ids=["none", "two", "four", "all"])
+def test_modes_match_the_per_row_reference(mode, degrades, resident):
+    engine, gates = make_engine(Fidelity(mode, first_predicted_layer=1, degrade=degrades), resident)
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(len(DECODE), H, generator=gen)
+    # consecutive layers' inputs are similar (a residual stream), so predictions are mostly right
+    xs = [x0 + 0.3 * i * torch.randn(x0.shape, generator=gen) for i in range(L)]
+    outs = run_step(engine, xs, BATCH)
+    expected, degraded = reference(engine, gates, xs, DECODE, resident, degrades)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    totals = engine.stats.totals()
+    assert totals["predictions"] == (L - 1) * sum(DECODE) * K
+    assert 0 < totals["predictions_correct"] <= totals["predictions"]
+    host_predicted = totals["precomputed_used"] + totals["precomputed_wasted"]
+    if len(resident) == E:
+        assert host_predicted == 0 and totals["cpu_expert_tokens"] == 0
+    else:
+        assert totals["precomputed_used"] > 0
+    if mode == "daop":
+        assert totals["precomputed_wasted"] == 0  # routing is the prediction: every pair is used
+    assert totals["degraded"] == degraded
+    if mode == "daop" and degrades and len(resident) == 2:
+        assert degraded > 0
+        for i in range(1, L):  # at most one CPU expert per decode row in predicted layers
+            assert engine.stats.layer(i)["decode_cpu_expert_tokens"] <= sum(DECODE)
+    engine.close()
+
+
+def test_rows_never_mix_a_batch_equals_its_rows_alone():
+    engine, _ = make_engine(Fidelity("daop", first_predicted_layer=1), [1, 6])
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, H, generator=gen)
+    xs = [x0 + 0.5 * torch.randn(x0.shape, generator=gen) for _ in range(L)]
+    batch = StepBatch(("p", "q", "r"), (1, 1, 1), (False,) * 3, (False,) * 3)
+    together = run_step(engine, xs, batch)
+    for row in range(3):
+        alone = run_step(engine, [x[row : row + 1] for x in xs], StepBatch(("p",), (1,), (False,), (False,)))
+        for out, ref in zip(alone, together):
+            torch.testing.assert_close(out[0], ref[row], rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
+def test_a_prediction_never_reaches_another_step():
+    engine, _ = make_engine(Fidelity("verified", first_predicted_layer=1), [])
+    x = torch.randn(2, H)
+    batch = StepBatch(("p",), (2,), (False,), (False,))
+    engine.begin_step(batch)
+    engine.layers[0].forward(x, engine.layers[0].router_logits(x))  # predicts layer 1 ...
+    engine.end_step()
+    engine.begin_step(batch)  # ... which runs only in the next step
+    engine.layers[1].forward(x, engine.layers[1].router_logits(x))
+    engine.end_step()
+    totals = engine.stats.totals()
+    assert totals["predictions"] == 0 and totals["precomputed_used"] == 0
+    engine.close()
+
+
+def test_exact_mode_predicts_nothing_and_a_missing_router_is_an_error():
+    engine, _ = make_engine(Fidelity("exact"), [0])
+    assert all(layer.next_layer is None for layer in engine.layers) and engine.first_predicted_layer is None
+    engine.close()
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1, fidelity=Fidelity("daop"))
+    for _ in range(2):
+        engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
+    with pytest.raises(ValueError, match="set_router"):
+        engine.place([[0], [0]])
+    engine.close()
