@@ -8,6 +8,7 @@ from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.model_shapes import MODEL_SHAPES, model_shape
+from daop_vllm.core.prediction import MODES
 
 
 def _fraction(text: str) -> float:
@@ -49,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--json", action="store_true", help="print one JSON object")
     cpu.add_argument("--out", type=Path, help="also write the JSON here")
     cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
+    modes = bench_commands.add_parser("modes", help="exact / verified / daop through vLLM, per resident fraction")
+    modes.add_argument("--model", type=Path, default=Path("models/bench-mixtral"),
+                       help="a Mixtral checkpoint (built here, random weights, when the folder is empty)")
+    modes.add_argument("--modes", nargs="+", default=["exact", "verified", "daop"], choices=list(MODES))
+    modes.add_argument("--fractions", type=_fraction, nargs="+", default=[1, 0.5, 0.25, 0])
+    modes.add_argument("--num-prompts", type=int, default=8)
+    modes.add_argument("--max-tokens", type=int, default=48)
+    modes.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are reported")
+    modes.add_argument("--first-predicted-layer", type=int, default=1)
+    modes.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    modes.add_argument("--json", action="store_true", help="print one JSON object")
+    modes.add_argument("--out", type=Path, help="also write the JSON here")
+    modes.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
     calibrate = commands.add_parser("calibrate", help="write a placement profile from routing traces or prompts")
     source = calibrate.add_mutually_exclusive_group(required=True)
@@ -97,6 +112,35 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
         r = result["per_tokens"][str(n)]
         print(f"{n:6d} {r['stream_gbps']:12.1f} {r['executor_gbps']:14.1f} {100 * r['executor_over_stream']:9.0f}% "
               f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}")
+
+
+def _bench_modes(args: argparse.Namespace) -> None:
+    import json
+
+    from daop_vllm.bench.modes import ensure_bench_model, plot, run
+
+    if args.first_predicted_layer < 1:
+        raise DaopConfigError(f"--first-predicted-layer must be >= 1, got {args.first_predicted_layer}")
+    result = run(ensure_bench_model(args.model), args.modes, args.fractions, args.num_prompts, args.max_tokens,
+                 args.repeats, args.first_predicted_layer, args.dtype)
+    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'mode':>9} {'fraction':>8} {'tok/s':>8} {'vs exact':>8} {'pred acc':>8} {'precomp':>8} {'wasted':>7} "
+          f"{'agree':>6}")
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for r in result["runs"]:
+        print(f"{r['mode']:>9} {r['resident_fraction']:8.2f} {r['tokens_per_s']:8.1f} "
+              f"{r.get('tokens_per_s_over_exact', 0):8.2f} {pct(r['prediction_accuracy']):>8} "
+              f"{pct(r['precomputed_share']):>8} {pct(r['wasted_share']):>7} {pct(r['agreement_with_exact']):>6}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -158,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                                      hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
+        elif args.command == "bench" and args.bench == "modes":
+            _bench_modes(args)
         elif args.command == "bench":
             _bench_cpu_experts(args)
         elif args.command == "calibrate":

@@ -53,7 +53,8 @@ def run_demo(model_dir: Path, resident_fraction: float, num_prompts: int, max_to
     print(f"\n{outputs[0].prompt!r} -> {outputs[0].outputs[0].text!r}  (random weights: text is noise)")
     budget = report["budget"]
     print(f"\nresident experts per layer: {budget['resident_experts']} of {budget['total_experts']} "
-          f"(resident_fraction={resident_fraction})")
+          f"(resident_fraction={resident_fraction}); realloc {report['realloc']} made {totals['swaps']} swaps, "
+          "so at the end:")
     for index, layer in enumerate(report["layers"]):
         print(f"  layer {index:2d}: {layer['resident']}  expert-tokens device {layer['device_expert_tokens']}, "
               f"cpu {layer['cpu_expert_tokens']}")

@@ -16,11 +16,14 @@ class StepBatch:
     rows: tuple[int, ...]
     prefill: tuple[bool, ...]
     prefill_completes: tuple[bool, ...]  # this step computes the last prompt token
+    remaining: tuple[int, ...] = ()  # tokens each may still generate; () = unknown (1 each)
 
     def __post_init__(self) -> None:
         n = len(self.req_ids)
         if not (len(self.rows) == len(self.prefill) == len(self.prefill_completes) == n):
             raise ValueError("StepBatch fields must have one entry per request")
+        if self.remaining and len(self.remaining) != n:
+            raise ValueError("StepBatch.remaining must be empty or have one entry per request")
 
     @property
     def num_rows(self) -> int:

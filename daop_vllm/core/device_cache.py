@@ -15,6 +15,11 @@ class DeviceExpertCache:
     `slot_of_expert[e]` is the slot holding expert e, or -1 when e lives only in host memory.
     When the device is the CPU, device and host are one memory: the slots are the host store
     itself (slot index == expert index) and filling a slot only changes the table.
+
+    Swaps are asynchronous on CUDA: the retiring expert leaves the table at once (the CPU
+    computes it from then on), the incoming one is copied on a side stream from pinned memory
+    and enters the table at the first `finish_swaps` after its copy completed. Tables change
+    only in `start_swap`, `finish_swaps` and `fill`, which the engine calls between steps.
     """
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device) -> None:
@@ -33,20 +38,27 @@ class DeviceExpertCache:
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool)  # on the host
         self.host_slot_table = torch.arange(store.num_experts)  # host store index, or -1 if resident
+        self._incoming: list[tuple[int, int, torch.cuda.Event]] = []  # (slot, expert, copy done)
 
     @property
     def resident_experts(self) -> list[int]:
         return sorted(e for e in self._expert_in_slot if e is not None)
 
+    @property
+    def swaps_in_flight(self) -> int:
+        return len(self._incoming)
+
     def fill(self, experts: Sequence[int]) -> None:
-        """Make exactly `experts` resident; experts already resident keep their slots."""
+        """Make exactly `experts` resident; experts already resident keep their slots. Waits
+        for swaps in flight first."""
+        self.finish_swaps(wait=True)
         wanted = list(dict.fromkeys(experts))
         if len(wanted) != len(experts) or len(wanted) > self.num_slots:
             raise ValueError(f"need at most {self.num_slots} distinct experts, got {list(experts)}")
         if any(not 0 <= e < self.store.num_experts for e in wanted):
             raise ValueError(f"expert ids must be in [0, {self.store.num_experts}), got {wanted}")
         keep = set(wanted)
-        slots = [None if e not in keep else e for e in self._expert_in_slot]
+        slots = [e if e in keep else None for e in self._expert_in_slot]
         free = [s for s, e in enumerate(slots) if e is None]
         for expert in (e for e in wanted if e not in slots):
             slot = free.pop(0)
@@ -55,8 +67,43 @@ class DeviceExpertCache:
                 self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
                 self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
         self._expert_in_slot = slots
+        self._publish()
+
+    def start_swap(self, incoming: int, retiring: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Replace resident `retiring` by host-resident `incoming` in the same slot."""
+        slot = self._expert_in_slot.index(retiring)
+        if incoming in self._expert_in_slot or any(e == incoming for _, e, _ in self._incoming):
+            raise ValueError(f"expert {incoming} is already resident or on its way")
+        self._expert_in_slot[slot] = None
+        if self.shares_host_memory:
+            self._expert_in_slot[slot] = incoming
+        else:
+            # the copy overwrites the slot: it waits for the work queued so far, which may read it
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.w13[slot].copy_(self.store.w13[incoming], non_blocking=True)
+                self.w2[slot].copy_(self.store.w2[incoming], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            self._incoming.append((slot, incoming, done))
+        self._publish()
+
+    def finish_swaps(self, wait: bool = False) -> int:
+        """Put the experts whose copies are complete (all of them with `wait`) into the table;
+        returns how many."""
+        done = [item for item in self._incoming if wait or item[2].query()]
+        for slot, expert, event in done:
+            event.synchronize()
+            self._expert_in_slot[slot] = expert
+        self._incoming = [item for item in self._incoming if item not in done]
+        if done:
+            self._publish()
+        return len(done)
+
+    def _publish(self) -> None:
+        """Rebuild the device and host tables from the slot assignment."""
         table = torch.full((self.store.num_experts,), -1, dtype=torch.int64)
-        for slot, expert in enumerate(slots):
+        for slot, expert in enumerate(self._expert_in_slot):
             if expert is not None:
                 table[expert] = expert if self.shares_host_memory else slot
         self.slot_of_expert.copy_(table)

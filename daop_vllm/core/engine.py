@@ -14,9 +14,15 @@ from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
-from daop_vllm.core.realloc import REALLOC_POLICIES, paper_swaps
+from daop_vllm.core.realloc import (
+    AUTO_INTERVAL_STEPS,
+    REALLOC_POLICIES,
+    auto_swaps,
+    paper_swaps,
+)
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
 from daop_vllm.core.stats_file import StatsFile
@@ -34,6 +40,8 @@ class DaopEngine:
         fidelity: Fidelity | None = None,
         realloc: str = "off",
         swap_threshold: float = 1.05,
+        hardware: Hardware | None = None,
+        max_swap_bytes_per_step: int | None = None,
     ) -> None:
         if realloc not in REALLOC_POLICIES:
             raise ValueError(f"realloc must be one of {REALLOC_POLICIES}, got {realloc!r}")
@@ -41,6 +49,9 @@ class DaopEngine:
         self.fidelity = fidelity or Fidelity()
         self.realloc = realloc
         self.swap_threshold = swap_threshold
+        self.hardware = hardware or HARDWARE_PRESETS[CPU_ONLY_STAND_IN]
+        self.max_swap_bytes_per_step = max_swap_bytes_per_step
+        self.swap_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.requests = RequestTracker(0, 0)
         self.device_forward, self.device_path = pick_device_forward(device)
         self.executor = CpuExpertExecutor(cpu_threads)
@@ -117,15 +128,22 @@ class DaopEngine:
 
     def begin_step(self, batch: StepBatch) -> None:
         """Called before each engine step's forward with the step's rows per request."""
+        for layer in self.layers:
+            layer.cache.finish_swaps()  # copies that completed join the table between steps
         self.requests.begin_step(batch)
 
     def end_step(self) -> None:
-        """Called after the step's forward: re-allocate for the prompts that just completed."""
+        """Called after the step's forward: re-allocate (swaps start now, and complete while
+        later steps run)."""
         batch = self.requests.batch
-        if batch is not None and self.realloc == "paper":
-            for req_id, completes in zip(batch.req_ids, batch.prefill_completes):
-                if completes:
-                    self._swap_for(self.requests.prefill_counts[req_id])
+        if batch is not None and self.realloc != "off":
+            budget = [self.max_swap_bytes_per_step]
+            if self.realloc == "paper":
+                for req_id, completes in zip(batch.req_ids, batch.prefill_completes):
+                    if completes:
+                        self._reallocate(self.requests.prefill_counts[req_id], budget)
+            elif any(batch.prefill_completes) or self.requests.step % AUTO_INTERVAL_STEPS == 0:
+                self._reallocate(self.requests.expected_demand(self.layers[0].route.top_k), budget)
         self.requests.end_step()
 
     def drop_request(self, req_id: str, finished: bool = True) -> None:
@@ -150,17 +168,29 @@ class DaopEngine:
             line[f"{phase}_probs"] = [[[round(w, 6) for w in row] for row in weights] for _, weights in routes[phase]]
         return line
 
-    def _swap_for(self, counts: torch.Tensor) -> None:
-        """The paper's rule, layer by layer, for one sequence's prompt counts [L, E]."""
-        for layer in self.layers:
-            resident = layer.cache.resident_experts
-            swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
-            if not swaps:
+    def _reallocate(self, counts: torch.Tensor, budget: list[int | None]) -> None:
+        """Apply the policy to counts [L, E] (one prompt's for `paper`, the expected demand for
+        `auto`), layer by layer from a rotating start so that a byte budget (budget[0], bytes
+        left this step; None = no cap) does not always favour the first layers. A layer with a
+        copy still in flight waits for a later step."""
+        start = self.requests.step % len(self.layers)
+        for layer in self.layers[start:] + self.layers[:start]:
+            if layer.cache.swaps_in_flight:
                 continue
-            cold = {c for _, c in swaps}
-            layer.cache.fill([e for e in resident if e not in cold] + [h for h, _ in swaps])
-            copied = 0 if layer.cache.shares_host_memory else len(swaps) * layer.store.expert_bytes
-            self.stats.add(layer.layer, swaps=len(swaps), swap_bytes=copied)
+            resident = layer.cache.resident_experts
+            if self.realloc == "paper":
+                swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
+            else:
+                swaps = auto_swaps(counts[layer.layer], resident, self.hardware.token_seconds_saved(layer.store.expert_bytes),
+                                   self.hardware.swap_seconds(layer.store.expert_bytes))
+            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.expert_bytes
+            for incoming, retiring in swaps:
+                if budget[0] is not None and copy_bytes > budget[0]:
+                    return
+                layer.cache.start_swap(incoming, retiring, self.swap_stream)
+                self.stats.add(layer.layer, swaps=1, swap_bytes=copy_bytes)
+                if budget[0] is not None:
+                    budget[0] -= copy_bytes
 
     def resident_experts(self) -> list[list[int]]:
         return [layer.cache.resident_experts for layer in self.layers]
@@ -182,6 +212,8 @@ class DaopEngine:
                 "slots_per_layer": [layer.cache.num_slots for layer in self.layers],
             },
             "realloc": self.realloc,
+            "hardware": self.hardware.to_dict(),
+            "max_swap_bytes_per_step": self.max_swap_bytes_per_step,
             "requests_tracked": len(self.requests),
             "layers": [{"resident": r, **self.stats.layer(i)} for i, r in enumerate(resident)],
             "totals": self.stats.totals(),

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.hardware import HARDWARE_PRESETS, load_hardware
 from daop_vllm.core.prediction import MODES, Fidelity
 from daop_vllm.core.realloc import REALLOC_POLICIES
 
+# Re-allocation copies started per engine step, at most (they run beside the steps).
+DEFAULT_MAX_SWAP_BYTES_PER_STEP = 1 << 30
 BUDGET_KEYS = ("resident_experts", "resident_fraction", "expert_memory_gib")
 PREDICTION_KEYS = ("first_predicted_layer", "degrade")  # knobs of the verified and daop modes
 
@@ -41,6 +44,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
     "realloc": (lambda v: v in REALLOC_POLICIES, "one of " + ", ".join(f'"{p}"' for p in REALLOC_POLICIES)),
+    "hardware": (lambda v: isinstance(v, str) and v != "",
+                 "\"auto\" (measured at start; on a CPU-only machine the a6000 preset stands in), a preset ("
+                 + ", ".join(HARDWARE_PRESETS) + "), or a JSON file with pcie_gbps, device_gbps, cpu_gbps"),
+    "max_swap_bytes_per_step": (lambda v: _is_int(v) and v >= 0, "an integer number of bytes >= 0"),
     "swap_threshold": (lambda v: _is_number(v) and v > 0, "a number > 0 (a swap needs count[hot] > it * count[cold])"),
     "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
     "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
@@ -61,8 +68,10 @@ class DaopOptions:
     profile: str | None = None
     stats_path: str | None = None
     trace_path: str | None = None
-    realloc: str = "off"
+    realloc: str = "auto"
     swap_threshold: float = 1.05
+    hardware: str = "auto"
+    max_swap_bytes_per_step: int = DEFAULT_MAX_SWAP_BYTES_PER_STEP
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -104,6 +113,16 @@ class DaopOptions:
                 f"daop option {knobs[0]!r} applies to mode \"verified\" or \"daop\" only, and the mode is "
                 '"exact"; set "mode" too, or drop the option'
             )
+        realloc = raw.get("realloc", "auto")
+        for key, policies in (("swap_threshold", ("paper",)), ("hardware", ("auto",)),
+                              ("max_swap_bytes_per_step", ("paper", "auto"))):
+            if key in raw and realloc not in policies:
+                raise DaopConfigError(
+                    f"daop option {key!r} applies to realloc {' or '.join(map(repr, policies))} only, and realloc "
+                    f"is {realloc!r}; set \"realloc\" too, or drop the option"
+                )
+        if raw.get("hardware", "auto") != "auto":
+            load_hardware(raw["hardware"])
         return cls(
             budget_key=budget_key,
             budget_value=raw[budget_key] if budget_key else None,
@@ -114,8 +133,10 @@ class DaopOptions:
             profile=raw.get("profile"),
             stats_path=raw.get("stats_path"),
             trace_path=raw.get("trace_path"),
-            realloc=raw.get("realloc", "off"),
+            realloc=realloc,
             swap_threshold=raw.get("swap_threshold", 1.05),
+            hardware=raw.get("hardware", "auto"),
+            max_swap_bytes_per_step=raw.get("max_swap_bytes_per_step", DEFAULT_MAX_SWAP_BYTES_PER_STEP),
         )
 
     @property

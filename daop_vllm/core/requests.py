@@ -7,6 +7,11 @@ import torch
 from daop_vllm.core.batch import StepBatch
 
 
+# How much one decayed decode token counts against one prompt token in a request's expected demand:
+# the recent decode is the better predictor of the rest of the decode.
+DECODE_WEIGHT = 4.0
+
+
 class RequestTracker:
     """Per request and layer: expert counts of its prompt (all prefill chunks) and a decayed
     count of its decode. Entries are dropped when a request finishes, is aborted or is
@@ -21,6 +26,7 @@ class RequestTracker:
         self.routes: dict[str, dict[str, list[tuple[list, list]]]] = {}
         self.prefill_counts: dict[str, torch.Tensor] = {}  # req -> [L, E]
         self.decode_counts: dict[str, torch.Tensor] = {}  # req -> [L, E], decayed per step
+        self.remaining: dict[str, int] = {}  # req -> tokens it may still generate (its max_tokens left)
         self.batch: StepBatch | None = None
         self.step = 0  # counts begin_step calls: what a row's pre-computed results are keyed by
         self._row_request = torch.empty(0, dtype=torch.int64)
@@ -32,6 +38,8 @@ class RequestTracker:
     def begin_step(self, batch: StepBatch) -> None:
         self.batch = batch
         self.step += 1
+        for req_id, remaining in zip(batch.req_ids, batch.remaining):
+            self.remaining[req_id] = remaining
         for req_id, prefill in zip(batch.req_ids, batch.prefill):
             if req_id not in self.prefill_counts:
                 self.prefill_counts[req_id] = torch.zeros(self.num_layers, self.num_experts)
@@ -73,6 +81,17 @@ class RequestTracker:
                 ids.extend(topk_ids[rows].tolist())
                 weights.extend(topk_weights[rows].tolist())
 
+    def expected_demand(self, top_k: int) -> torch.Tensor:
+        """[L, E] (token, expert) work expected from the requests in flight until they finish:
+        each request's per-token expert shares (prompt counts, plus its decayed decode counts
+        weighted by DECODE_WEIGHT) times the tokens it may still generate (1 when unknown)."""
+        demand = torch.zeros(self.num_layers, self.num_experts)
+        for req_id, prefill in self.prefill_counts.items():
+            counts = prefill + DECODE_WEIGHT * self.decode_counts[req_id]
+            shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-9)
+            demand += self.remaining.get(req_id, 1) * top_k * shares
+        return demand
+
     def end_step(self) -> None:
         self.batch = None
 
@@ -80,4 +99,5 @@ class RequestTracker:
         """Forget a request; returns its recorded routes, if any."""
         self.prefill_counts.pop(req_id, None)
         self.decode_counts.pop(req_id, None)
+        self.remaining.pop(req_id, None)
         return self.routes.pop(req_id, None)

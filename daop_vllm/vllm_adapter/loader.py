@@ -16,8 +16,10 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from daop_vllm.core.cpu_executor import physical_core_count
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.hardware import load_hardware, measure_hardware
 from daop_vllm.core.options import DaopOptions
 from daop_vllm.core.placement import load_profile, plan_for_options
+from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
 
@@ -97,8 +99,10 @@ class DaopModelLoader(BaseModelLoader):
         check_engine_config(self.options, vllm_config)
         device = torch.device(vllm_config.device_config.device)
         threads = self.options.cpu_threads or physical_core_count()
+        hardware = measure_hardware(device) if self.options.hardware == "auto" else load_hardware(self.options.hardware)
         engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
-                            swap_threshold=self.options.swap_threshold)
+                            swap_threshold=self.options.swap_threshold, hardware=hardware,
+                            max_swap_bytes_per_step=self.options.max_swap_bytes_per_step)
         engine.budget_asked = self.options.budget_asked
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
@@ -136,13 +140,26 @@ class DaopModelLoader(BaseModelLoader):
             *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
             f"  device path:   {engine.device_path}",
             f"  CPU executor:  {engine.executor.num_threads} threads, {engine.executor.kernel_name}",
-            f"  realloc:       {engine.realloc}"
-            + (f" (swap_threshold {engine.swap_threshold})" if engine.realloc != "off" else ""),
+            f"  realloc:       {self._realloc_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}",
             f"  trace_path:    {self.options.trace_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)
+
+    @staticmethod
+    def _realloc_report(engine: DaopEngine) -> str:
+        if engine.realloc == "off":
+            return "off (placement stays as loaded)"
+        cap = engine.max_swap_bytes_per_step
+        copies = (f"copies on a side stream, at most {cap / 2**20:.0f} MiB started per step"
+                  if engine.device.type == "cuda" else "device and host share memory: a swap flips the slot table")
+        if engine.realloc == "paper":
+            return f"paper (after each prompt, swap_threshold {engine.swap_threshold}); {copies}"
+        hw = engine.hardware
+        return (f"auto (demand of the requests in flight, every {AUTO_INTERVAL_STEPS} steps and after each prompt; "
+                f"cost model {hw.name}: PCIe {hw.pcie_gbps} GB/s, device {hw.device_gbps} GB/s, CPU {hw.cpu_gbps} GB/s"
+                f"{' (stand-in: no PCIe on this machine)' if engine.device.type != 'cuda' else ''}); {copies}")
 
     @staticmethod
     def _mode_report(engine: DaopEngine) -> str:

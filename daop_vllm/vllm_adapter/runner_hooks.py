@@ -4,7 +4,8 @@ belong to which request and in which phase, and when a request leaves.
 V1 runner internals used (checked against 0.32 by the plugin's version gate):
 `_prepare_inputs(scheduler_output, num_scheduled_tokens)`, `input_batch.req_ids`,
 `input_batch.num_computed_tokens_cpu`, `input_batch.num_prompt_tokens`,
-`scheduler_output.preempted_req_ids`, `_model_forward`, `_on_request_state_removed`.
+`scheduler_output.preempted_req_ids`, `_model_forward`, `_on_request_state_removed`,
+`requests[req_id].sampling_params.max_tokens` and `.output_token_ids`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def install_runner_hooks() -> None:
         if engine is not None:
             for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
                 engine.drop_request(req_id, finished=False)
-            engine.begin_step(step_batch(self.input_batch, num_scheduled_tokens))
+            engine.begin_step(step_batch(self.input_batch, num_scheduled_tokens, self.requests))
         return prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     model_forward = GPUModelRunner._model_forward
@@ -63,12 +64,22 @@ def install_runner_hooks() -> None:
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
 
 
-def step_batch(input_batch, num_scheduled_tokens) -> StepBatch:
-    """The step's requests in row order, from the runner's persistent batch."""
+def step_batch(input_batch, num_scheduled_tokens, requests) -> StepBatch:
+    """The step's requests in row order, from the runner's persistent batch and request states."""
     num_reqs = len(num_scheduled_tokens)
     rows = [int(n) for n in num_scheduled_tokens]
     computed = input_batch.num_computed_tokens_cpu[:num_reqs].tolist()
     prompt = input_batch.num_prompt_tokens[:num_reqs].tolist()
     prefill = [c < p for c, p in zip(computed, prompt)]
     completes = [pre and c + r >= p for pre, c, r, p in zip(prefill, computed, rows, prompt)]
-    return StepBatch(tuple(input_batch.req_ids[:num_reqs]), tuple(rows), tuple(prefill), tuple(completes))
+    req_ids = tuple(input_batch.req_ids[:num_reqs])
+    return StepBatch(req_ids, tuple(rows), tuple(prefill), tuple(completes),
+                     tuple(_tokens_left(requests.get(req_id)) for req_id in req_ids))
+
+
+def _tokens_left(state) -> int:
+    """Tokens a request may still generate (its max_tokens left); 1 when it does not say."""
+    params = getattr(state, "sampling_params", None)
+    if params is None or params.max_tokens is None:
+        return 1
+    return max(1, params.max_tokens - len(state.output_token_ids))

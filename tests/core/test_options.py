@@ -41,6 +41,12 @@ def test_one_budget_key_is_taken(raw, key):
         ({"mode": "daop", "first_predicted_layer": 0}, ["'first_predicted_layer'", "1 <= i <= L-1", "0"]),
         ({"mode": "daop", "degrade": "yes"}, ["'degrade'", "true or false"]),
         ({"cpu_threads": 0}, ["'cpu_threads'", ">= 1"]),
+        ({"realloc": "lru"}, ["'realloc'", '"auto", "paper", "off"']),
+        ({"swap_threshold": 2}, ["'swap_threshold'", "realloc 'paper' only", "'auto'"]),
+        ({"realloc": "paper", "hardware": "a6000"}, ["'hardware'", "realloc 'auto' only"]),
+        ({"realloc": "off", "max_swap_bytes_per_step": 5}, ["'max_swap_bytes_per_step'", "'paper' or 'auto'"]),
+        ({"max_swap_bytes_per_step": -1}, ["'max_swap_bytes_per_step'", ">= 0"]),
+        ({"hardware": "tpu-v9"}, ["'hardware'", "a6000, a100, h200", "pcie_gbps", "'tpu-v9'"]),
         ({"profile": 3}, ["'profile'", "path"]),
         ("resident_fraction=0.5", ["not valid JSON", "JSON object"]),
         ("[1, 2]", ["must be a JSON object", "list"]),
@@ -78,3 +84,15 @@ def test_fidelity_defaults_follow_the_mode():
     # the paper's 4, or the last layer of a shallower model
     assert daop.first_layer(32) == 4 and daop.first_layer(4) == 3
     assert DaopOptions.parse({"mode": "daop", "first_predicted_layer": 1}).fidelity.first_layer(32) == 1
+
+
+def test_realloc_defaults_to_auto_with_a_hardware_file(tmp_path):
+    options = DaopOptions.parse({})
+    assert (options.realloc, options.hardware) == ("auto", "auto")
+    good = tmp_path / "box.json"
+    good.write_text('{"pcie_gbps": 12, "device_gbps": 900, "cpu_gbps": 30}')
+    assert DaopOptions.parse({"hardware": str(good)}).hardware == str(good)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pcie_gbps": 0, "device_gbps": 900, "cpu_gbps": 30}')
+    with pytest.raises(DaopConfigError, match="bad.json is not .*bandwidths must be numbers > 0"):
+        DaopOptions.parse({"hardware": str(bad)})

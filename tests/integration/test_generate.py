@@ -48,11 +48,13 @@ def test_compiled_matches_stock(tiny_mixtral, stock_ids):
         close_llm(llm)
 
 
-def test_paper_realloc_keeps_exact_outputs_and_drops_request_state(tiny_mixtral, stock_ids):
-    """Re-allocation after each prompt (the paper's rule) under continuous batching: experts
-    move, greedy outputs stay the stock ones, and finished requests leave no state behind."""
+@pytest.mark.parametrize("realloc", ["paper", "auto"])
+def test_realloc_keeps_exact_outputs_and_drops_request_state(tiny_mixtral, stock_ids, realloc):
+    """Re-allocation under continuous batching (the paper's rule after each prompt; `auto` on
+    the demand of the requests in flight): experts move, greedy outputs stay the stock ones,
+    and finished requests leave no state behind."""
     llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
-                   model_loader_extra_config={"resident_fraction": 0.25, "realloc": "paper"})
+                   model_loader_extra_config={"resident_fraction": 0.25, "realloc": realloc})
     try:
         ids, report = run_counted(llm)
         assert ids == stock_ids
@@ -82,5 +84,39 @@ def test_stock_engine_still_works_after_daop(tiny_mixtral, stock_ids):
     try:
         assert not llm.apply_model(lambda model: hasattr(model, "daop_engine"))[0]
         assert greedy_ids(llm) == stock_ids
+    finally:
+        close_llm(llm)
+
+
+def test_a_thousand_requests_with_aborts_leave_no_state(tiny_mixtral):
+    """1,000 requests through the engine's own step loop, one aborted every other step while in
+    flight (some mid-prefill, some mid-decode): afterwards no per-request DAOP state is left."""
+    from vllm import SamplingParams
+
+    llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
+                   model_loader_extra_config={"resident_fraction": 0.25})
+    engine = llm.llm_engine
+    try:
+        finished, aborted, in_flight, next_id, steps = set(), set(), set(), 0, 0
+        while next_id < 1000 or engine.has_unfinished_requests():
+            while next_id < 1000 and len(in_flight) < 16:
+                params = SamplingParams(temperature=0.0, max_tokens=1 + next_id % 7, ignore_eos=True)
+                engine.add_request(str(next_id), f"request {next_id} " + "word " * (next_id % 11), params)
+                in_flight.add(str(next_id))
+                next_id += 1
+            for output in engine.step():
+                if output.finished:
+                    finished.add(output.request_id)
+                    in_flight.discard(output.request_id)
+            steps += 1
+            if steps % 2 == 0 and in_flight:
+                victim = max(in_flight, key=int)  # the newest: often still in its prompt
+                engine.abort_request([victim])
+                aborted.add(victim)
+                in_flight.discard(victim)
+        assert len(finished) + len(aborted) == 1000 and len(aborted) >= 150
+        assert llm.collective_rpc("daop_report")[0]["requests_tracked"] <= 16
+        llm.generate(["one more"], use_tqdm=False)  # the worker hears of the last ones at this step
+        assert llm.collective_rpc("daop_report")[0]["requests_tracked"] <= 1
     finally:
         close_llm(llm)

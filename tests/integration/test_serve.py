@@ -74,3 +74,23 @@ def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completi
     assert final["totals"]["cpu_expert_tokens"] >= live["totals"]["cpu_expert_tokens"]
     log = (tmp_path / "serve.log").read_text()
     assert "daop: load format ready" in log and "budget asked:  resident_fraction=0.25" in log
+
+
+@pytest.mark.parametrize("mode", ["verified", "daop"])
+def test_prediction_modes_serve_concurrent_clients(tiny_mixtral, stock_completions, tmp_path, mode):
+    """Predicting modes under a real server's continuous batching: every request answered,
+    and the worker's counters show predictions and pre-computed CPU work."""
+    stats_path = tmp_path / "stats.json"
+    extra = json.dumps({"resident_fraction": 0.25, "mode": mode, "first_predicted_layer": 1,
+                        "stats_path": str(stats_path)})
+    with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
+                     log_path=tmp_path / "serve.log") as url:
+        completions = complete_all(url)
+    final = json.loads(stats_path.read_text())
+    assert len(completions) == len(stock_completions) and all(completions)
+    totals = final["totals"]
+    assert final["mode"] == mode and final["first_predicted_layer"] == 1
+    assert 0 < totals["predictions_correct"] <= totals["predictions"]
+    assert totals["precomputed_used"] > 0
+    assert (totals["degraded"] > 0) == (mode == "daop")
+    assert f"mode:          {mode}, first_predicted_layer 1" in (tmp_path / "serve.log").read_text()
