@@ -82,8 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bench_cpu_experts(args: argparse.Namespace) -> None:
+def _emit_json(result: dict, args: argparse.Namespace, plot) -> bool:
+    """Record the command in a benchmark's result, write --out and --plot; with --json print it
+    and return True (the caller then prints nothing else)."""
     import json
+
+    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result))
+    return args.json
+
+
+def _bench_cpu_experts(args: argparse.Namespace) -> None:
 
     import torch
 
@@ -95,13 +109,7 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype)
     if args.scaling:
         result["thread_scaling"] = thread_scaling(shape, args.repeats, dtype)
-    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    if args.plot:
-        plot(result, args.plot)
-    if args.json:
-        print(json.dumps(result))
+    if _emit_json(result, args, plot):
         return
     print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
     print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
@@ -115,7 +123,6 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
 
 
 def _bench_modes(args: argparse.Namespace) -> None:
-    import json
 
     from daop_vllm.bench.modes import ensure_bench_model, plot, run
 
@@ -123,13 +130,7 @@ def _bench_modes(args: argparse.Namespace) -> None:
         raise DaopConfigError(f"--first-predicted-layer must be >= 1, got {args.first_predicted_layer}")
     result = run(ensure_bench_model(args.model), args.modes, args.fractions, args.num_prompts, args.max_tokens,
                  args.repeats, args.first_predicted_layer, args.dtype)
-    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-    if args.plot:
-        plot(result, args.plot)
-    if args.json:
-        print(json.dumps(result))
+    if _emit_json(result, args, plot):
         return
     print(f"{'mode':>9} {'fraction':>8} {'tok/s':>8} {'vs exact':>8} {'pred acc':>8} {'precomp':>8} {'wasted':>7} "
           f"{'agree':>6}")

@@ -10,20 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daop_vllm.demo import DEMO_PROMPTS
 from daop_vllm.model_builder import TinyMixtralShape
 
 # Big enough that expert work, not Python, dominates a decode step on a small CPU machine.
 BENCH_SHAPE = TinyMixtralShape(num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2)
-PROMPTS = [
-    "Mixture-of-Experts models route every token",
-    "The quick brown fox",
-    "Once upon a time there was a small model",
-    "What is the capital of France?",
-    "Write a short poem about the sea",
-    "One, two, three, four, five",
-    "During decode the next layer's experts",
-    "After a prefill the device slots",
-]
 
 
 def ensure_bench_model(model_dir: Path) -> Path:
@@ -43,7 +34,7 @@ def run(model_dir: Path, modes: list[str], fractions: list[float], num_prompts: 
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_prompts)]
+    prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     runs, exact_ids = [], {}
     progress = tqdm(total=len(modes) * len(fractions), desc="bench modes", unit="config")
