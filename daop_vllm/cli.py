@@ -65,6 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--out", type=Path, help="also write the JSON here")
     modes.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
+    sim = commands.add_parser("simulate", help="replay a routing trace through every policy on a machine model")
+    sim.add_argument("--trace", type=Path, required=True)
+    sim.add_argument("--resident-fraction", type=_fraction, default=0.25)
+    sim.add_argument("--split", type=_fraction, default=None,
+                     help="sequences with one phase only: the first S of their rows become the prompt")
+    sim.add_argument("--calibrate-on", type=_fraction, default=0.2,
+                     help="share of the sequences (from the start) that build the static profile, not scored")
+    sim.add_argument("--hardware", default="a6000", help="a preset (a6000, h200, local) or a JSON file")
+    sim.add_argument("--model-shape", default=None, choices=sorted(MODEL_SHAPES),
+                     help="expert sizes (default: the shape matching the trace)")
+    sim.add_argument("--prediction-accuracy", type=_fraction, default=None,
+                     help="share of predicted experts that are right (default: the paper's 0.8411)")
+    sim.add_argument("--batch", type=int, default=1, help="sequences in flight (continuous batching)")
+    sim.add_argument("--first-predicted-layer", type=int, default=4)
+    sim.add_argument("--policies", nargs="+", default=None, help="default: all")
+    sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench_sim = bench_commands.add_parser("simulate", help="the simulator's evidence: paper check, fraction and batch sweeps")
+    bench_sim.add_argument("--mixtral-trace", type=Path, default=Path("../shared/traces/mixtral-8x7b-vllm.jsonl.gz"))
+    bench_sim.add_argument("--deepseek-trace", type=Path,
+                           default=Path("../shared/traces/deepseek-v2-lite-puffin.dev.jsonl.gz"))
+    bench_sim.add_argument("--deepseek-limit", type=int, default=64, help="sequences of the DeepSeek trace used")
+    bench_sim.add_argument("--json", action="store_true", help="print one JSON object")
+    bench_sim.add_argument("--out", type=Path, help="also write the JSON here")
+    bench_sim.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
     calibrate = commands.add_parser("calibrate", help="write a placement profile from routing traces or prompts")
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, action="append", help="trace file (repeatable)")
@@ -144,6 +171,78 @@ def _bench_modes(args: argparse.Namespace) -> None:
               f"{pct(r['precomputed_share']):>8} {pct(r['wasted_share']):>7} {pct(r['agreement_with_exact']):>6}")
 
 
+def _bench_simulate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.simulation import BATCHES, FRACTIONS, PRESETS, plot, run
+
+    for trace in (args.mixtral_trace, args.deepseek_trace):
+        if not trace.is_file():
+            raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
+    runs = len(PRESETS) * len(FRACTIONS) + len(BATCHES)
+    with tqdm(total=runs * 9, desc="bench simulate", unit="policy", disable=args.json) as progress:
+        result = run(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)
+    if _emit_json(result, args, plot):
+        return
+    for fraction, check in result["paper_check"].items():
+        print(f"a6000, Mixtral, {100 * float(fraction):.1f}% resident: daop {check['daop_tokens_per_s']:.2f} tok/s "
+              f"(paper {check['paper_daop_tokens_per_s']}), static {check['static_tokens_per_s']:.2f}, "
+              f"daop/static {check['daop_over_static']:.2f}")
+    print(f"daop/static averaged over fractions: {result['daop_over_static_average_a6000']:.2f} (paper 1.35)")
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
+    from daop_vllm.core.traces import read_traces
+    from daop_vllm.core.hardware import load_hardware
+
+    policies = args.policies or list(POLICIES)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise DaopConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
+    if args.batch < 1:
+        raise DaopConfigError(f"--batch must be >= 1, got {args.batch}")
+    seqs = list(read_traces(args.trace))[: args.limit]
+    if not seqs:
+        raise DaopConfigError(f"{args.trace} holds no sequences")
+    shape = model_shape(args.model_shape) if args.model_shape else _shape_of_trace(seqs[0])
+    accuracy = PAPER_PREDICTION_ACCURACY if args.prediction_accuracy is None else args.prediction_accuracy
+    with tqdm(total=len(policies), desc="simulate", unit="policy", disable=args.json) as progress:
+        try:
+            result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
+                              args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
+                              progress)
+        except ValueError as exc:
+            raise DaopConfigError(str(exc)) from None
+    result["settings"]["trace"] = args.trace.name
+    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
+    if args.json:
+        print(json.dumps(result))
+        return
+    settings = result["settings"]
+    print(f"{args.trace.name} on {settings['hardware']['name']}, {shape.name}, "
+          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, "
+          f"{settings['scored_sequences']} sequences scored")
+    static = result["policies"].get("static", {}).get("tokens_per_s")
+    print(f"{'policy':>14} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")
+    for name, r in result["policies"].items():
+        ratio = f"{r['tokens_per_s'] / static:9.2f}" if static else f"{'-':>9}"
+        print(f"{name:>14} {r['tokens_per_s']:8.2f} {ratio} {100 * r['decode_hit_rate']:9.1f}% "
+              f"{r['cpu_expert_tokens_per_token']:9.2f} {r['pcie_bytes_per_token'] / 1e6:13.1f}")
+
+
+def _shape_of_trace(seq):
+    for shape in MODEL_SHAPES.values():
+        if (shape.num_layers, shape.num_experts, shape.top_k) == (seq.num_layers, seq.num_experts, seq.top_k):
+            return shape
+    raise DaopConfigError(f"no known model shape has {seq.num_layers} layers, top-{seq.top_k} of "
+                          f"{seq.num_experts} experts; pass --model-shape")
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     import json
 
@@ -205,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
         elif args.command == "bench" and args.bench == "modes":
             _bench_modes(args)
+        elif args.command == "bench" and args.bench == "simulate":
+            _bench_simulate(args)
         elif args.command == "bench":
             _bench_cpu_experts(args)
+        elif args.command == "simulate":
+            _simulate(args)
         elif args.command == "calibrate":
             _calibrate(args)
         elif args.command == "trace-stats":

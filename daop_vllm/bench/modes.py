@@ -39,7 +39,8 @@ def run(model_dir: Path, modes: list[str], fractions: list[float], num_prompts: 
     runs, exact_ids = [], {}
     progress = tqdm(total=len(modes) * len(fractions), desc="bench modes", unit="config")
     for mode in modes:
-        extra: dict[str, Any] = {"resident_fraction": fractions[0], "mode": mode}
+        # placement stays as placed, so that modes differ in nothing else
+        extra: dict[str, Any] = {"resident_fraction": fractions[0], "mode": mode, "realloc": "off"}
         if mode != "exact":
             extra["first_predicted_layer"] = first_predicted_layer
         llm = LLM(model=str(model_dir), load_format="daop", model_loader_extra_config=extra, dtype=dtype,

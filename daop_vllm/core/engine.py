@@ -24,7 +24,7 @@ from daop_vllm.core.realloc import (
     paper_swaps,
 )
 from daop_vllm.core.requests import RequestTracker
-from daop_vllm.core.stats import DaopStats
+from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
 from daop_vllm.core.traces import TraceWriter
 
@@ -215,8 +215,8 @@ class DaopEngine:
             "hardware": self.hardware.to_dict(),
             "max_swap_bytes_per_step": self.max_swap_bytes_per_step,
             "requests_tracked": len(self.requests),
-            "layers": [{"resident": r, **self.stats.layer(i)} for i, r in enumerate(resident)],
-            "totals": self.stats.totals(),
+            "layers": [{"resident": r, **with_hit_rates(self.stats.layer(i))} for i, r in enumerate(resident)],
+            "totals": with_hit_rates(self.stats.totals()),
         }
 
     def write_stats_to(self, path: str) -> None:

@@ -44,3 +44,13 @@ class DaopStats:
     def reset(self) -> None:
         for values in self.values.values():
             values[:] = [0] * len(values)
+
+
+def with_hit_rates(counts: dict[str, int]) -> dict[str, int | float | None]:
+    """`counts` plus the device hit rate of prompt and generated rows: the share of their
+    (token, expert) work done by resident experts (None before any such row)."""
+    rates: dict[str, float | None] = {}
+    for phase in ("prefill", "decode"):
+        device, cpu = counts[f"{phase}_device_expert_tokens"], counts[f"{phase}_cpu_expert_tokens"]
+        rates[f"{phase}_hit_rate"] = device / (device + cpu) if device + cpu else None
+    return {**counts, **rates}

@@ -49,10 +49,13 @@ def abort_streams(base_url: str, count: int) -> None:
         list(pool.map(abort, PROMPTS[:count]))
 
 
-def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completions, tmp_path):
+@pytest.mark.parametrize("realloc", ["paper", "auto"])
+def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completions, tmp_path, realloc):
+    """Concurrent clients while experts move (both policies), then clients that hang up
+    mid-stream: outputs equal the stock server's and no per-request state is left."""
     assert len(PROMPTS) >= 16
     stats_path = tmp_path / "stats.json"
-    extra = json.dumps({"resident_fraction": 0.25, "realloc": "paper", "stats_path": str(stats_path)})
+    extra = json.dumps({"resident_fraction": 0.25, "realloc": realloc, "stats_path": str(stats_path)})
     with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
                      log_path=tmp_path / "serve.log") as url:
         completions = complete_all(url)
@@ -65,7 +68,10 @@ def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completi
         live = json.loads(stats_path.read_text())
     assert completions == stock_completions
     assert live["requests_tracked"] <= 1, "finished and aborted requests leave no state behind"
-    assert live["totals"]["swaps"] > 0
+    assert live["totals"]["swaps"] > 0 and live["realloc"] == realloc
+    totals = live["totals"]
+    assert 0 < totals["decode_hit_rate"] < 1 and totals["decode_hit_rate"] == totals["decode_device_expert_tokens"] / (
+        totals["decode_device_expert_tokens"] + totals["decode_cpu_expert_tokens"])
     assert live["budget"]["asked"] == {"resident_fraction": 0.25}
     assert [len(layer["resident"]) for layer in live["layers"]] == [2, 2, 2, 2]
     assert live["totals"]["device_expert_tokens"] > 0 and live["totals"]["cpu_expert_tokens"] > 0

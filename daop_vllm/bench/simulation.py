@@ -1,0 +1,87 @@
+"""`daop-vllm bench simulate`: the simulator's evidence in one run - the paper check (a6000,
+Mixtral, 46.9% and 25% resident), tokens/s per policy against resident fraction for each
+machine model, and against batch size at 25% resident."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from daop_vllm.core.hardware import load_hardware
+from daop_vllm.core.model_shapes import model_shape
+from daop_vllm.core.simulator import POLICIES, simulate
+from daop_vllm.core.traces import read_traces
+
+# ../shared/reference/daop.md: Mixtral-8x7B on the A6000 machine, batch 1.
+PAPER = {"daop_tokens_per_s": {"0.469": 4.52, "0.25": 3.23}, "daop_over_fiddler_full_memory": 1.404,
+         "daop_over_fiddler_average": 1.354}
+FRACTIONS = [0.25, 0.375, 0.469, 0.625]
+PRESETS = ["a6000", "h200", "local"]
+BATCHES = [1, 4, 16, 32]
+
+
+def run(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int, progress) -> dict[str, Any]:
+    mixtral = list(read_traces(mixtral_trace))
+    deepseek = list(read_traces(deepseek_trace))[:deepseek_limit]
+    policies = list(POLICIES)
+    # Mixtral: the one prompted sequence calibrates, the two decode-only ones are scored with
+    # their first 30% as the prompt (about the paper's 256-token prompts against 512 outputs).
+    mixtral_args = dict(shape=model_shape("mixtral-8x7b"), calibrate_on=0.34, split=0.3)
+    fractions = {}
+    for preset in PRESETS:
+        fractions[preset] = {
+            str(f): simulate(mixtral, policies, hardware=load_hardware(preset), resident_fraction=f, progress=progress,
+                             **mixtral_args)
+            for f in FRACTIONS
+        }
+    paper_check = {f: fractions["a6000"][f]["policies"] for f in ("0.469", "0.25")}
+    batches = {
+        str(b): simulate(deepseek, policies, model_shape("deepseek-v2-lite"), load_hardware("a6000"), 0.25,
+                         calibrate_on=0.2, split=0.5, batch=b, progress=progress)
+        for b in BATCHES
+    }
+    return {
+        "paper": PAPER,
+        "paper_check": {
+            f: {"daop_tokens_per_s": r["daop"]["tokens_per_s"], "static_tokens_per_s": r["static"]["tokens_per_s"],
+                "daop_over_static": r["daop"]["tokens_per_s"] / r["static"]["tokens_per_s"],
+                "paper_daop_tokens_per_s": PAPER["daop_tokens_per_s"][f]}
+            for f, r in paper_check.items()
+        },
+        "daop_over_static_average_a6000": sum(
+            r["policies"]["daop"]["tokens_per_s"] / r["policies"]["static"]["tokens_per_s"]
+            for r in fractions["a6000"].values()) / len(FRACTIONS),
+        "by_fraction": fractions,
+        "by_batch_deepseek_a6000_25pct": batches,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(result["by_fraction"])
+    fig, axes = plt.subplots(1, len(presets) + 1, figsize=(5 * (len(presets) + 1), 4.3))
+    for ax, preset in zip(axes, presets):
+        runs = result["by_fraction"][preset]
+        fractions = [float(f) for f in runs]
+        for name in POLICIES:
+            ax.plot(fractions, [runs[f]["policies"][name]["tokens_per_s"] for f in runs], marker="o", label=name)
+        if preset == "a6000":
+            ax.scatter([0.469, 0.25], [4.52, 3.23], marker="*", s=150, color="k", zorder=5, label="paper: DAOP")
+        ax.set(xlabel="resident fraction", ylabel="decode tokens/s (simulated)", yscale="log",
+               title=f"Mixtral-8x7B trace, {runs[next(iter(runs))]['settings']['hardware']['name']}")
+    ax = axes[-1]
+    batches = result["by_batch_deepseek_a6000_25pct"]
+    for name in POLICIES:
+        ax.plot([int(b) for b in batches], [batches[b]["policies"][name]["tokens_per_s"] for b in batches],
+                marker="o", label=name)
+    ax.set(xlabel="sequences in flight (batch)", ylabel="tokens/s (simulated)", xscale="log", yscale="log",
+           title="DeepSeek-V2-Lite trace, a6000, 25% resident")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

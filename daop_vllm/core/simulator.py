@@ -1,0 +1,373 @@
+"""A trace-driven simulator: real routing replayed through the engine's own placement,
+re-allocation, prediction and degradation code, with a cost model of a GPU machine.
+
+Time per step comes from two clocks, as the engine overlaps work: the device (attention and
+resident experts, layer after layer) and the CPU executor (a FIFO queue of jobs: a layer's own
+CPU experts, then the pre-computation for the next layer). A layer ends when its device work,
+its own CPU job and the pre-computed job it consumes are all done. PCIe copies (LRU and
+on-demand misses) delay the device work that needs them; re-allocation copies overlap (the
+engine copies on a side stream) and only count as bytes.
+
+Legend: L layers, E experts, K top-k, B sequences in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from daop_vllm.core.batch import StepBatch
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.hardware import OUR_CPU_EFFICIENCY, TORCH_CPU_EFFICIENCY, Hardware
+from daop_vllm.core.model_shapes import MoEShape
+from daop_vllm.core.placement import plan_residency, rank_pairs
+from daop_vllm.core.prediction import Fidelity, degrade
+from daop_vllm.core.routing import SoftmaxTopK
+from daop_vllm.core.trace_analysis import calibrate_profile, split_sequence
+from daop_vllm.core.traces import TraceSequence
+
+# The paper's Mixtral figure (../shared/reference/daop.md).
+PAPER_PREDICTION_ACCURACY = 0.8411
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    placement: str  # "all" (every expert resident), "profile", "none"
+    misses: str  # host-resident experts: "cpu" (computed there), "lru" (copied, cached), "copy" (copied, dropped)
+    realloc: str = "off"
+    mode: str = "exact"
+    cpu_efficiency: float = OUR_CPU_EFFICIENCY
+    description: str = ""
+
+
+POLICIES = {
+    p.name: p
+    for p in (
+        Policy("gpu", "all", "cpu", description="every expert resident (the memory-unlimited bound)"),
+        Policy("static", "profile", "cpu", cpu_efficiency=TORCH_CPU_EFFICIENCY,
+               description="Fiddler: profile placement, misses computed on the CPU with PyTorch"),
+        Policy("lru", "profile", "lru", description="mixtral-offloading: per-layer LRU cache, misses copied"),
+        Policy("ondemand", "profile", "copy", description="every miss copied to the device, not kept"),
+        Policy("all-cpu", "none", "cpu", description="llama.cpp --cpu-moe: every expert on the CPU"),
+        Policy("daop", "profile", "cpu", "paper", "daop", TORCH_CPU_EFFICIENCY,
+               description="the paper: re-allocation after prefill, predicted routing, degradation, PyTorch CPU"),
+        Policy("auto-exact", "profile", "cpu", "auto", "exact", description="ours: realloc auto, exact"),
+        Policy("auto-verified", "profile", "cpu", "auto", "verified", description="ours: realloc auto, verified"),
+        Policy("auto-daop", "profile", "cpu", "auto", "daop", description="ours: realloc auto, predicted routing"),
+    )
+}
+
+
+@dataclass
+class _Row:
+    """One sequence in flight: its routing per phase, [layer][token][k], and its position."""
+
+    index: int
+    prefill: list[list[list[int]]]
+    decode: list[list[list[int]]]
+    position: int = 0  # next decode token
+
+    @property
+    def decode_len(self) -> int:
+        return max(map(len, self.decode)) if self.decode else 0
+
+    def decode_ids(self, layer: int) -> list[int]:
+        rows = self.decode[layer]
+        # unaligned traces have fewer rows in some layers: map positions proportionally
+        return rows[self.position * len(rows) // self.decode_len]
+
+
+@dataclass
+class SimResult:
+    output_tokens: int = 0
+    seconds: float = 0.0
+    hits: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [0, 0], "decode": [0, 0]})
+    cpu_expert_tokens: int = 0  # decode (token, expert) pairs computed by the CPU
+    pcie_bytes: int = 0
+    predictions: int = 0
+    predictions_correct: int = 0
+
+    def summary(self) -> dict[str, float | None]:
+        def rate(phase: str) -> float | None:
+            device, total = self.hits[phase]
+            return device / total if total else None
+
+        tokens = max(1, self.output_tokens)
+        return {
+            "decode_hit_rate": rate("decode"),
+            "prefill_hit_rate": rate("prefill"),
+            "tokens_per_s": self.output_tokens / self.seconds if self.seconds else None,
+            "cpu_expert_tokens_per_token": self.cpu_expert_tokens / tokens,
+            "pcie_bytes_per_token": self.pcie_bytes / tokens,
+            "prediction_accuracy": self.predictions_correct / self.predictions if self.predictions else None,
+        }
+
+
+class Simulator:
+    """Replays sequences for one policy on one machine model."""
+
+    def __init__(self, policy: Policy, shape: MoEShape, hardware: Hardware, placement: list[list[int]],
+                 prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
+                 batch: int = 1, seed: int = 0) -> None:
+        self.policy, self.shape, self.hw = policy, shape, hardware
+        self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
+        self.expert_bytes = shape.expert_bytes()
+        self.flops_per_token = 6 * shape.hidden_size * shape.intermediate_size
+        # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
+        self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2)
+        L, E = shape.num_layers, shape.num_experts
+        if policy.placement == "all":
+            placement = [list(range(E))] * L
+        elif policy.placement == "none":
+            placement = [[]] * L
+        # The engine's own placement, re-allocation and bookkeeping, on 1x1 stand-in experts.
+        fidelity = Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None)
+        self.engine = DaopEngine(torch.device("cpu"), cpu_threads=1, fidelity=fidelity,
+                                 realloc=policy.realloc, hardware=hardware)
+        for _ in range(L):
+            self.engine.add_layer(E, 1, 1, torch.float32, SoftmaxTopK(shape.top_k))
+        for index in range(L):
+            self.engine.set_router(index, lambda x: x)
+        self.engine.place(placement)
+        self.first_predicted = first_predicted_layer if policy.mode != "exact" else L
+        self.lru = [OrderedDict((e, None) for e in experts) for experts in placement]
+        self.slots = [len(experts) for experts in placement]
+        self.result = SimResult()
+
+    # --- costs -------------------------------------------------------------------------------
+    def _device_expert_s(self, tokens: int) -> float:
+        return max(self.expert_bytes / (self.hw.device_gbps * 1e9),
+                   tokens * self.flops_per_token / (self.hw.device_tflops * 1e12))
+
+    def _cpu_expert_s(self, tokens: int) -> float:
+        return max(self.expert_bytes / (self.hw.cpu_gbps * 1e9 * self.policy.cpu_efficiency),
+                   tokens * self.flops_per_token / (self.hw.cpu_tflops * 1e12))
+
+    def _attention_s(self, tokens: int = 1) -> float:
+        """Attention projections of one layer (KV-cache reads left out: short contexts)."""
+        return max(self.attention_bytes / (self.hw.device_gbps * 1e9),
+                   tokens * self.attention_bytes / (self.hw.device_tflops * 1e12))
+
+    def _copy_s(self) -> float:
+        return self.expert_bytes / (self.hw.pcie_gbps * 1e9)
+
+    # --- routing -----------------------------------------------------------------------------
+    def _predict(self, row: _Row, layer: int, true_ids: list[int]) -> list[int]:
+        """A prediction right with probability `accuracy` per expert, else another expert,
+        drawn from a generator keyed by (row, layer, token) so every policy sees the same."""
+        rng = random.Random(hash((self.seed, row.index, layer, row.position)))
+        others = [e for e in range(self.shape.num_experts) if e not in true_ids]
+        rng.shuffle(others)
+        return [e if rng.random() < self.accuracy else others.pop() for e in true_ids]
+
+    def _scores(self, row: _Row, layer: int, ids: list[int]) -> torch.Tensor:
+        """Router probabilities: the listed order stands for descending probability; the other
+        experts get small seeded scores (traces hold no gate weights beyond the top-k)."""
+        rng = random.Random(hash((self.seed, row.index, layer, row.position, 1)))
+        scores = torch.tensor([rng.random() * 0.01 for _ in range(self.shape.num_experts)])
+        for rank, expert in enumerate(ids):
+            scores[expert] = 1.0 - 0.1 * rank
+        return scores / scores.sum()
+
+    # --- steps -------------------------------------------------------------------------------
+    def _prefill(self, row: _Row) -> float:
+        """One prompt in one step: per layer, resident experts on the device and the others
+        where the policy puts misses (compute-bound at prompt sizes)."""
+        engine = self.engine
+        tokens = len(row.prefill[0])
+        engine.begin_step(StepBatch((str(row.index),), (tokens,), (True,), (True,), (row.decode_len,)))
+        seconds = 0.0
+        for layer, token_rows in enumerate(row.prefill):
+            ids = torch.tensor(token_rows, dtype=torch.int64).reshape(len(token_rows), -1)
+            if ids.shape[0] != tokens:  # unaligned trace: the engine's batch wants every row
+                ids = ids[torch.arange(tokens) * ids.shape[0] // tokens]
+            engine.requests.record(layer, ids)
+            per_expert = torch.bincount(ids.flatten(), minlength=self.shape.num_experts).tolist()
+            resident = engine.layers[layer].cache.is_resident.tolist()  # at the start of the layer
+            device_s = cpu_s = copy_s = 0.0
+            for expert, count in enumerate(per_expert):
+                if not count:
+                    continue
+                self.result.hits["prefill"][1] += count
+                if resident[expert]:
+                    self.result.hits["prefill"][0] += count
+                    device_s += self._device_expert_s(count)
+                elif self.policy.misses == "cpu":
+                    cpu_s += self._cpu_expert_s(count)
+                else:
+                    self._miss(layer, expert)
+                    copy_s += self._copy_s()
+                    device_s += self._device_expert_s(count)
+            seconds += self._attention_s(tokens) + max(device_s + copy_s, cpu_s)
+        self._end_step()
+        return seconds
+
+    def _decode_step(self, rows: list[_Row]) -> float:
+        """One generated token for every row in flight."""
+        engine, K = self.engine, self.shape.top_k
+        engine.begin_step(StepBatch(tuple(str(r.index) for r in rows), (1,) * len(rows), (False,) * len(rows),
+                                    (False,) * len(rows), tuple(r.decode_len - r.position for r in rows)))
+        now = cpu_free = 0.0
+        precomputed_done = 0.0  # when the CPU finishes the pre-computation this layer consumes
+        precomputed: set[tuple[int, int]] = set()  # (row, expert) pairs pre-computed for this layer
+        routing_next: list[list[int]] | None = None  # daop: this layer's routing, predicted at the one before
+        for layer in range(self.shape.num_layers):
+            cache = engine.layers[layer].cache
+            true = [r.decode_ids(layer) for r in rows]
+            engine.requests.record(layer, torch.tensor(true, dtype=torch.int64).reshape(len(rows), K))
+            used = routing_next if (routing_next is not None and self.policy.mode == "daop") else true
+            now += self._attention_s()
+            device_tokens: dict[int, int] = {}
+            cpu_now: dict[int, int] = {}
+            copied: set[int] = set()  # a missing expert is copied once per step, for all its rows
+            for r, ids in enumerate(used):
+                for expert in ids:
+                    hit = bool(cache.is_resident[expert]) or expert in copied
+                    self.result.hits["decode"][1] += 1
+                    if hit or self.policy.misses != "cpu":
+                        if not hit:
+                            self._miss(layer, expert)
+                            copied.add(expert)
+                        elif self.policy.misses == "lru" and expert in self.lru[layer]:
+                            self.lru[layer].move_to_end(expert)
+                        self.result.hits["decode"][0] += hit
+                        device_tokens[expert] = device_tokens.get(expert, 0) + 1
+                    else:
+                        self.result.cpu_expert_tokens += 1
+                        if (r, expert) not in precomputed:
+                            cpu_now[expert] = cpu_now.get(expert, 0) + 1
+            device_end = now + len(copied) * self._copy_s() + sum(map(self._device_expert_s, device_tokens.values()))
+            own_end = cpu_free = max(now, cpu_free) + sum(map(self._cpu_expert_s, cpu_now.values()))
+            consumed_done = precomputed_done
+            # predict the next layer from this layer's input, and start its host experts
+            precomputed, routing_next = set(), None
+            if layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
+                routing_next, jobs = self._predict_next(rows, layer + 1)
+                precomputed = set(jobs)
+                per_expert: dict[int, int] = {}
+                for _, expert in jobs:
+                    per_expert[expert] = per_expert.get(expert, 0) + 1
+                cpu_free = max(now, cpu_free) + sum(map(self._cpu_expert_s, per_expert.values()))
+                precomputed_done = cpu_free
+            now = max(device_end, own_end, consumed_done)
+        for row in rows:
+            row.position += 1
+        self._end_step()
+        return now + self._attention_s()  # stands in for the final norm and lm_head
+
+    def _predict_next(self, rows: list[_Row], layer: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Per row: the predicted experts of `layer` (degraded in daop mode, through the engine's
+        `degrade`), and the (row, expert) pairs the CPU pre-computes for it."""
+        is_resident = self.engine.layers[layer].cache.is_resident
+        routing, jobs = [], []
+        for r, row in enumerate(rows):
+            true = row.decode_ids(layer)
+            predicted = self._predict(row, layer, true)
+            self.result.predictions += len(predicted)
+            self.result.predictions_correct += len(set(predicted) & set(true))
+            if self.policy.mode == "daop":
+                ids = torch.tensor([predicted])
+                weights = torch.full((1, len(predicted)), 1.0 / len(predicted))
+                ids, _, _ = degrade(ids, weights, self._scores(row, layer, predicted)[None], is_resident)
+                predicted = ids[0].tolist()
+            routing.append(predicted)
+            jobs += [(r, e) for e in predicted if not bool(is_resident[e])]
+        return routing, jobs
+
+    def _miss(self, layer: int, expert: int) -> None:
+        """LRU / on-demand: copy a missing expert (LRU keeps it in place of the least recent)."""
+        self.result.pcie_bytes += self.expert_bytes
+        if self.policy.misses == "lru" and self.slots[layer]:
+            cache = self.lru[layer]
+            cache.popitem(last=False)
+            cache[expert] = None
+            self.engine.layers[layer].cache.fill(list(cache))
+
+    def _end_step(self) -> None:
+        swaps_before = self.engine.stats.totals()["swaps"]
+        self.engine.end_step()
+        self.result.pcie_bytes += (self.engine.stats.totals()["swaps"] - swaps_before) * self.expert_bytes
+
+    def run(self, sequences: list[TraceSequence]) -> dict[str, float | None]:
+        """Continuous batching of `batch` sequences: a sequence's prompt is one step, then it
+        decodes with the others in flight; a finished one makes room for the next."""
+        waiting = [_Row(i, s.prefill, s.decode) for i, s in enumerate(sequences)]
+        waiting.reverse()
+        running: list[_Row] = []
+        while waiting or running:
+            while waiting and len(running) < self.batch:
+                row = waiting.pop()
+                if row.prefill and row.prefill[0]:
+                    self.result.seconds += self._prefill(row)
+                if row.decode_len:
+                    running.append(row)
+                else:
+                    self.engine.drop_request(str(row.index))
+            if running:
+                self.result.seconds += self._decode_step(running)
+                self.result.output_tokens += len(running)
+                for row in [r for r in running if r.position >= r.decode_len]:
+                    running.remove(row)
+                    self.engine.drop_request(str(row.index))
+        self.engine.close()
+        summary = self.result.summary()
+        # if every CPU (token, expert) were one expert read at the CPU's full streaming rate
+        cpu_s = summary["cpu_expert_tokens_per_token"] * self.expert_bytes / (self.hw.cpu_gbps * 1e9)
+        summary["cpu_bandwidth_bound_tokens_per_s"] = 1 / cpu_s if cpu_s else None
+        return summary
+
+
+def split_for_simulation(seq: TraceSequence, split: float | None) -> TraceSequence:
+    """`split_sequence` for prefill-only sequences; a decode-only one gives its first `split`
+    rows to a prompt the same way (a causal model routes a token the same in either phase)."""
+    if split is None or any(seq.prefill):
+        return split_sequence(seq, split)
+    cut = [int(len(rows) * split) for rows in seq.decode]
+    return dataclasses.replace(seq, prefill=[rows[:c] for rows, c in zip(seq.decode, cut)],
+                               decode=[rows[c:] for rows, c in zip(seq.decode, cut)])
+
+
+def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShape, hardware: Hardware,
+             resident_fraction: float, calibrate_on: float = 0.2, split: float | None = None,
+             prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
+             first_predicted_layer: int = 4, progress=None) -> dict:
+    """Every policy on the same sequences: the first `calibrate_on` of them build the static
+    profile (their prefill counts, as `daop-vllm calibrate`) and are not scored."""
+    seqs = [split_for_simulation(s, split) for s in sequences]
+    calibration_count = int(calibrate_on * len(seqs))
+    calibration, scored = seqs[:calibration_count], seqs[calibration_count:]
+    if not scored:
+        raise ValueError(f"--calibrate-on {calibrate_on} leaves none of the {len(seqs)} sequences to score")
+    first = seqs[0]
+    if (first.num_layers, first.num_experts, first.top_k) != (shape.num_layers, shape.num_experts, shape.top_k):
+        raise ValueError(f"the trace has {first.num_layers} layers, top-{first.top_k} of {first.num_experts} "
+                         f"experts; model shape {shape.name} has {shape.num_layers}, top-{shape.top_k} of "
+                         f"{shape.num_experts}")
+    profile = calibrate_profile(calibration) if calibration else None
+    slots = math.floor(resident_fraction * shape.num_layers * shape.num_experts)
+    placement = plan_residency(slots, shape.num_layers, shape.num_experts,
+                               rank_pairs(shape.num_layers, shape.num_experts, profile))
+    results = {}
+    for name in policies:
+        sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch)
+        results[name] = sim.run(scored)
+        if progress is not None:
+            progress.update()
+    return {
+        "policies": results,
+        "settings": {
+            "hardware": hardware.to_dict(), "model_shape": shape.name, "resident_fraction": resident_fraction,
+            "resident_experts": slots, "split": split, "calibrate_on": calibrate_on,
+            "calibration_sequences": len(calibration), "scored_sequences": len(scored),
+            "prediction_accuracy": prediction_accuracy, "batch": batch,
+            "first_predicted_layer": first_predicted_layer,
+            "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
+            "policies": {name: POLICIES[name].description for name in policies},
+        },
+    }
