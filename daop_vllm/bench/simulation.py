@@ -72,7 +72,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if preset == "a6000":
             ax.scatter([0.469, 0.25], [4.52, 3.23], marker="*", s=150, color="k", zorder=5, label="paper: DAOP")
         ax.set(xlabel="resident fraction", ylabel="decode tokens/s (simulated)", yscale="log",
-               title=f"Mixtral-8x7B trace, {runs[next(iter(runs))]['settings']['hardware']['name']}")
+               title=f"Mixtral-8x7B trace, {preset}")
     ax = axes[-1]
     batches = result["by_batch_deepseek_a6000_25pct"]
     for name in POLICIES:
@@ -83,5 +83,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
+    fig.suptitle("simulated decode tokens/s per policy (daop-vllm bench simulate)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

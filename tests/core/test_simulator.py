@@ -67,3 +67,24 @@ def test_paper_ordering_on_the_mixtral_trace():
     speed = {name: r["tokens_per_s"] for name, r in result["policies"].items()}
     assert speed["gpu"] > speed["daop"] > speed["static"] > speed["ondemand"], speed
     assert result["settings"]["scored_sequences"] == 2
+
+
+def test_simulate_command_prints_json_and_refuses_bad_input():
+    import json
+    import subprocess
+    import sys
+
+    trace = str(trace_path("mixtral-8x7b-vllm.jsonl.gz"))
+    command = [sys.executable, "-m", "daop_vllm.cli", "simulate", "--trace", trace, "--split", "0.3",
+               "--calibrate-on", "0.34", "--resident-fraction", "0.25"]
+    ok = subprocess.run([*command, "--policies", "static", "gpu", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert set(result["policies"]) == {"static", "gpu"} and result["settings"]["hardware"]["name"] == "a6000"
+    assert set(result["policies"]["static"]) >= {"decode_hit_rate", "prefill_hit_rate", "tokens_per_s",
+                                                  "cpu_expert_tokens_per_token", "pcie_bytes_per_token"}
+    bad = subprocess.run([*command, "--policies", "fiddler"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "unknown policy 'fiddler'" in bad.stderr and "static" in bad.stderr
+    shape = subprocess.run([*command, "--model-shape", "deepseek-v2-lite"], capture_output=True, text=True)
+    assert shape.returncode == 2 and "model shape deepseek-v2-lite has 26" in shape.stderr
