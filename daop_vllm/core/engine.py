@@ -95,6 +95,11 @@ class DaopEngine:
         """The first layer whose decode rows use a prediction; None in exact mode."""
         return None if self.mode == "exact" else self.fidelity.first_layer(len(self.layers))
 
+    def set_fidelity(self, fidelity: Fidelity) -> None:
+        """Switch mode (and its knobs) between steps."""
+        self.fidelity = fidelity
+        self._link_layers()
+
     def _link_layers(self) -> None:
         """Each layer before a predicted one predicts it (once the model's layers are all there)."""
         first = self.first_predicted_layer

@@ -45,6 +45,14 @@ class Policy:
     cpu_efficiency: float = OUR_CPU_EFFICIENCY
     description: str = ""
 
+    def resident(self, profile_placement: list[list[int]], num_experts: int) -> list[list[int]]:
+        """This policy's initial resident experts per layer, given the profile's placement."""
+        if self.placement == "all":
+            return [list(range(num_experts)) for _ in profile_placement]
+        if self.placement == "none":
+            return [[] for _ in profile_placement]
+        return profile_placement
+
 
 POLICIES = {
     p.name: p
@@ -122,10 +130,7 @@ class Simulator:
         # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
         self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2)
         L, E = shape.num_layers, shape.num_experts
-        if policy.placement == "all":
-            placement = [list(range(E))] * L
-        elif policy.placement == "none":
-            placement = [[]] * L
+        placement = policy.resident(placement, E)
         # The engine's own placement, re-allocation and bookkeeping, on 1x1 stand-in experts.
         fidelity = Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None)
         self.engine = DaopEngine(torch.device("cpu"), cpu_threads=1, fidelity=fidelity,
@@ -336,9 +341,10 @@ def split_for_simulation(seq: TraceSequence, split: float | None) -> TraceSequen
 def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShape, hardware: Hardware,
              resident_fraction: float, calibrate_on: float = 0.2, split: float | None = None,
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
-             first_predicted_layer: int = 4, progress=None) -> dict:
+             first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
-    profile (their prefill counts, as `daop-vllm calibrate`) and are not scored."""
+    profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
+    calibrate_on 0, `profile` (if any) places the experts."""
     seqs = [split_for_simulation(s, split) for s in sequences]
     calibration_count = int(calibrate_on * len(seqs))
     calibration, scored = seqs[:calibration_count], seqs[calibration_count:]
@@ -349,7 +355,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
         raise ValueError(f"the trace has {first.num_layers} layers, top-{first.top_k} of {first.num_experts} "
                          f"experts; model shape {shape.name} has {shape.num_layers}, top-{shape.top_k} of "
                          f"{shape.num_experts}")
-    profile = calibrate_profile(calibration) if calibration else None
+    if calibration:
+        profile = calibrate_profile(calibration)
     slots = math.floor(resident_fraction * shape.num_layers * shape.num_experts)
     placement = plan_residency(slots, shape.num_layers, shape.num_experts,
                                rank_pairs(shape.num_layers, shape.num_experts, profile))

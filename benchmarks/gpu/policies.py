@@ -1,0 +1,281 @@
+"""The engine's policies on real-size experts, with routing replayed from a real trace (torch and
+Triton only: runs on the GPU test machine, which has no vLLM).
+
+    cp ../shared/traces/mixtral-8x7b-vllm.jsonl.gz .gpu/          # here; .gpu/ is git-ignored
+    PYTHONPATH=. python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \\
+        --out $OUT/gpu_policies.json                              # there, with .gpu carried
+
+A stack of Mixtral-shaped MoE layers (random bf16 weights; fewer than 32 layers, results scaled
+to 32 as the output says), each layer's attention stood in by a matmul that reads the weights of
+Mixtral's attention projections. Decode steps at batch 1 and 16, the rows' experts replayed from
+the trace. Policies as in `daop-vllm simulate` (#9), through the engine's own device cache,
+Triton kernel, CPU executor, predictor and re-allocation; `lru` and `ondemand` copy misses
+through the device cache. Prints tokens/s per policy and the ratio to `static`, the measured
+PCIe and CPU rates, and what the simulator's preset predicts for the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from daop_vllm.core.batch import StepBatch  # noqa: E402
+from daop_vllm.core.cpu_executor import physical_core_count  # noqa: E402
+from daop_vllm.core.device_cache import DeviceExpertCache  # noqa: E402
+from daop_vllm.core.engine import DaopEngine  # noqa: E402
+from daop_vllm.core.hardware import load_hardware, measure_hardware  # noqa: E402
+from daop_vllm.core.model_shapes import MoEShape  # noqa: E402
+from daop_vllm.core.placement import plan_residency, rank_pairs  # noqa: E402
+from daop_vllm.core.prediction import Fidelity  # noqa: E402
+from daop_vllm.core.routing import SoftmaxTopK  # noqa: E402
+from daop_vllm.core.simulator import (  # noqa: E402
+    PAPER_PREDICTION_ACCURACY,
+    POLICIES,
+    simulate,
+    split_for_simulation,
+)
+from daop_vllm.core.trace_analysis import calibrate_profile  # noqa: E402
+from daop_vllm.core.traces import read_traces  # noqa: E402
+
+MIXTRAL_LAYERS = 32
+
+
+def logits_choosing(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Router logits whose top-k are exactly ids [T, K], in that order."""
+    ranks = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape)
+    return torch.zeros(ids.shape[0], num_experts).scatter_(1, ids, 10.0 - ranks)
+
+
+class Replay:
+    """Rows in flight, each replaying one trace sequence from its own offset."""
+
+    def __init__(self, seqs, batch: int, num_layers: int, accuracy: float) -> None:
+        self.seqs, self.num_layers, self.accuracy = seqs, num_layers, accuracy
+        self.rows = [(r % len(seqs), (r // len(seqs)) * 7) for r in range(batch)]  # (sequence, start)
+        self.step = 0
+
+    def ids(self, layer: int) -> torch.Tensor:
+        """[B, K] true experts of `layer` for this step's rows."""
+        out = []
+        for seq, start in self.rows:
+            rows = self.seqs[seq].decode[layer]
+            out.append(rows[(start + self.step) % len(rows)])
+        return torch.tensor(out, dtype=torch.int64)
+
+    def predicted(self, layer: int, num_experts: int) -> torch.Tensor:
+        """What a predictor right `accuracy` of the time says (as in the simulator)."""
+        rows = []
+        for r, ids in enumerate(self.ids(layer).tolist()):
+            rng = random.Random(hash((r, layer, self.step)))
+            others = [e for e in range(num_experts) if e not in ids]
+            rng.shuffle(others)
+            rows.append([e if rng.random() < self.accuracy else others.pop() for e in ids])
+        return torch.tensor(rows, dtype=torch.int64)
+
+
+def build_engine(shape: MoEShape, device: torch.device, threads: int) -> DaopEngine:
+    engine = DaopEngine(device, cpu_threads=threads)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for _ in range(shape.num_layers):
+        layer = engine.add_layer(shape.num_experts, shape.hidden_size, shape.intermediate_size, torch.bfloat16,
+                                 SoftmaxTopK(shape.top_k))
+        for e in range(shape.num_experts):  # random weights made on the device: fast even at full size
+            layer.store.w13[e].copy_(torch.randn(layer.store.w13.shape[1:], generator=gen, device=device,
+                                                 dtype=torch.bfloat16) / shape.hidden_size ** 0.5)
+            layer.store.w2[e].copy_(torch.randn(layer.store.w2.shape[1:], generator=gen, device=device,
+                                                dtype=torch.bfloat16) / shape.intermediate_size ** 0.5)
+    return engine
+
+
+def configure(engine: DaopEngine, policy, placement, replay_box: list, first_predicted_layer: int) -> None:
+    """Point the shared engine (its host stores are built once) at one policy."""
+    engine.realloc = policy.realloc
+    engine.requests.prefill_counts.clear()
+    engine.requests.decode_counts.clear()
+    engine.requests.remaining.clear()
+    num_experts = engine.num_experts
+    for index in range(len(engine.layers)):
+        engine.set_router(index, lambda x, index=index: logits_choosing(
+            replay_box[0].predicted(index, num_experts), num_experts).to(x.device))
+    if policy.misses == "cpu":
+        engine.place(placement)
+    else:  # lru / ondemand: every slot can hold a copied expert; the policy decides which stay
+        for layer, experts in zip(engine.layers, placement):
+            layer.cache = DeviceExpertCache(layer.store, engine.num_experts, engine.device)
+            layer.cache.fill(experts)
+    engine.set_fidelity(Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None))
+
+
+def copy_misses(engine: DaopEngine, policy, layer: int, ids: torch.Tensor, static: list[int], lru: OrderedDict) -> None:
+    """lru / ondemand: bring this step's missing experts onto the device before the layer runs."""
+    cache = engine.layers[layer].cache
+    needed = list(dict.fromkeys(ids.flatten().tolist()))
+    if policy.misses == "copy":  # ondemand: copied for this step, dropped after it (drop_copies)
+        cache.fill(list(dict.fromkeys(static + needed)))
+        return
+    for expert in needed:
+        if expert in lru:
+            lru.move_to_end(expert)
+        elif lru:
+            lru.popitem(last=False)
+            lru[expert] = None
+    cache.fill(list(lru))
+
+
+def drop_copies(engine: DaopEngine, policy, layer: int, static: list[int]) -> None:
+    if policy.misses == "copy":
+        engine.layers[layer].cache.fill(static)
+
+
+def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w, first_predicted_layer, accuracy):
+    placement = policy.resident(placement, shape.num_experts)
+    replay_box = [Replay(seqs, batch, shape.num_layers, accuracy)]
+    configure(engine, policy, placement, replay_box, first_predicted_layer)
+    device = engine.device
+    lru = [OrderedDict((e, None) for e in experts) for experts in placement]
+    # the prompts: one prefill step of each sequence's prompt rows, so re-allocation has counts
+    for index, seq in enumerate(seqs):
+        tokens = len(seq.prefill[0])
+        engine.begin_step(StepBatch((f"seq{index}",), (tokens,), (True,), (True,), (steps,)))
+        for layer_index, layer in enumerate(engine.layers):
+            ids = torch.tensor(seq.prefill[layer_index][:tokens], dtype=torch.int64)
+            x = torch.randn(tokens, shape.hidden_size, device=device, dtype=torch.bfloat16)
+            if policy.misses != "cpu":
+                copy_misses(engine, policy, layer_index, ids, placement[layer_index], lru[layer_index])
+            layer.forward(x, logits_choosing(ids, shape.num_experts).to(device))
+            drop_copies(engine, policy, layer_index, placement[layer_index])
+        engine.end_step()
+    req_ids = tuple(f"row{r}" for r in range(batch))
+    x0 = torch.randn(batch, shape.hidden_size, device=device, dtype=torch.bfloat16)
+    elapsed, warmup = 0.0, 2
+    for step in range(warmup + steps):
+        replay = replay_box[0]
+        replay.step = step
+        engine.begin_step(StepBatch(req_ids, (1,) * batch, (False,) * batch, (False,) * batch,
+                                    (warmup + steps - step,) * batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        x = x0
+        for layer_index, layer in enumerate(engine.layers):
+            x = (x @ attention_w)[:, : shape.hidden_size]  # the attention projections' weight reads
+            ids = replay.ids(layer_index)
+            if policy.misses != "cpu":
+                copy_misses(engine, policy, layer_index, ids, placement[layer_index], lru[layer_index])
+            x = x0 + 0.0 * layer.forward(x, logits_choosing(ids, shape.num_experts).to(device))
+            drop_copies(engine, policy, layer_index, placement[layer_index])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            elapsed += time.perf_counter() - start
+        engine.end_step()
+    for name in [*req_ids, *(f"seq{i}" for i in range(len(seqs)))]:
+        engine.drop_request(name)
+    seconds_per_step = elapsed / steps * MIXTRAL_LAYERS / shape.num_layers  # scaled to 32 layers
+    report = engine.report()["totals"]
+    engine.stats.reset()
+    return {"tokens_per_s": batch / seconds_per_step, "decode_hit_rate": report["decode_hit_rate"],
+            "swaps": report["swaps"], "precomputed_used": report["precomputed_used"]}
+
+
+def measure_rates(engine: DaopEngine) -> dict:
+    """PCIe (pinned host -> device, one expert) and the CPU executor (one token, one expert)."""
+    store = engine.layers[0].store
+    rates = {}
+    if engine.device.type == "cuda":
+        slot = torch.empty_like(store.w13[0], device=engine.device)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            slot.copy_(store.w13[0], non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        rates["pcie_gbps"] = store.w13[0].nbytes / sorted(times)[2] / 1e9
+    x = torch.randn(1, store.w13.shape[2], dtype=store.w13.dtype)
+    times = []
+    for e in range(store.num_experts):
+        table = torch.full((store.num_experts,), -1, dtype=torch.int64)
+        table[e] = e
+        start = time.perf_counter()
+        engine.executor.submit(x, torch.tensor([[e]]), torch.ones(1, 1), store.w13, store.w2, table).result()
+        times.append(time.perf_counter() - start)
+    rates["cpu_executor_gbps"] = store.expert_bytes / sorted(times)[len(times) // 2] / 1e9
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, default=Path(".gpu/mixtral-8x7b-vllm.jsonl.gz"))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--steps", type=int, default=12, help="timed decode steps per policy and setting")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--first-predicted-layer", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU executor threads (default: physical cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    shape = MoEShape("bench", args.layers, 8, 2, args.hidden, args.intermediate)
+    # the trace's first `layers` layers; decode-only sequences give their first 30% as the prompt
+    seqs = [split_for_simulation(s, 0.3) for s in read_traces(args.trace)]
+    trimmed = [dataclasses.replace(s, num_layers=shape.num_layers, prefill=s.prefill[: shape.num_layers],
+                                   decode=s.decode[: shape.num_layers])
+               for s in seqs if all(s.decode) and all(s.prefill)]
+    threads = args.threads or physical_core_count()
+    started = time.perf_counter()
+    engine = build_engine(shape, device, threads)
+    engine.hardware = measure_hardware(device)  # auto's cost model: this machine (a6000 stand-in on CPU)
+    attention_w = torch.randn(args.hidden, int(2.5 * args.hidden), device=device, dtype=torch.bfloat16) * 0.01
+    rates = measure_rates(engine)
+    profile = calibrate_profile(trimmed)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "layers_run": shape.num_layers, "scaled_to_layers": MIXTRAL_LAYERS, "hidden": args.hidden,
+              "intermediate": args.intermediate, "cpu_threads": threads, "steps": args.steps,
+              "prediction_accuracy": PAPER_PREDICTION_ACCURACY, "measured": rates, "runs": []}
+    for fraction in args.fractions:
+        slots = math.floor(fraction * shape.num_layers * shape.num_experts)
+        placement = plan_residency(slots, shape.num_layers, shape.num_experts,
+                                   rank_pairs(shape.num_layers, shape.num_experts, profile))
+        for batch in args.batches:
+            measured = {name: run_policy(engine, POLICIES[name], shape, trimmed, placement, batch, args.steps,
+                                         attention_w, args.first_predicted_layer, PAPER_PREDICTION_ACCURACY)
+                        for name in args.policies}
+            predicted = simulate(trimmed, args.policies, shape, load_hardware("h200"), fraction, calibrate_on=0,
+                                 batch=batch, first_predicted_layer=args.first_predicted_layer,
+                                 profile=profile)["policies"]
+            static = measured.get("static", {}).get("tokens_per_s")
+            for name, r in measured.items():
+                r["over_static"] = r["tokens_per_s"] / static if static else None
+                r["h200_preset_tokens_per_s"] = predicted[name]["tokens_per_s"] * shape.num_layers / MIXTRAL_LAYERS
+            result["runs"].append({"resident_fraction": fraction, "batch": batch, "policies": measured})
+            print(f"fraction {fraction}, batch {batch}:")
+            for name, r in measured.items():
+                print(f"  {name:>14} {r['tokens_per_s']:8.2f} tok/s  x{r['over_static'] or 0:5.2f} static   "
+                      f"h200 preset {r['h200_preset_tokens_per_s']:8.2f}")
+    result["seconds"] = time.perf_counter() - started
+    print(f"measured: {rates}; {result['seconds']:.0f} s")
+    engine.close()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/gpu/policies.py at a tiny size on the CPU, so that the GPU benchmark cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from daop_vllm.core.simulator import POLICIES
+
+from .traces import trace_path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "policies.py"
+
+
+def test_policies_benchmark_runs_every_policy_at_a_tiny_size(tmp_path):
+    out = tmp_path / "policies.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--trace", str(trace_path("mixtral-8x7b-vllm.jsonl.gz")),
+         "--layers", "2", "--hidden", "64", "--intermediate", "128", "--steps", "2", "--batches", "1", "3",
+         "--fractions", "0.25", "0.5", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["layers_run"] == 2 and report["scaled_to_layers"] == 32
+    assert report["measured"]["cpu_executor_gbps"] > 0
+    assert [(r["resident_fraction"], r["batch"]) for r in report["runs"]] == [(0.25, 1), (0.25, 3), (0.5, 1), (0.5, 3)]
+    for run in report["runs"]:
+        assert set(run["policies"]) == set(POLICIES)
+        for name, r in run["policies"].items():
+            assert r["tokens_per_s"] > 0 and r["h200_preset_tokens_per_s"] > 0, name
+        assert run["policies"]["gpu"]["decode_hit_rate"] == 1
+        assert run["policies"]["all-cpu"]["decode_hit_rate"] == 0
+        assert run["policies"]["static"]["over_static"] == 1
+        assert run["policies"]["daop"]["precomputed_used"] > 0
