@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="treat the first S of each prefill-only sequence as prefill, the rest as decode")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
 
+    stats_cmd = commands.add_parser("stats", help="a stats_path file as a table (and a plot)")
+    stats_cmd.add_argument("file", type=Path)
+    stats_cmd.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
     commands.add_parser("patch-vllm", help="apply patches/ to the installed vLLM (idempotent; `make` does it)")
     return parser
 
@@ -314,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             _calibrate(args)
         elif args.command == "trace-stats":
             _trace_stats(args)
+        elif args.command == "stats":
+            from daop_vllm.stats_view import load_report, plot, render
+
+            report = load_report(args.file)
+            print(render(report))
+            if args.plot:
+                plot(report, args.plot)
         elif args.command == "patch-vllm":
             from daop_vllm.patch_vllm import apply_patches
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,6 +57,10 @@ class _ExpertWork:
     tokens: torch.Tensor  # [n] int64
     weights: torch.Tensor  # [n] fp32
     act_row: int = 0  # native path: first row of this expert's activations in the workspace
+
+
+class InjectedFault(RuntimeError):
+    """The test-only fault of `CpuExpertExecutor.fail_every`."""
 
 
 class _Workspace:
@@ -110,6 +115,10 @@ class CpuExpertExecutor:
         self.native_max_tokens = native_max_tokens
         self._kernels = native_kernels() if use_native else None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
+        self.busy_seconds = 0.0  # thread-seconds spent on expert work (each thread adds its own)
+        self._busy_lock = threading.Lock()
+        self.fail_every: int | None = None  # tests only: every n-th job raises in a worker thread
+        self._jobs = 0
         self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
 
     @property
@@ -150,8 +159,11 @@ class CpuExpertExecutor:
         if native:
             act = workspace.buffer("act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
         barrier = threading.Barrier(self.num_threads) if native else None
+        self._jobs += 1
+        inject = self.fail_every is not None and self._jobs % self.fail_every == 0
         parts = [
-            self._pool.submit(self._run_part, part, barrier, native, by_torch if part == 0 else [], x, w13, w2, act, out)
+            self._pool.submit(self._run_part, part, barrier, native, by_torch if part == 0 else [], x, w13, w2, act, out,
+                              inject and part == 0)
             for part in range(self.num_threads)
         ]
         return CpuJob(parts, out, x.dtype)
@@ -180,10 +192,13 @@ class CpuExpertExecutor:
                 by_torch.append(work)
         return native, by_torch
 
-    def _run_part(self, part, barrier, native, torch_share, x, w13, w2, act, out) -> list:
+    def _run_part(self, part, barrier, native, torch_share, x, w13, w2, act, out, inject_fault=False) -> list:
         """One thread's share: its slice of the native work, then (first thread) the torch
         experts, whose weighted outputs go back as (tokens, values) for the caller to add."""
+        start = time.perf_counter()
         try:
+            if inject_fault:
+                raise InjectedFault(f"injected CPU executor fault (every {self.fail_every} jobs)")
             if native:
                 self._native_part(part, barrier, native, x, w13, w2, act, out)
             return [
@@ -197,6 +212,9 @@ class CpuExpertExecutor:
             if barrier is not None:
                 barrier.abort()
             raise
+        finally:
+            with self._busy_lock:
+                self.busy_seconds += time.perf_counter() - start
 
     def _native_part(self, part, barrier, native, x, w13, w2, act, out) -> None:
         kernels, n_threads = self._kernels, self.num_threads

@@ -74,19 +74,23 @@ class DeviceExpertCache:
         slot = self._expert_in_slot.index(retiring)
         if incoming in self._expert_in_slot or any(e == incoming for _, e, _ in self._incoming):
             raise ValueError(f"expert {incoming} is already resident or on its way")
-        self._expert_in_slot[slot] = None
         if self.shares_host_memory:
             self._expert_in_slot[slot] = incoming
-        else:
-            # the copy overwrites the slot: it waits for the work queued so far, which may read it
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.w13[slot].copy_(self.store.w13[incoming], non_blocking=True)
-                self.w2[slot].copy_(self.store.w2[incoming], non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            self._incoming.append((slot, incoming, done))
+            self._publish()
+            return
+        # The retiring expert leaves the tables before the copy overwrites its slot. If queuing
+        # the copy fails, the slot stays empty (it may hold part of either expert): the tables
+        # never point at it, and the CPU computes both experts.
+        self._expert_in_slot[slot] = None
         self._publish()
+        # the copy waits for the work queued so far, which may still read the slot
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.w13[slot].copy_(self.store.w13[incoming], non_blocking=True)
+            self.w2[slot].copy_(self.store.w2[incoming], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._incoming.append((slot, incoming, done))
 
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;

@@ -14,6 +14,7 @@ from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
@@ -192,7 +193,13 @@ class DaopEngine:
             for incoming, retiring in swaps:
                 if budget[0] is not None and copy_bytes > budget[0]:
                     return
-                layer.cache.start_swap(incoming, retiring, self.swap_stream)
+                try:
+                    layer.cache.start_swap(incoming, retiring, self.swap_stream)
+                except Exception as exc:  # noqa: BLE001 - a failed swap leaves the placement as it was
+                    self.stats.add(layer.layer, faults_recovered=1)
+                    log_fault_once(f"daop: swapping expert {incoming} in for {retiring} in layer {layer.layer} "
+                                   f"failed ({exc!r}); placement unchanged")
+                    break
                 self.stats.add(layer.layer, swaps=1, swap_bytes=copy_bytes)
                 if budget[0] is not None:
                     budget[0] -= copy_bytes
@@ -210,6 +217,7 @@ class DaopEngine:
             "device": str(self.device),
             "device_path": self.device_path,
             "cpu_threads": self.executor.num_threads,
+            "cpu_busy_seconds": round(self.executor.busy_seconds, 3),
             "budget": {
                 "asked": dict(self.budget_asked) or {"auto": True},
                 "resident_experts": sum(map(len, resident)),

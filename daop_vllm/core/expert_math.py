@@ -20,13 +20,13 @@ def routed_experts_forward(
     slot_of_expert: torch.Tensor,
 ) -> torch.Tensor:
     """Sum over k of topk_weights[t, k] * expert(topk_ids[t, k])(x[t]), for the experts that
-    `slot_of_expert` maps to a slot; unmapped experts (-1) contribute nothing.
+    `slot_of_expert` maps to a slot; unmapped experts (-1) and ids < 0 contribute nothing.
 
     x [T, H]; topk_ids, topk_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
     w2 [S, H, I]; slot_of_expert [E] (slot index or -1). Returns [T, H] in x's dtype.
     """
     out = torch.zeros_like(x)
-    slots = slot_of_expert[topk_ids]  # [T, K]
+    slots = torch.where(topk_ids >= 0, slot_of_expert[topk_ids.clamp_min(0)], -1)  # [T, K]
     mapped = slots >= 0
     if not bool(mapped.any()):
         return out

@@ -11,7 +11,9 @@ import torch
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import ExpertsForward
+from daop_vllm.core.expert_math import routed_experts_forward
 from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
@@ -85,7 +87,7 @@ class DaopMoE:
             )
         else:
             out = torch.zeros_like(x)
-        cpu_out = self._cpu_result(own_job, prediction, match, x)
+        cpu_out = self._cpu_result(own_job, ids.masked_fill(~to_compute, -1), weights, prediction, match, x, x_host)
         if cpu_out is not None:
             out += cpu_out.to(out.device, non_blocking=True)
         self._count(own_ids, own_weights, on_cpu, prediction, match, degraded)
@@ -156,18 +158,40 @@ class DaopMoE:
             )
         target._pending = prediction
 
-    def _cpu_result(self, own_job, prediction, match, x) -> torch.Tensor | None:
-        """This layer's CPU share: its own job's output plus the used pre-computed pairs."""
-        out = own_job.result() if own_job is not None else None
-        if prediction is None or prediction.job is None:
-            return out
-        results = prediction.job.result()
-        if not bool(match.used.any()):
+    def _cpu_result(self, own_job, own_ids, weights, prediction, match, x, x_host) -> torch.Tensor | None:
+        """This layer's CPU share: its own job's output plus the used pre-computed pairs. A job
+        that failed is recomputed here on the fallback path (torch, this thread) - a failed
+        pre-computation on this layer's true input - so that the step still completes."""
+        out = None
+        if own_job is not None:
+            try:
+                out = own_job.result()
+            except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
+                self._recovered(exc)
+                out = routed_experts_forward(x_host, own_ids, weights, self.store.w13, self.store.w2,
+                                             self.cache.host_slot_table)
+        if prediction is None or prediction.job is None or not bool(match.used.any()):
+            if prediction is not None:
+                prediction.discard()
             return out
         used = match.used.nonzero().squeeze(1)
+        rows = prediction.pair_rows[used]
+        try:
+            results = prediction.job.result()[used].float()
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._recovered(exc)
+            inputs = (x_host if x_host is not None else x.cpu())[rows]
+            experts = prediction.pair_experts[used][:, None]
+            results = routed_experts_forward(inputs, experts, torch.ones(experts.shape), self.store.w13, self.store.w2,
+                                             self.cache.host_slot_table).float()
         precomputed = torch.zeros(x.shape, dtype=torch.float32)
-        precomputed.index_add_(0, prediction.pair_rows[used], results[used].float() * match.weights[used, None])
+        precomputed.index_add_(0, rows, results * match.weights[used, None])
         return precomputed.to(x.dtype) if out is None else (out.float() + precomputed).to(x.dtype)
+
+    def _recovered(self, exc: Exception) -> None:
+        self.stats.add(self.layer, faults_recovered=1)
+        log_fault_once(f"daop: CPU expert job failed in layer {self.layer} ({exc!r}); recomputed on the "
+                       "fallback path (counted in faults_recovered; further faults are not logged)")
 
     def _count(self, own_ids, own_weights, on_cpu, prediction, match, degraded) -> None:
         cpu_tokens = int(on_cpu.sum())

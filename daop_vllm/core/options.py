@@ -48,6 +48,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                  "\"auto\" (measured at start; on a CPU-only machine the a6000 preset stands in), a preset ("
                  + ", ".join(HARDWARE_PRESETS) + "), or a JSON file with pcie_gbps, device_gbps, cpu_gbps"),
     "max_swap_bytes_per_step": (lambda v: _is_int(v) and v >= 0, "an integer number of bytes >= 0"),
+    "test_cpu_fault_every": (lambda v: _is_int(v) and v >= 1,
+                             "an integer n >= 1 (tests only: every n-th CPU expert job fails, to exercise recovery)"),
     "swap_threshold": (lambda v: _is_number(v) and v > 0, "a number > 0 (a swap needs count[hot] > it * count[cold])"),
     "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
     "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
@@ -72,6 +74,7 @@ class DaopOptions:
     swap_threshold: float = 1.05
     hardware: str = "auto"
     max_swap_bytes_per_step: int = DEFAULT_MAX_SWAP_BYTES_PER_STEP
+    test_cpu_fault_every: int | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -137,6 +140,7 @@ class DaopOptions:
             swap_threshold=raw.get("swap_threshold", 1.05),
             hardware=raw.get("hardware", "auto"),
             max_swap_bytes_per_step=raw.get("max_swap_bytes_per_step", DEFAULT_MAX_SWAP_BYTES_PER_STEP),
+            test_cpu_fault_every=raw.get("test_cpu_fault_every"),
         )
 
     @property

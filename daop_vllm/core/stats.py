@@ -15,6 +15,7 @@ COUNTERS = (
     "precomputed_used",  # pre-computed (row, expert) results this layer's routing used
     "precomputed_wasted",  # ... and those it did not use (computed for nothing)
     "degraded",  # decode rows whose host-resident experts degradation replaced (all but one)
+    "faults_recovered",  # CPU jobs or swaps that failed and were recovered inside the layer
     "swaps",  # experts brought onto the device by re-allocation
     "swap_bytes",  # bytes copied to the device for those swaps (0 where device and host share memory)
 )

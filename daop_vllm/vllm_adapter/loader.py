@@ -104,6 +104,7 @@ class DaopModelLoader(BaseModelLoader):
                             swap_threshold=self.options.swap_threshold, hardware=hardware,
                             max_swap_bytes_per_step=self.options.max_swap_bytes_per_step)
         engine.budget_asked = self.options.budget_asked
+        engine.executor.fail_every = self.options.test_cpu_fault_every
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
         model.daop_engine = engine
@@ -142,6 +143,8 @@ class DaopModelLoader(BaseModelLoader):
             f"  CPU executor:  {engine.executor.num_threads} threads, {engine.executor.kernel_name}",
             f"  realloc:       {self._realloc_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}",
+            *([f"  TEST ONLY:     every {self.options.test_cpu_fault_every}th CPU expert job fails "
+               "(test_cpu_fault_every)"] if self.options.test_cpu_fault_every else []),
             f"  trace_path:    {self.options.trace_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]

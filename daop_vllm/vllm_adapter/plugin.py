@@ -64,6 +64,7 @@ def _check_options_before_engine_start() -> None:
 
         options = DaopOptions.parse(self.model_loader_extra_config)
         _use_v1_model_runner()
+        _serve_metrics(self, options)
         vllm_config = original(self, *args, **kwargs)
         check_engine_config(options, vllm_config)
         _install_worker_extension(vllm_config)
@@ -71,6 +72,24 @@ def _check_options_before_engine_start() -> None:
 
     create_engine_config._daop_checked = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _serve_metrics(engine_args, options) -> None:
+    """`daop_*` metrics on this process's Prometheus registry (vLLM's /metrics), read from the
+    stats file the worker writes; without a `stats_path` option, a temporary one is given."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from daop_vllm.vllm_adapter.metrics import expose_metrics
+
+    stats_path = options.stats_path
+    if stats_path is None:
+        raw = engine_args.model_loader_extra_config
+        extra = dict(json.loads(raw) if isinstance(raw, str) and raw else raw or {})
+        stats_path = extra["stats_path"] = str(Path(tempfile.mkdtemp(prefix="daop-metrics-")) / "stats.json")
+        engine_args.model_loader_extra_config = extra
+    expose_metrics(stats_path)
 
 
 def _install_worker_extension(vllm_config) -> None:

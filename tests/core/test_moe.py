@@ -96,3 +96,23 @@ def test_device_slots_hold_copies_on_cuda():
     expected, _ = dense_moe(x.cpu(), logits.cpu(), layer.store.w13, layer.store.w2)
     torch.testing.assert_close(layer.forward(x, logits).cpu(), expected, rtol=1e-4, atol=1e-4)
     engine.close()
+
+
+@pytest.mark.parametrize("fail_every", [1, 2])
+def test_a_failing_cpu_job_is_recomputed_and_counted(fail_every):
+    """Injected executor faults (the test-only option): the layer recomputes the experts on
+    its fallback path, the output stays exact, and each fault is counted."""
+    engine = make_engine(cpu_threads=2)
+    engine.executor.fail_every = fail_every
+    engine.place([[0, 5]] * L)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, H, generator=gen)
+    logits = torch.randn(6, E, generator=gen)
+    for _ in range(2):
+        for layer in engine.layers:
+            expected, _ = dense_moe(x, logits, layer.store.w13, layer.store.w2)
+            torch.testing.assert_close(layer.forward(x, logits), expected, rtol=1e-5, atol=1e-5)
+    jobs = 2 * L
+    assert engine.stats.totals()["faults_recovered"] == jobs // fail_every
+    assert engine.report()["cpu_busy_seconds"] > 0
+    engine.close()

@@ -100,3 +100,45 @@ def test_prediction_modes_serve_concurrent_clients(tiny_mixtral, stock_completio
     assert totals["precomputed_used"] > 0
     assert (totals["degraded"] > 0) == (mode == "daop")
     assert f"mode:          {mode}, first_predicted_layer 1" in (tmp_path / "serve.log").read_text()
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{labels: value} of one metric in Prometheus text format."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            key, value = line.rsplit(" ", 1)
+            values[key[len(name):]] = float(value)
+    return values
+
+
+def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_path):
+    """/metrics carries the worker's daop_* counters (no stats_path given: a temporary one is
+    used); injected CPU executor faults are recovered inside the layer - every answer stays the
+    stock one - counted, and logged once; `daop-vllm stats` renders the worker's file."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    extra = json.dumps({"resident_fraction": 0.25, "test_cpu_fault_every": 3})
+    log_path = tmp_path / "serve.log"
+    with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
+                     log_path=log_path) as url:
+        completions = complete_all(url)
+        time.sleep(2.5)  # the worker rewrites its stats file every second
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    assert completions == stock_completions
+    cpu = metric_values(metrics, "daop_cpu_expert_tokens_total")
+    assert set(cpu) == {f'{{layer="{i}"}}' for i in range(4)} and all(v > 0 for v in cpu.values())
+    assert sum(metric_values(metrics, "daop_faults_recovered_total").values()) > 0
+    assert metric_values(metrics, "daop_resident_experts") == {f'{{layer="{i}"}}': 2.0 for i in range(4)}
+    assert 0 < metric_values(metrics, "daop_device_hit_rate")['{phase="decode"}'] < 1
+    assert metric_values(metrics, "daop_cpu_busy_seconds_total")[""] > 0
+    log = log_path.read_text()
+    assert log.count("recomputed on the fallback path") == 1
+    stats_file = log.split("stats_path:    ")[1].split()[0]
+    shown = subprocess.run([sys.executable, "-m", "daop_vllm.cli", "stats", stats_file], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and "realloc auto" in shown.stdout
+    assert [line.split()[0] for line in shown.stdout.splitlines()[3:]] == ["0", "1", "2", "3", "all"]
