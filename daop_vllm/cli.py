@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
+    serve_load = bench_commands.add_parser("serve", help="concurrent streaming clients: stock vs daop vllm serve")
+    serve_load.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
+                            help="a Mixtral checkpoint (the demo's small model is built here when missing)")
+    serve_load.add_argument("--requests", type=int, default=1000)
+    serve_load.add_argument("--concurrency", type=int, default=64)
+    serve_load.add_argument("--options", default='{"resident_fraction": 0.25}',
+                            help="--model-loader-extra-config of the daop server")
+    serve_load.add_argument("--json", action="store_true", help="print one JSON object")
+    serve_load.add_argument("--out", type=Path, help="also write the JSON here")
+
     bench_sim = bench_commands.add_parser("simulate", help="the simulator's evidence: paper check, fraction and batch sweeps")
     bench_sim.add_argument("--mixtral-trace", type=Path, default=Path("../shared/traces/mixtral-8x7b-vllm.jsonl.gz"))
     bench_sim.add_argument("--deepseek-trace", type=Path,
@@ -121,7 +131,7 @@ def _emit_json(result: dict, args: argparse.Namespace, plot) -> bool:
     result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    if args.plot:
+    if getattr(args, "plot", None):
         plot(result, args.plot)
     if args.json:
         print(json.dumps(result))
@@ -173,6 +183,28 @@ def _bench_modes(args: argparse.Namespace) -> None:
         print(f"{r['mode']:>9} {r['resident_fraction']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r.get('tokens_per_s_over_exact', 0):8.2f} {pct(r['prediction_accuracy']):>8} "
               f"{pct(r['precomputed_share']):>8} {pct(r['wasted_share']):>7} {pct(r['agreement_with_exact']):>6}")
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from daop_vllm.bench.serve_load import compare
+    from daop_vllm.core.options import DaopOptions
+    from daop_vllm.model_builder import build_tiny_mixtral
+
+    DaopOptions.parse(args.options)
+    if not (args.model / "config.json").exists():
+        build_tiny_mixtral(args.model)
+    result = compare(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()))
+    if _emit_json(result, args, None):
+        return
+    print(f"{args.requests} requests, {args.concurrency} streaming clients; answered in full: {result['answered']}; "
+          f"daop outputs equal to stock: {result['outputs_equal_stock']}")
+    for name in ("stock", "daop"):
+        r = result[name]
+        print(f"{name:>6}: {r['requests_per_s']:.1f} req/s, {r['output_tokens_per_s']:.0f} tok/s, time per output "
+              f"token p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, memory {r['rss_half_mib']:.0f} "
+              f"-> {r['rss_end_mib']:.0f} MiB")
 
 
 def _bench_simulate(args: argparse.Namespace) -> None:
@@ -308,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
         elif args.command == "bench" and args.bench == "modes":
             _bench_modes(args)
+        elif args.command == "bench" and args.bench == "serve":
+            _bench_serve(args)
         elif args.command == "bench" and args.bench == "simulate":
             _bench_simulate(args)
         elif args.command == "bench":

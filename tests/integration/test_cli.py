@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from .servers import VLLM
+from daop_vllm.bench.server import VLLM
 
 TIMEOUT_S = 180  # a vLLM import alone takes 10-20 s on a 2-core machine
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .servers import vllm_server
+from daop_vllm.bench.server import vllm_server
 
 openai = pytest.importorskip("openai", reason="the openai client is installed by `make test`")
 

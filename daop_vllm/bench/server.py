@@ -1,4 +1,4 @@
-"""`vllm serve` processes on loopback for integration tests."""
+"""`vllm serve` processes on loopback, for the serving benchmark and the integration tests."""
 
 import os
 import signal
@@ -22,15 +22,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(model: str, *extra: str, log_path: Path, startup_s: float = 300.0):
+def vllm_server(model: str, *extra: str, log_path: Path, startup_s: float = 300.0, pids: list | None = None):
     """Start `vllm serve`, wait until /health answers, yield the base URL; stop with SIGINT
-    (vLLM's graceful shutdown) at exit."""
+    (vLLM's graceful shutdown) at exit. `pids`, if given, receives the server's process id."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs vLLM's default engine
     with open(log_path, "w") as log:
         proc = subprocess.Popen([VLLM, "serve", model, "--host", "127.0.0.1", "--port", str(port), *SERVE_ARGS, *extra],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        if pids is not None:
+            pids.append(proc.pid)
         try:
             deadline = time.monotonic() + startup_s
             while True:

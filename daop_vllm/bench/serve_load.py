@@ -1,0 +1,119 @@
+"""`daop-vllm bench serve`: many concurrent streaming clients against `vllm serve`, stock and
+`--load-format daop` in the same run: every request answered, outputs compared, requests/s and
+time per output token (p50, p99), and the servers' memory across the run."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WORDS = ["expert", "token", "device", "memory", "route", "layer", "prefill", "decode", "batch", "cache"]
+
+
+def load_requests(count: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) with mixed prompt lengths (2-60 words) and output lengths (1-40)."""
+    import random
+
+    rng = random.Random(seed)
+    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60))), rng.randint(1, 40))
+            for _ in range(count)]
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    seconds_per_output_token: float | None  # after the first token
+
+
+def stream_one(client, model: str, prompt: str, max_tokens: int) -> Answer:
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    parts, times, tokens = [], [], 0
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].text)
+            times.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    return Answer("".join(parts), tokens, tpot)
+
+
+def server_rss_bytes(pid: int) -> int:
+    """Resident memory of a server and all its processes (engine core, workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_load(base_url: str, requests: list[tuple[str, int]], concurrency: int, server_pid: int) -> dict[str, Any]:
+    """All requests through `concurrency` streaming clients; the server's memory is sampled
+    when half and when all of them are answered."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    done, memory, lock = [0], {}, threading.Lock()
+
+    def one(request: tuple[str, int]) -> Answer:
+        answer = stream_one(client, model, *request)
+        with lock:
+            done[0] += 1
+            if done[0] == len(requests) // 2:
+                memory["half"] = server_rss_bytes(server_pid)
+        return answer
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        answers = list(pool.map(one, requests))
+    elapsed = time.perf_counter() - start
+    memory["end"] = server_rss_bytes(server_pid)
+    tpots = sorted(a.seconds_per_output_token for a in answers if a.seconds_per_output_token is not None)
+    return {
+        "answers": answers,
+        "requests_per_s": len(requests) / elapsed,
+        "output_tokens_per_s": sum(a.tokens for a in answers) / elapsed,
+        "tpot_p50_ms": 1000 * statistics.median(tpots),
+        "tpot_p99_ms": 1000 * tpots[min(len(tpots) - 1, int(0.99 * len(tpots)))],
+        "rss_half_mib": memory["half"] / 2**20,
+        "rss_end_mib": memory["end"] / 2**20,
+    }
+
+
+def compare(model: str, requests: int, concurrency: int, daop_options: str, work_dir: Path) -> dict[str, Any]:
+    """The stock server, then the daop server, on the same requests."""
+    from daop_vllm.bench.server import vllm_server
+
+    load = load_requests(requests)
+    results = {}
+    for name, extra in (("stock", ()), ("daop", ("--load-format", "daop", "--model-loader-extra-config",
+                                                 daop_options))):
+        pids: list[int] = []
+        with vllm_server(model, *extra, "--max-num-seqs", str(min(concurrency, 64)),
+                         log_path=work_dir / f"{name}.log", pids=pids) as url:
+            results[name] = run_load(url, load, concurrency, pids[0])
+    stock, daop = results["stock"], results["daop"]
+    same = sum(a.text == b.text for a, b in zip(stock["answers"], daop["answers"]))
+    summary = {name: {k: v for k, v in r.items() if k != "answers"} for name, r in results.items()}
+    return {
+        "requests": requests, "concurrency": concurrency, "daop_options": daop_options,
+        "answered": {name: sum(a.tokens == n for a, (_, n) in zip(r["answers"], load)) for name, r in results.items()},
+        "outputs_equal_stock": same, **summary,
+        "daop_over_stock": {"requests_per_s": daop["requests_per_s"] / stock["requests_per_s"],
+                            "tpot_p50": daop["tpot_p50_ms"] / stock["tpot_p50_ms"],
+                            "tpot_p99": daop["tpot_p99_ms"] / stock["tpot_p99_ms"]},
+    }
