@@ -60,13 +60,14 @@ def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completi
                      log_path=tmp_path / "serve.log") as url:
         completions = complete_all(url)
         abort_streams(url, 8)
+        after_aborts = complete_all(url)
         # vLLM tells the worker about finished and aborted requests at its next step: after
         # one more request on its own, only that one may still be tracked.
         openai.OpenAI(base_url=url, api_key="unused").completions.create(
             model=tiny_mixtral, prompt="one more", max_tokens=2)
         time.sleep(2.5)  # the stats file is rewritten every second
         live = json.loads(stats_path.read_text())
-    assert completions == stock_completions
+    assert completions == stock_completions and after_aborts == stock_completions
     assert live["requests_tracked"] <= 1, "finished and aborted requests leave no state behind"
     assert live["totals"]["swaps"] > 0 and live["realloc"] == realloc
     totals = live["totals"]
