@@ -188,3 +188,22 @@ def test_cuda_swaps_are_asynchronous_and_capped_per_step():
     engine.end_step()
     assert engine.report()["totals"]["swaps"] == 0
     engine.close()
+
+
+def test_a_failed_swap_leaves_the_tables_consistent():
+    """A device whose copies cannot be queued (a meta device: no CUDA stream to copy on) makes
+    every swap fail after the retiring expert left the tables: the engine counts the fault,
+    the placement stays one the tables agree on, and the host computes what left."""
+    engine = DaopEngine(torch.device("meta"), cpu_threads=1, realloc="paper")
+    layer = engine.add_layer(8, 16, 16, torch.float32, SoftmaxTopK(2))
+    engine.place([[0, 1]])
+    engine.begin_step(StepBatch(("seq",), (4,), (True,), (True,)))
+    layer.requests.record(0, torch.tensor([[6, 7]] * 4))  # the prompt wants 6 and 7: swap them in
+    engine.end_step()
+    cache = layer.cache
+    assert engine.stats.totals()["faults_recovered"] == 1 and engine.stats.totals()["swaps"] == 0
+    resident = cache.resident_experts
+    assert len(resident) == 1, "the slot whose copy failed is out of the tables"
+    assert cache.is_resident.nonzero().flatten().tolist() == resident
+    assert (cache.host_slot_table >= 0).tolist() == (~cache.is_resident).tolist()
+    engine.close()
