@@ -9,6 +9,7 @@ from pathlib import Path
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.model_shapes import MODEL_SHAPES, model_shape
 from daop_vllm.core.prediction import MODES
+from daop_vllm.model_builder import FAMILIES
 
 
 def _fraction(text: str) -> float:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden-size", type=int, default=64)
     build.add_argument("--intermediate-size", type=int, default=128)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--family", default="mixtral", choices=list(FAMILIES), help="the MoE architecture")
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench", required=True)
     cpu = bench_commands.add_parser("cpu-experts", help="CPU expert executor vs streaming read and PyTorch")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
             shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                                      hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
-            print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed))
+            print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed, family=args.family))
         elif args.command == "bench" and args.bench == "modes":
             _bench_modes(args)
         elif args.command == "bench" and args.bench == "serve":

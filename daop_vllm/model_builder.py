@@ -64,41 +64,49 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
     wrapped.save_pretrained(str(out_dir))
 
 
+FAMILIES = ("mixtral", "olmoe")
+
+
+def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
+    """(config, model class) of a small checkpoint of one MoE family, from `transformers`."""
+    common = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                  intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+                  num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+                  num_experts_per_tok=shape.top_k, max_position_embeddings=shape.max_positions,
+                  initializer_range=init_std, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralConfig(num_local_experts=shape.num_experts, **common), MixtralForCausalLM
+    if family == "olmoe":
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+
+        return OlmoeConfig(num_experts=shape.num_experts, norm_topk_prob=False, pad_token_id=0, **common), \
+            OlmoeForCausalLM
+    raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
+
+
 def build_tiny_mixtral(
     out_dir: str | Path,
     shape: TinyMixtralShape = TinyMixtralShape(),
     seed: int = 0,
     init_std: float = 0.1,
+    family: str = "mixtral",
 ) -> Path:
-    """Write config, safetensors weights and tokenizer of a random Mixtral to `out_dir`.
+    """Write config, safetensors weights and tokenizer of a random MoE model (Mixtral, or
+    another family of FAMILIES in the same small shape) to `out_dir`.
 
     `init_std` is larger than Mixtral's 0.02 so that greedy decoding has clear winners:
     comparisons between two implementations then do not hinge on near-ties of logits.
     """
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        num_local_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k,
-        max_position_embeddings=shape.max_positions,
-        initializer_range=init_std,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    config, model_class = _family_config(family, shape, init_std)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)
     build_tokenizer(out, shape.vocab_size)
     (out / "daop_model_card.json").write_text(
-        json.dumps({"builder": "daop_vllm.model_builder", "seed": seed, **shape.__dict__})
+        json.dumps({"builder": "daop_vllm.model_builder", "family": family, "seed": seed, **shape.__dict__})
     )
     return out

@@ -216,6 +216,7 @@ class DaopEngine:
             "degrade": self.fidelity.degrades if self.mode != "exact" else False,
             "device": str(self.device),
             "device_path": self.device_path,
+            "routing": str(self.layers[0].route) if self.layers else None,
             "cpu_threads": self.executor.num_threads,
             "cpu_busy_seconds": round(self.executor.busy_seconds, 3),
             "budget": {

@@ -25,7 +25,8 @@ MODEL_SHAPES = {
     for shape in (
         MoEShape("mixtral-8x7b", 32, 8, 2, 4096, 14336),
         MoEShape("phi-3.5-moe", 32, 16, 2, 4096, 6400),
-        MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408),  # layers 1..26; layer 0 is dense
+        MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408),
+        MoEShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024),  # layers 1..26; layer 0 is dense
         MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.model_builder's default
     )
 }

@@ -18,6 +18,9 @@ class SoftmaxTopK:
     top_k: int
     renormalize: bool = True
 
+    def __str__(self) -> str:
+        return f"softmax top-{self.top_k}" + (", renormalised" if self.renormalize else ", not renormalised")
+
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         """[T, E] -> [T, E] fp32 probabilities, whose top-k the router chooses."""
         return torch.softmax(router_logits, dim=-1, dtype=torch.float32)

@@ -39,6 +39,13 @@ SUPPORTED_FAMILIES = {
             num_experts_attr="num_local_experts",
             top_k_attr="num_experts_per_tok",
         ),
+        # 64 experts, top-8, softmax without renormalisation (the factory passes renormalize=False)
+        MoEFamily(
+            architecture="OlmoeForCausalLM",
+            model_module="vllm.model_executor.models.olmoe",
+            num_experts_attr="num_experts",
+            top_k_attr="num_experts_per_tok",
+        ),
     )
 }
 

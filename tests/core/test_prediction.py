@@ -39,12 +39,12 @@ def test_degrade_without_device_experts_changes_nothing():
     assert new_ids.tolist() == [[0, 1]] and not degraded.any()
 
 
-def make_engine(fidelity: Fidelity, resident: list[int]) -> tuple[DaopEngine, list[torch.Tensor]]:
+def make_engine(fidelity: Fidelity, resident: list[int], renormalize: bool = True) -> tuple[DaopEngine, list[torch.Tensor]]:
     engine = DaopEngine(torch.device("cpu"), cpu_threads=2, fidelity=fidelity)
     gen = torch.Generator().manual_seed(1)
     gates = []
     for index in range(L):
-        layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
+        layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K, renormalize))
         layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) * 0.3)
         layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) * 0.3)
         gate = torch.randn(E, H, generator=gen)
@@ -171,4 +171,24 @@ def test_exact_mode_predicts_nothing_and_a_missing_router_is_an_error():
         engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
     with pytest.raises(ValueError, match="set_router"):
         engine.place([[0], [0]])
+    engine.close()
+
+
+def test_prediction_uses_the_family_routing_function():
+    """A family whose router does not renormalise (OLMoE): in daop mode a decode row is routed
+    by the predicted experts with their plain softmax probabilities - predicting with Mixtral's
+    renormalised weights instead would silently change every output."""
+    engine, gates = make_engine(Fidelity("daop", first_predicted_layer=1, degrade=False), list(range(E)),
+                                renormalize=False)
+    gen = torch.Generator().manual_seed(11)
+    x0, x1 = 0.1 * torch.randn(1, H, generator=gen), torch.randn(1, H, generator=gen)  # soft router: sum of top-k < 1
+    batch = StepBatch(("p",), (1,), (False,), (False,))
+    engine.begin_step(batch)
+    engine.layers[0].forward(x0, engine.layers[0].router_logits(x0))
+    out = engine.layers[1].forward(x1, engine.layers[1].router_logits(x1))
+    engine.end_step()
+    weights, ids = torch.softmax(x0[0] @ gates[1].t(), -1).topk(K)  # predicted from layer 0's input
+    expected = sum(w * expert(engine.layers[1], int(e), x1[0]) for w, e in zip(weights, ids))
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(weights.sum()) - 1) > 1e-3, "the check needs weights that renormalising would change"
     engine.close()

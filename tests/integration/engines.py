@@ -45,3 +45,12 @@ def run_counted(llm) -> tuple[list[list[int]], dict]:
     llm.collective_rpc("daop_reset_counters")
     ids = greedy_ids(llm)
     return ids, llm.collective_rpc("daop_report")[0]
+
+
+def runs_at_fractions(llm, fractions: list[float]):
+    """(fraction, greedy ids, counters) per fraction: the engine, started at fractions[0], is
+    re-placed between runs (an RPC; far cheaper than a new engine)."""
+    for fraction in fractions:
+        if fraction != fractions[0]:
+            llm.collective_rpc("daop_place_fraction", args=(fraction,))
+        yield (fraction, *run_counted(llm))

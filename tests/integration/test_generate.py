@@ -2,7 +2,7 @@
 
 import pytest
 
-from .engines import close_llm, greedy_ids, make_llm, run_counted
+from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
 
 
 def check_counters(report: dict, fraction: float) -> None:
@@ -38,10 +38,7 @@ def test_compiled_matches_stock(tiny_mixtral, stock_ids):
     llm = make_llm(tiny_mixtral, enforce_eager=False, load_format="daop",
                    model_loader_extra_config={"resident_fraction": 0.25})
     try:
-        for fraction in [0.25, 1, 0.5, 0]:
-            if fraction != 0.25:
-                llm.collective_rpc("daop_place_fraction", args=(fraction,))
-            ids, report = run_counted(llm)
+        for fraction, ids, report in runs_at_fractions(llm, [0.25, 1, 0.5, 0]):
             assert ids == stock_ids, f"compiled, fraction {fraction}"
             check_counters(report, fraction)
     finally:
