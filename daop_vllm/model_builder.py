@@ -64,7 +64,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
     wrapped.save_pretrained(str(out_dir))
 
 
-FAMILIES = ("mixtral", "olmoe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe")
 
 
 def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
@@ -83,6 +83,14 @@ def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
 
         return OlmoeConfig(num_experts=shape.num_experts, norm_topk_prob=False, pad_token_id=0, **common), \
             OlmoeForCausalLM
+    if family == "qwen2_moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        del common["intermediate_size"]
+        return Qwen2MoeConfig(num_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
+                              intermediate_size=2 * shape.intermediate_size,
+                              shared_expert_intermediate_size=2 * shape.intermediate_size, decoder_sparse_step=1,
+                              norm_topk_prob=False, **common), Qwen2MoeForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -46,6 +46,14 @@ SUPPORTED_FAMILIES = {
             num_experts_attr="num_experts",
             top_k_attr="num_experts_per_tok",
         ),
+        # top-k of many small experts plus a gated shared expert (kept on the device by vLLM's
+        # own module, outside the budget)
+        MoEFamily(
+            architecture="Qwen2MoeForCausalLM",
+            model_module="vllm.model_executor.models.qwen2_moe",
+            num_experts_attr="num_experts",
+            top_k_attr="num_experts_per_tok",
+        ),
     )
 }
 

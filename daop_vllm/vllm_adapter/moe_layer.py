@@ -29,9 +29,13 @@ class DaopMoELayer(nn.Module):
     """Holds one layer's host expert store as parameters (so vLLM's weight loading and
     checks see them) and forwards through the DAOP op."""
 
-    def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str]) -> None:
+    def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str],
+                 shared_experts: nn.Module | None = None) -> None:
         super().__init__()
         self.moe = moe
+        # The model's shared expert (Qwen2-MoE): always on the device, outside DAOP's budget and
+        # counters. Kept out of this module's children: the MoE block owns and loads it.
+        self._shared_experts = (shared_experts,)
         self.layer_name = layer_name
         # Same parameter names as vLLM's RoutedExperts: w13 = gate rows then up rows.
         self.w13_weight = nn.Parameter(moe.store.w13, requires_grad=False)
@@ -41,7 +45,9 @@ class DaopMoELayer(nn.Module):
         self._ckpt_names = ckpt_names
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
+        out = torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
+        shared = self._shared_experts[0]
+        return out if shared is None else out + shared(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Checkpoint tensors `{expert}.{w1|w2|w3}.weight` into the host store."""
@@ -115,7 +121,8 @@ def _factory_defaults() -> dict[str, Any]:
 
 
 # FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
-_HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names"}
+_HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
+            "shared_experts"}
 # Arguments whose value does not change what the layer computes on one device.
 # (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
 _IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size"}
@@ -140,7 +147,7 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
         prefix = kwargs["prefix"]
-        layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]))
+        layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"))
         forward_context = vllm_config.compilation_config.static_forward_context
         if prefix in forward_context:
             raise ValueError(f"duplicate layer name {prefix!r}")

@@ -1,5 +1,5 @@
 """MoE families beyond Mixtral under `load_format="daop"`: a small local checkpoint of each,
-exact mode equal to the stock engine's greedy output at every fraction."""
+exact mode equal to the stock engine's greedy output at every fraction, predicting modes run."""
 
 import pytest
 
@@ -7,29 +7,37 @@ from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
 
 from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
 
-# OLMoE's own shape in small: many experts, top-4 of 16, softmax without renormalisation
-OLMOE_SHAPE = TinyMixtralShape(num_layers=3, num_experts=16, top_k=4, hidden_size=64, intermediate_size=64,
-                               num_heads=2, num_kv_heads=2)
+# Each family's own traits in small: OLMoE top-4 of 16 without renormalisation; Qwen2-MoE top-2 of
+# 8 without renormalisation, plus a gated shared expert that stays on the device
+FAMILIES = {
+    "olmoe": (TinyMixtralShape(num_layers=3, num_experts=16, top_k=4, hidden_size=64, intermediate_size=64,
+                               num_heads=2, num_kv_heads=2), "softmax top-4, not renormalised"),
+    "qwen2_moe": (TinyMixtralShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=64,
+                                   num_heads=2, num_kv_heads=2), "softmax top-2, not renormalised"),
+}
 
 
-@pytest.fixture(scope="module")
-def tiny_olmoe(tmp_path_factory) -> str:
-    return str(build_tiny_mixtral(tmp_path_factory.mktemp("tiny-olmoe"), OLMOE_SHAPE, family="olmoe", init_std=0.2))
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request, tmp_path_factory) -> tuple[str, TinyMixtralShape, str]:
+    shape, routing = FAMILIES[request.param]
+    path = build_tiny_mixtral(tmp_path_factory.mktemp(request.param), shape, family=request.param, init_std=0.2)
+    return str(path), shape, routing
 
 
-def test_olmoe_exact_matches_stock_at_every_fraction(tiny_olmoe):
-    stock = make_llm(tiny_olmoe, enforce_eager=True)
+def test_exact_matches_stock_at_every_fraction(family_model):
+    model, shape, routing = family_model
+    stock = make_llm(model, enforce_eager=True)
     expected = greedy_ids(stock)
     close_llm(stock)
     assert len({tuple(ids) for ids in expected}) > 1
-    llm = make_llm(tiny_olmoe, enforce_eager=True, load_format="daop",
+    llm = make_llm(model, enforce_eager=True, load_format="daop",
                    model_loader_extra_config={"resident_fraction": 1, "realloc": "off"})
     try:
         for fraction, ids, report in runs_at_fractions(llm, [1, 0.5, 0.25, 0]):
             assert ids == expected, f"fraction {fraction}"
-            assert report["routing"] == "softmax top-4, not renormalised"
+            assert report["routing"] == routing
             resident = [len(layer["resident"]) for layer in report["layers"]]
-            assert sum(resident) == int(fraction * 3 * 16)
+            assert sum(resident) == int(fraction * shape.num_layers * shape.num_experts), "routed experts only"
             totals = report["totals"]
             assert (totals["cpu_expert_tokens"] == 0) == (fraction == 1)
             assert (totals["device_expert_tokens"] == 0) == (fraction == 0)
@@ -37,8 +45,9 @@ def test_olmoe_exact_matches_stock_at_every_fraction(tiny_olmoe):
         close_llm(llm)
 
 
-def test_olmoe_predicting_modes_run(tiny_olmoe):
-    llm = make_llm(tiny_olmoe, enforce_eager=True, load_format="daop",
+def test_predicting_modes_run(family_model):
+    model, _, _ = family_model
+    llm = make_llm(model, enforce_eager=True, load_format="daop",
                    model_loader_extra_config={"resident_fraction": 0.25, "mode": "daop", "first_predicted_layer": 1})
     try:
         ids, report = run_counted(llm)
