@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a Mixtral checkpoint (the demo's small model is built here when missing)")
     serve_load.add_argument("--requests", type=int, default=1000)
     serve_load.add_argument("--concurrency", type=int, default=64)
+    serve_load.add_argument("--repeats", type=int, default=3, help="runs per server; medians are reported")
     serve_load.add_argument("--options", default='{"resident_fraction": 0.25}',
                             help="--model-loader-extra-config of the daop server")
     serve_load.add_argument("--json", action="store_true", help="print one JSON object")
@@ -197,10 +198,12 @@ def _bench_serve(args: argparse.Namespace) -> None:
     DaopOptions.parse(args.options)
     if not (args.model / "config.json").exists():
         build_tiny_mixtral(args.model)
-    result = compare(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()))
+    result = compare(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
+                     args.repeats)
     if _emit_json(result, args, None):
         return
-    print(f"{args.requests} requests, {args.concurrency} streaming clients; answered in full: {result['answered']}; "
+    print(f"{args.requests} requests, {args.concurrency} streaming clients, medians of {args.repeats} runs; "
+          f"answered in full: {result['answered']}; "
           f"daop outputs equal to stock: {result['outputs_equal_stock']}")
     for name in ("stock", "daop"):
         r = result[name]

@@ -94,8 +94,17 @@ def run_load(base_url: str, requests: list[tuple[str, int]], concurrency: int, s
     }
 
 
-def compare(model: str, requests: int, concurrency: int, daop_options: str, work_dir: Path) -> dict[str, Any]:
-    """The stock server, then the daop server, on the same requests."""
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's runs: speed figures as medians; memory from the first run's half-way point
+    to the last run's end (bounded memory holds across all of them); the first run's answers."""
+    speed = ("requests_per_s", "output_tokens_per_s", "tpot_p50_ms", "tpot_p99_ms")
+    return {"answers": runs[0]["answers"], **{k: statistics.median(r[k] for r in runs) for k in speed},
+            "rss_half_mib": runs[0]["rss_half_mib"], "rss_end_mib": runs[-1]["rss_end_mib"], "runs": len(runs)}
+
+
+def compare(model: str, requests: int, concurrency: int, daop_options: str, work_dir: Path,
+            repeats: int = 1) -> dict[str, Any]:
+    """The stock server, then the daop server, on the same requests (`repeats` times each)."""
     from daop_vllm.bench.server import vllm_server
 
     load = load_requests(requests)
@@ -105,7 +114,7 @@ def compare(model: str, requests: int, concurrency: int, daop_options: str, work
         pids: list[int] = []
         with vllm_server(model, *extra, "--max-num-seqs", str(min(concurrency, 64)),
                          log_path=work_dir / f"{name}.log", pids=pids) as url:
-            results[name] = run_load(url, load, concurrency, pids[0])
+            results[name] = _medians([run_load(url, load, concurrency, pids[0]) for _ in range(repeats)])
     stock, daop = results["stock"], results["daop"]
     same = sum(a.text == b.text for a, b in zip(stock["answers"], daop["answers"]))
     summary = {name: {k: v for k, v in r.items() if k != "answers"} for name, r in results.items()}
