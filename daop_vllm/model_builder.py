@@ -64,7 +64,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
     wrapped.save_pretrained(str(out_dir))
 
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "phimoe")
 
 
 def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
@@ -91,6 +91,13 @@ def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
                               intermediate_size=2 * shape.intermediate_size,
                               shared_expert_intermediate_size=2 * shape.intermediate_size, decoder_sparse_step=1,
                               norm_topk_prob=False, **common), Qwen2MoeForCausalLM
+    if family == "phimoe":
+        from transformers import PhimoeConfig, PhimoeForCausalLM
+
+        # vLLM's PhiMoE always has q/k/v/o and lm_head biases (real checkpoints do); transformers'
+        # defaults leave them out, and vLLM then runs with uninitialised biases (only token 0).
+        return PhimoeConfig(num_local_experts=shape.num_experts, attention_bias=True, lm_head_bias=True,
+                            pad_token_id=0, **common), PhimoeForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -113,6 +120,10 @@ def build_tiny_mixtral(
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)
+    if family == "phimoe":  # transformers saves "PhimoeForCausalLM"; real checkpoints and vLLM say:
+        config_path = out / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                           "architectures": ["PhiMoEForCausalLM"]}, indent=2))
     build_tokenizer(out, shape.vocab_size)
     (out / "daop_model_card.json").write_text(
         json.dumps({"builder": "daop_vllm.model_builder", "family": family, "seed": seed, **shape.__dict__})

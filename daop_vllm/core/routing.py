@@ -31,3 +31,25 @@ class SoftmaxTopK:
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
+
+
+@dataclass(frozen=True)
+class CustomRouting:
+    """A model's own routing function, vLLM's `custom_routing_function` signature
+    `(hidden_states, gating_output, topk, renormalize) -> (weights, ids)` (Phi-3.5-MoE's
+    sparsemixer). Such functions read only the row count of `hidden_states`, so the logits
+    stand in for it. `scores` (for degradation's substitutes) ranks by softmax."""
+
+    function: object
+    top_k: int
+    renormalize: bool = False
+
+    def __str__(self) -> str:
+        return f"{getattr(self.function, '__name__', 'custom')} top-{self.top_k}"
+
+    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+
+    def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = self.function(router_logits, router_logits, self.top_k, self.renormalize)
+        return weights.float(), ids.long()

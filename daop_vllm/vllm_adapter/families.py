@@ -46,6 +46,13 @@ SUPPORTED_FAMILIES = {
             num_experts_attr="num_experts",
             top_k_attr="num_experts_per_tok",
         ),
+        # the paper's second model: 16 experts, top-2 by sparsemixer (vLLM's custom routing function)
+        MoEFamily(
+            architecture="PhiMoEForCausalLM",
+            model_module="vllm.model_executor.models.phimoe",
+            num_experts_attr="num_local_experts",
+            top_k_attr="num_experts_per_tok",
+        ),
         # top-k of many small experts plus a gated shared expert (kept on the device by vLLM's
         # own module, outside the budget)
         MoEFamily(

@@ -21,7 +21,7 @@ from torch import nn
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.moe import DaopMoE
-from daop_vllm.core.routing import SoftmaxTopK
+from daop_vllm.core.routing import CustomRouting, SoftmaxTopK
 from daop_vllm.vllm_adapter.families import MoEFamily
 
 
@@ -122,7 +122,7 @@ def _factory_defaults() -> dict[str, Any]:
 
 # FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
-            "shared_experts"}
+            "shared_experts", "custom_routing_function"}
 # Arguments whose value does not change what the layer computes on one device.
 # (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
 _IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size"}
@@ -143,7 +143,10 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
                 raise DaopConfigError(
                     f"this model's MoE layers use {name}={value!r}, which load_format 'daop' does not support yet"
                 )
-        route = SoftmaxTopK(kwargs["top_k"], kwargs.get("renormalize", True))
+        if kwargs.get("custom_routing_function") is not None:
+            route = CustomRouting(kwargs["custom_routing_function"], kwargs["top_k"], kwargs.get("renormalize", True))
+        else:
+            route = SoftmaxTopK(kwargs["top_k"], kwargs.get("renormalize", True))
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
         prefix = kwargs["prefix"]

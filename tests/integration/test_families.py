@@ -8,12 +8,15 @@ from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
 from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
 
 # Each family's own traits in small: OLMoE top-4 of 16 without renormalisation; Qwen2-MoE top-2 of
-# 8 without renormalisation, plus a gated shared expert that stays on the device
+# 8 without renormalisation, plus a gated shared expert that stays on the device; Phi-3.5-MoE
 FAMILIES = {
     "olmoe": (TinyMixtralShape(num_layers=3, num_experts=16, top_k=4, hidden_size=64, intermediate_size=64,
                                num_heads=2, num_kv_heads=2), "softmax top-4, not renormalised"),
     "qwen2_moe": (TinyMixtralShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=64,
                                    num_heads=2, num_kv_heads=2), "softmax top-2, not renormalised"),
+    # Phi-3.5-MoE, the paper's second model: sparsemixer top-2 (vLLM's custom routing function)
+    "phimoe": (TinyMixtralShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=64,
+                                num_heads=2, num_kv_heads=2), "phimoe_routing_function top-2"),
 }
 
 
