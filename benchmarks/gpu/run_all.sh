@@ -12,7 +12,7 @@ python setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || echo "C exten
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if python -c "import pytest" 2>/dev/null; then
   timeout 120 python -m pytest -q -p no:cacheprovider tests/core/test_moe.py tests/core/test_realloc.py \
-    tests/core/test_triton_kernel.py -k "cuda or triton" 2>&1 | tee "$OUT/cuda_tests.log" | tail -3
+    tests/core/test_triton_kernel.py tests/core/test_prediction.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -3
 fi
 timeout 150 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -20
 timeout 300 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
