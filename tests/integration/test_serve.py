@@ -93,6 +93,7 @@ def test_prediction_modes_serve_concurrent_clients(tiny_mixtral, stock_completio
     with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
                      log_path=tmp_path / "serve.log") as url:
         completions = complete_all(url)
+        time.sleep(2.5)  # the worker rewrites its stats file every second; the write at shutdown may not come
     final = json.loads(stats_path.read_text())
     assert len(completions) == len(stock_completions) and all(completions)
     totals = final["totals"]
