@@ -102,9 +102,6 @@ def build_engine(shape: MoEShape, device: torch.device, threads: int) -> DaopEng
 def configure(engine: DaopEngine, policy, placement, replay_box: list, first_predicted_layer: int) -> None:
     """Point the shared engine (its host stores are built once) at one policy."""
     engine.realloc = policy.realloc
-    engine.requests.prefill_counts.clear()
-    engine.requests.decode_counts.clear()
-    engine.requests.remaining.clear()
     num_experts = engine.num_experts
     for index in range(len(engine.layers)):
         engine.set_router(index, lambda x, index=index: logits_choosing(

@@ -71,12 +71,14 @@ class DaopMoE:
         match = match_precomputed(prediction, ids, weights) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
         next_prediction = self._predict_next(x, decode_rows)
+        cpu_now = bool(to_compute.any())
+        job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
         x_host = None
-        if bool(to_compute.any()) or (next_prediction is not None and next_prediction.pair_rows.numel()):
+        if cpu_now or (next_prediction is not None and next_prediction.pair_rows.numel()):
             x_host = x.cpu()
         own_job = None
-        if bool(to_compute.any()):
-            own_job = self.executor.submit(x_host, ids.masked_fill(~to_compute, -1), weights, self.store.w13,
+        if cpu_now:
+            own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13,
                                            self.store.w2, self.cache.host_slot_table, lane=_OWN_LANE)
         if next_prediction is not None:
             self._precompute(next_prediction, x_host)
@@ -87,7 +89,7 @@ class DaopMoE:
             )
         else:
             out = torch.zeros_like(x)
-        cpu_out = self._cpu_result(own_job, ids.masked_fill(~to_compute, -1), weights, prediction, match, x, x_host)
+        cpu_out = self._cpu_result(own_job, job_ids, weights, prediction, match, x, x_host)
         if cpu_out is not None:
             out += cpu_out.to(out.device, non_blocking=True)
         self._count(own_ids, own_weights, on_cpu, prediction, match, degraded)
@@ -158,7 +160,7 @@ class DaopMoE:
             )
         target._pending = prediction
 
-    def _cpu_result(self, own_job, own_ids, weights, prediction, match, x, x_host) -> torch.Tensor | None:
+    def _cpu_result(self, own_job, job_ids, weights, prediction, match, x, x_host) -> torch.Tensor | None:
         """This layer's CPU share: its own job's output plus the used pre-computed pairs. A job
         that failed is recomputed here on the fallback path (torch, this thread) - a failed
         pre-computation on this layer's true input - so that the step still completes."""
@@ -168,7 +170,7 @@ class DaopMoE:
                 out = own_job.result()
             except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
                 self._recovered(exc)
-                out = routed_experts_forward(x_host, own_ids, weights, self.store.w13, self.store.w2,
+                out = routed_experts_forward(x_host, job_ids, weights, self.store.w13, self.store.w2,
                                              self.cache.host_slot_table)
         if prediction is None or prediction.job is None or not bool(match.used.any()):
             if prediction is not None:
