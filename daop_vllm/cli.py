@@ -10,6 +10,7 @@ from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.model_shapes import MODEL_SHAPES, model_shape
 from daop_vllm.core.prediction import MODES
 from daop_vllm.model_builder import FAMILIES
+from daop_vllm.trained_model import RECIPES
 
 
 def _fraction(text: str) -> float:
@@ -24,15 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="offline batch generation with load_format='daop' on a small local Mixtral")
-    demo.add_argument("--model-dir", type=Path, default=Path("models/demo-mixtral"),
-                      help="checkpoint to serve; built here if missing (default: %(default)s)")
+    demo.add_argument("--model", default="shakespeare-moe", choices=list(RECIPES),
+                      help="the trained model to serve, built (about 20 minutes for the default) when missing")
+    demo.add_argument("--model-dir", type=Path, default=None,
+                      help="where that model is, or is built (default: the cache, see `build-model`)")
     demo.add_argument("--resident-fraction", type=_fraction, default=0.5, help="share of experts on the device")
     demo.add_argument("--num-prompts", type=int, default=16)
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
 
-    build = commands.add_parser("build-model", help="write a small random-weight Mixtral checkpoint and tokenizer")
-    build.add_argument("out_dir", type=Path)
+    build = commands.add_parser("build-model", help="write a small MoE checkpoint and tokenizer: trained or random")
+    build.add_argument("name", choices=[*RECIPES, "random"],
+                       help="a trained model (Shakespeare, from scratch on this CPU; cached) or 'random' weights")
+    build.add_argument("-o", "--out-dir", type=Path,
+                       help="where to write it (default: $DAOP_VLLM_CACHE/models/NAME, ~/.cache/daop-vllm/...)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    # random weights only:
     build.add_argument("--layers", type=int, default=4)
     build.add_argument("--experts", type=int, default=8)
     build.add_argument("--top-k", type=int, default=2)
@@ -67,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--out", type=Path, help="also write the JSON here")
     modes.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
+    evaluate = commands.add_parser("eval", help="accuracy measurements")
+    eval_commands = evaluate.add_subparsers(dest="eval", required=True)
+    quality = eval_commands.add_parser("quality", help="perplexity, greedy agreement and prediction accuracy "
+                                                       "of each mode through vLLM, on a trained model")
+    quality.add_argument("--model", type=Path, default=None,
+                         help="a checkpoint of `build-model shakespeare-moe*` (default: the cached shakespeare-moe, "
+                              "built when missing)")
+    quality.add_argument("--fractions", type=_fraction, nargs="+", default=[1, 0.5, 0.25])
+    quality.add_argument("--passages", type=int, default=32, help="held-out passages scored for perplexity")
+    quality.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens of each passage")
+    quality.add_argument("--scored-tokens", type=int, default=192, help="forced decode tokens scored per passage")
+    quality.add_argument("--prompts", type=int, default=16, help="held-out prompts for greedy agreement")
+    quality.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per agreement prompt")
+    quality.add_argument("--first-predicted-layer", type=int, default=1,
+                         help="(verified, daop) default 1: 5 of the model's 6 layers predicted, near the "
+                              "paper's 28 of 32")
+    quality.add_argument("--json", action="store_true", help="print one JSON object")
+    quality.add_argument("--out", type=Path, help="also write the JSON here")
+    quality.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
     sim = commands.add_parser("simulate", help="replay a routing trace through every policy on a machine model")
     sim.add_argument("--trace", type=Path, required=True)
     sim.add_argument("--resident-fraction", type=_fraction, default=0.25)
@@ -78,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model-shape", default=None, choices=sorted(MODEL_SHAPES),
                      help="expert sizes (default: the shape matching the trace)")
     sim.add_argument("--prediction-accuracy", type=_fraction, default=None,
-                     help="share of predicted experts that are right (default: the paper's 0.8411)")
+                     help="share of predicted experts that are right (default: as measured for the model "
+                          "shape where known, else the paper's 0.8411)")
     sim.add_argument("--batch", type=int, default=1, help="sequences in flight (continuous batching)")
     sim.add_argument("--first-predicted-layer", type=int, default=4)
     sim.add_argument("--policies", nargs="+", default=None, help="default: all")
@@ -141,6 +170,24 @@ def _emit_json(result: dict, args: argparse.Namespace, plot) -> bool:
     return args.json
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _build_model(args: argparse.Namespace) -> None:
+    if args.name == "random":
+        out_dir = args.out_dir or Path("models/random")
+        from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
+
+        shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
+                                 hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
+        print(build_tiny_mixtral(out_dir, shape, seed=args.seed, family=args.family))
+        return
+    from daop_vllm.trained_model import build_trained_model, model_card_summary
+
+    print(model_card_summary(build_trained_model(args.name, args.out_dir, progress=not args.quiet)))
+
+
 def _bench_cpu_experts(args: argparse.Namespace) -> None:
 
     import torch
@@ -176,16 +223,38 @@ def _bench_modes(args: argparse.Namespace) -> None:
                  args.repeats, args.first_predicted_layer, args.dtype)
     if _emit_json(result, args, plot):
         return
+    pct = _percent
     print(f"{'mode':>9} {'fraction':>8} {'tok/s':>8} {'vs exact':>8} {'pred acc':>8} {'precomp':>8} {'wasted':>7} "
           f"{'agree':>6}")
-
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.1f}%"
 
     for r in result["runs"]:
         print(f"{r['mode']:>9} {r['resident_fraction']:8.2f} {r['tokens_per_s']:8.1f} "
               f"{r.get('tokens_per_s_over_exact', 0):8.2f} {pct(r['prediction_accuracy']):>8} "
               f"{pct(r['precomputed_share']):>8} {pct(r['wasted_share']):>7} {pct(r['agreement_with_exact']):>6}")
+
+
+def _eval_quality(args: argparse.Namespace) -> None:
+    from daop_vllm.bench.quality import plot, run
+    from daop_vllm.trained_model import build_trained_model
+
+    model = args.model or build_trained_model("shakespeare-moe")
+    if not (Path(model) / "config.json").exists():
+        raise DaopConfigError(f"--model {model}: no checkpoint there (config.json missing)")
+    if args.first_predicted_layer < 1:
+        raise DaopConfigError(f"--first-predicted-layer must be >= 1, got {args.first_predicted_layer}")
+    result = run(Path(model), args.fractions, args.passages, args.prompt_tokens, args.scored_tokens, args.prompts,
+                 args.max_tokens, args.first_predicted_layer)
+    if _emit_json(result, args, plot):
+        return
+    print(f"held-out perplexity of the model (stock vLLM): {result['moe_perplexity']:.3f}")
+    pct = _percent
+    print(f"{'mode':>9} {'degrade':>7} {'fraction':>8} {'perplexity':>10} {'vs exact':>8} {'agree':>6} "
+          f"{'pred acc':>8} {'precomp':>8}")
+
+    for r in result["runs"]:
+        print(f"{r['mode']:>9} {r['degrade']!s:>7} {r['resident_fraction']:8.2f} {r['perplexity']:10.3f} "
+              f"{r['perplexity_over_exact']:8.4f} {pct(r['agreement']):>6} {pct(r['prediction_accuracy']):>8} "
+              f"{pct(r['precomputed_share']):>8}")
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -237,9 +306,9 @@ def _simulate(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
+    from daop_vllm.core.hardware import load_hardware
     from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
     from daop_vllm.core.traces import read_traces
-    from daop_vllm.core.hardware import load_hardware
 
     policies = args.policies or list(POLICIES)
     unknown = [p for p in policies if p not in POLICIES]
@@ -251,7 +320,8 @@ def _simulate(args: argparse.Namespace) -> None:
     if not seqs:
         raise DaopConfigError(f"{args.trace} holds no sequences")
     shape = model_shape(args.model_shape) if args.model_shape else _shape_of_trace(seqs[0])
-    accuracy = PAPER_PREDICTION_ACCURACY if args.prediction_accuracy is None else args.prediction_accuracy
+    accuracy = next(a for a in (args.prediction_accuracy, shape.prediction_accuracy, PAPER_PREDICTION_ACCURACY)
+                    if a is not None)
     with tqdm(total=len(policies), desc="simulate", unit="policy", disable=args.json) as progress:
         try:
             result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
@@ -336,13 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from daop_vllm.demo import run_demo
 
-            run_demo(args.model_dir, args.resident_fraction, args.num_prompts, args.max_tokens, eager=not args.compile)
+            run_demo(args.model, args.model_dir, args.resident_fraction, args.num_prompts, args.max_tokens,
+                     eager=not args.compile)
         elif args.command == "build-model":
-            from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
-
-            shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
-                                     hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
-            print(build_tiny_mixtral(args.out_dir, shape, seed=args.seed, family=args.family))
+            _build_model(args)
         elif args.command == "bench" and args.bench == "modes":
             _bench_modes(args)
         elif args.command == "bench" and args.bench == "serve":
@@ -351,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             _bench_simulate(args)
         elif args.command == "bench":
             _bench_cpu_experts(args)
+        elif args.command == "eval":
+            _eval_quality(args)
         elif args.command == "simulate":
             _simulate(args)
         elif args.command == "calibrate":

@@ -1,4 +1,5 @@
-"""`daop-vllm demo`: offline batch generation with `load_format="daop"` on a small local Mixtral."""
+"""`daop-vllm demo`: offline batch generation with `load_format="daop"` on the trained MoE of
+`daop-vllm build-model` (Shakespeare, trained here from scratch): real text, real routing."""
 
 from __future__ import annotations
 
@@ -7,27 +8,27 @@ import time
 from pathlib import Path
 
 DEMO_PROMPTS = [
-    "Mixture-of-Experts models route every token",
-    "The quick brown fox",
-    "Once upon a time there was a small model",
-    "What is the capital of France?",
-    "Write a short poem about the sea",
-    "One, two, three, four, five",
-    "During decode the next layer's experts",
-    "After a prefill the device slots",
+    "ROMEO.\n",
+    "To be, or not to be",
+    "KING.\nMy lords,",
+    "Enter a Messenger.\n\nMESSENGER.\n",
+    "JULIET.\nO Romeo, Romeo,",
+    "First Citizen.\nWe are",
+    "HAMLET.\nWhat a piece of work",
+    "QUEEN.\nGood night,",
 ]
 
 
-def run_demo(model_dir: Path, resident_fraction: float, num_prompts: int, max_tokens: int, eager: bool) -> dict:
+def run_demo(model: str, model_dir: Path | None, resident_fraction: float, num_prompts: int, max_tokens: int,
+             eager: bool) -> dict:
     # A small KV cache is plenty for this model; on CPU vLLM would otherwise reserve GiBs.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from daop_vllm.model_builder import build_tiny_mixtral
+    from daop_vllm.trained_model import build_trained_model
 
-    if not (model_dir / "config.json").exists():
-        print(f"building a small random-weight Mixtral in {model_dir} (no downloads)")
-        build_tiny_mixtral(model_dir)
+    model_dir = build_trained_model(model, model_dir)  # cached: trains only the first time
+    print(f"model: {model_dir} ({model}, a Mixtral-format MoE trained on Shakespeare)")
     llm = LLM(
         model=str(model_dir),
         load_format="daop",
@@ -40,7 +41,9 @@ def run_demo(model_dir: Path, resident_fraction: float, num_prompts: int, max_to
         gpu_memory_utilization=0.5,  # on CPU: the share of host memory vLLM may reserve
     )
     prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(num_prompts)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # Sampled (seeded per prompt, so runs repeat): greedy decoding of a model this small loops.
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=index, max_tokens=max_tokens, ignore_eos=True)
+              for index in range(len(prompts))]
     llm.collective_rpc("daop_reset_counters")
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
@@ -50,7 +53,8 @@ def run_demo(model_dir: Path, resident_fraction: float, num_prompts: int, max_to
     totals = report["totals"]
     cpu_share = totals["cpu_expert_tokens"] / max(1, totals["cpu_expert_tokens"] + totals["device_expert_tokens"])
 
-    print(f"\n{outputs[0].prompt!r} -> {outputs[0].outputs[0].text!r}  (random weights: text is noise)")
+    for output in outputs[: min(3, len(outputs))]:
+        print(f"\n{output.prompt!r} -> {output.outputs[0].text!r}")
     budget = report["budget"]
     print(f"\nresident experts per layer: {budget['resident_experts']} of {budget['total_experts']} "
           f"(resident_fraction={resident_fraction}); realloc {report['realloc']} made {totals['swaps']} swaps, "

@@ -42,8 +42,9 @@ class TinyMixtralShape:
     max_positions: int = 1024
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """Train a byte-level BPE on a built-in corpus and save it in Hugging Face format."""
+def build_tokenizer(out_dir: Path, vocab_size: int, corpus: list[str] | None = None):
+    """Train a byte-level BPE on `corpus` (default: a few built-in sentences), save it in Hugging
+    Face format and return it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,17 +58,18 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(corpus or _TOKENIZER_CORPUS * 4, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     wrapped.save_pretrained(str(out_dir))
+    return wrapped
 
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "phimoe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe")
 
 
-def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
+def family_config(family: str, shape: TinyMixtralShape, init_std: float):
     """(config, model class) of a small checkpoint of one MoE family, from `transformers`."""
     common = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
                   intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
@@ -91,6 +93,14 @@ def _family_config(family: str, shape: TinyMixtralShape, init_std: float):
                               intermediate_size=2 * shape.intermediate_size,
                               shared_expert_intermediate_size=2 * shape.intermediate_size, decoder_sparse_step=1,
                               norm_topk_prob=False, **common), Qwen2MoeForCausalLM
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        del common["intermediate_size"]
+        return Qwen3MoeConfig(num_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
+                              intermediate_size=2 * shape.intermediate_size, decoder_sparse_step=1,
+                              head_dim=shape.hidden_size // shape.num_heads, norm_topk_prob=True, **common), \
+            Qwen3MoeForCausalLM
     if family == "phimoe":
         from transformers import PhimoeConfig, PhimoeForCausalLM
 
@@ -116,7 +126,7 @@ def build_tiny_mixtral(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config, model_class = _family_config(family, shape, init_std)
+    config, model_class = family_config(family, shape, init_std)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)

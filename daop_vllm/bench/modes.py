@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY
 from daop_vllm.demo import DEMO_PROMPTS
 from daop_vllm.model_builder import TinyMixtralShape
 
@@ -72,7 +73,7 @@ def run(model_dir: Path, modes: list[str], fractions: list[float], num_prompts: 
             r["tokens_per_s_over_exact"] = r["tokens_per_s"] / exact_speed[r["resident_fraction"]]
     return {
         "model": str(model_dir), "dtype": dtype, "num_prompts": num_prompts, "max_tokens": max_tokens,
-        "repeats": repeats, "first_predicted_layer": first_predicted_layer, "paper_prediction_accuracy": 0.8411,
+        "repeats": repeats, "first_predicted_layer": first_predicted_layer, "paper_prediction_accuracy": PAPER_PREDICTION_ACCURACY,
         "runs": runs,
     }
 
@@ -131,16 +132,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set(xlabel="resident fraction", ylabel="%", title="decode CPU expert work pre-computed / wasted")
     predicted = [r for r in runs if r["mode"] != "exact" and r["prediction_accuracy"] is not None]
     if predicted:
-        sample = min(predicted, key=lambda r: (r["resident_fraction"] != 0.25, r["mode"] != "daop"))
-        layers = [i for i, a in enumerate(sample["prediction_accuracy_per_layer"]) if a is not None]
-        axes[2].bar(layers, [100 * sample["prediction_accuracy_per_layer"][i] for i in layers])
-        axes[2].axhline(100 * result["paper_prediction_accuracy"], color="k", linestyle=":", label="paper (Mixtral)")
-        axes[2].set(xlabel="layer", ylabel="% correct", ylim=(0, 100),
-                    title=f"prediction accuracy ({sample['mode']}, fraction {sample['resident_fraction']})")
+        plot_prediction_accuracy(axes[2], min(predicted, key=lambda r: (r["resident_fraction"] != 0.25,
+                                                                        r["mode"] != "daop")))
+    finish_figure(fig, axes, f"{Path(result['model']).name}, {result['dtype']}, {result['num_prompts']} prompts x "
+                             f"{result['max_tokens']} tokens (random weights)", path)
+
+
+def plot_prediction_accuracy(ax, run: dict[str, Any]) -> None:
+    """Per-layer prediction accuracy of one run, against the paper's figure for Mixtral."""
+    layers = [i for i, a in enumerate(run["prediction_accuracy_per_layer"]) if a is not None]
+    ax.bar(layers, [100 * run["prediction_accuracy_per_layer"][i] for i in layers], label="this model")
+    ax.axhline(100 * PAPER_PREDICTION_ACCURACY, color="k", linestyle=":", label="paper (Mixtral)")
+    ax.set(xlabel="layer", ylabel="% correct", ylim=(0, 100),
+           title=f"prediction accuracy ({run['mode']}, fraction {run['resident_fraction']})")
+
+
+def finish_figure(fig, axes, title: str, path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{Path(result['model']).name}, {result['dtype']}, {result['num_prompts']} prompts x "
-                 f"{result['max_tokens']} tokens (random weights)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

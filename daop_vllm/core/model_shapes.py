@@ -15,6 +15,9 @@ class MoEShape:
     top_k: int
     hidden_size: int
     intermediate_size: int
+    # share of next-layer predictions that are right, measured on this model (`daop-vllm eval
+    # quality`); the simulator's default for it, where known
+    prediction_accuracy: float | None = None
 
     def expert_bytes(self, element_size: int = 2) -> int:
         return 3 * self.hidden_size * self.intermediate_size * element_size
@@ -28,6 +31,9 @@ MODEL_SHAPES = {
         MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408),
         MoEShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024),  # layers 1..26; layer 0 is dense
         MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.model_builder's default
+        # daop_vllm.trained_model's recipes (Shakespeare, trained here)
+        MoEShape("shakespeare-moe", 6, 8, 2, 256, 512, prediction_accuracy=0.803),  # results/quality_shakespeare_moe.json
+        MoEShape("shakespeare-moe-tiny", 2, 8, 2, 64, 128),
     )
 }
 

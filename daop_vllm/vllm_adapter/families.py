@@ -61,6 +61,14 @@ SUPPORTED_FAMILIES = {
             num_experts_attr="num_experts",
             top_k_attr="num_experts_per_tok",
         ),
+        # 128 small experts, top-8, no shared expert; the MoE layer computes the router logits
+        # from the gate the block hands it
+        MoEFamily(
+            architecture="Qwen3MoeForCausalLM",
+            model_module="vllm.model_executor.models.qwen3_moe",
+            num_experts_attr="num_experts",
+            top_k_attr="num_experts_per_tok",
+        ),
     )
 }
 

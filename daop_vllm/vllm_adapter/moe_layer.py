@@ -30,12 +30,14 @@ class DaopMoELayer(nn.Module):
     checks see them) and forwards through the DAOP op."""
 
     def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str],
-                 shared_experts: nn.Module | None = None) -> None:
+                 shared_experts: nn.Module | None = None, gate: nn.Module | None = None) -> None:
         super().__init__()
         self.moe = moe
         # The model's shared expert (Qwen2-MoE): always on the device, outside DAOP's budget and
-        # counters. Kept out of this module's children: the MoE block owns and loads it.
+        # counters. Kept out of this module's children: the MoE block owns and loads it, as it
+        # owns the gate of the families (Qwen3-MoE) that leave routing to the MoE layer.
         self._shared_experts = (shared_experts,)
+        self._router_logits = None if gate is None else _router_logits(gate)
         self.layer_name = layer_name
         # Same parameter names as vLLM's RoutedExperts: w13 = gate rows then up rows.
         self.w13_weight = nn.Parameter(moe.store.w13, requires_grad=False)
@@ -45,6 +47,8 @@ class DaopMoELayer(nn.Module):
         self._ckpt_names = ckpt_names
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self._router_logits is not None:  # the block passed its hidden states in place of logits
+            router_logits = self._router_logits(hidden_states)
         out = torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
         shared = self._shared_experts[0]
         return out if shared is None else out + shared(hidden_states)
@@ -122,7 +126,7 @@ def _factory_defaults() -> dict[str, Any]:
 
 # FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
-            "shared_experts", "custom_routing_function"}
+            "shared_experts", "custom_routing_function", "gate"}
 # Arguments whose value does not change what the layer computes on one device.
 # (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
 _IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size"}
@@ -150,7 +154,8 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
         prefix = kwargs["prefix"]
-        layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"))
+        layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"),
+                             kwargs.get("gate"))
         forward_context = vllm_config.compilation_config.static_forward_context
         if prefix in forward_context:
             raise ValueError(f"duplicate layer name {prefix!r}")

@@ -12,10 +12,11 @@ def test_plugin_is_registered_through_entry_point():
     assert plugins.get("daop") == "daop_vllm.vllm_adapter.plugin:register"
 
 
-def test_demo_prints_placement_speed_and_cpu_share(tmp_path):
+def test_demo_prints_text_placement_speed_and_cpu_share(trained_tiny):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "daop_vllm.cli", "demo", "--model-dir", str(tmp_path / "model"),
+        [sys.executable, "-m", "daop_vllm.cli", "demo", "--model", "shakespeare-moe-tiny",
+         "--model-dir", trained_tiny,
          "--resident-fraction", "0.25", "--num-prompts", "4", "--max-tokens", "8"],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -23,7 +24,9 @@ def test_demo_prints_placement_speed_and_cpu_share(tmp_path):
     out = result.stdout
     assert "resident_fraction=0.25" in out
     assert "realloc auto made" in out
-    for layer in range(4):
+    assert "shakespeare-moe-tiny, a Mixtral-format MoE trained on Shakespeare" in out
+    assert "\n'ROMEO.\\n' -> '" in out, out
+    for layer in range(2):
         assert re.search(rf"layer  {layer}: \[\d, \d\]  expert-tokens", out), out
     assert "4 prompts, 32 tokens in" in out and "tokens/s" in out
     share = float(out.split("expert work on the CPU: ")[1].split("%")[0])

@@ -14,6 +14,9 @@ FAMILIES = {
                                num_heads=2, num_kv_heads=2), "softmax top-4, not renormalised"),
     "qwen2_moe": (TinyMixtralShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=64,
                                    num_heads=2, num_kv_heads=2), "softmax top-2, not renormalised"),
+    # Qwen3-MoE: top-4 of 16, renormalised, no shared expert; its MoE layer gets the gate, not logits
+    "qwen3_moe": (TinyMixtralShape(num_layers=3, num_experts=16, top_k=4, hidden_size=64, intermediate_size=64,
+                                   num_heads=2, num_kv_heads=2), "softmax top-4, renormalised"),
     # Phi-3.5-MoE, the paper's second model: sparsemixer top-2 (vLLM's custom routing function)
     "phimoe": (TinyMixtralShape(num_layers=3, num_experts=8, top_k=2, hidden_size=64, intermediate_size=64,
                                 num_heads=2, num_kv_heads=2), "phimoe_routing_function top-2"),

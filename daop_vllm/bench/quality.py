@@ -1,0 +1,160 @@
+"""`daop-vllm eval quality`: what each mode costs in accuracy, on the trained model of
+`daop-vllm build-model shakespeare-moe`, through vLLM.
+
+Perplexity is measured on decode rows (the only rows DAOP approximates): each held-out passage
+is a short prompt followed by forced continuation tokens (vllm_adapter.forced_tokens). Agreement
+is the share of greedy tokens equal to `exact`'s at the same resident fraction, position by
+position. Prediction and pre-computation counters come from the perplexity runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from daop_vllm.bench.modes import finish_figure, plot_prediction_accuracy, summarize
+from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY
+
+# (mode, degrade): exact; verified (stale inputs only); daop without and with substitution.
+CONFIGS = (("exact", None), ("verified", False), ("daop", False), ("daop", True))
+
+
+def held_out_passages(model_dir: Path, count: int, length: int) -> list[list[int]]:
+    """`count` windows of `length` tokens, evenly spread over the held-out works."""
+    from transformers import AutoTokenizer
+
+    from daop_vllm.corpus import load_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids: list[int] = []
+    for text in load_corpus().held_out.values():
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    stride = (len(ids) - length) // count
+    return [ids[i * stride: i * stride + length] for i in range(count)]
+
+
+def forced_perplexity(llm, passages: list[list[int]], prompt_len: int) -> float:
+    """exp(mean negative log-likelihood) of every passage token after the first `prompt_len`."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = [TokensPrompt(prompt_token_ids=p[:prompt_len]) for p in passages]
+    params = [SamplingParams(temperature=0.0, max_tokens=len(p) - prompt_len, ignore_eos=True, logprobs=0,
+                             extra_args={"forced_tokens": p[prompt_len:]}) for p in passages]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for passage, output in zip(passages, outputs):
+        completion = output.outputs[0]
+        assert list(completion.token_ids) == passage[prompt_len:], "forced decoding went off the passage"
+        nll -= sum(step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids))
+        count += len(completion.token_ids)
+    return math.exp(nll / count)
+
+
+def greedy_continuations(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: int, forced_len: int,
+        num_prompts: int, max_tokens: int, first_predicted_layer: int) -> dict[str, Any]:
+    """One engine per configuration, re-placed for each fraction; a stock engine first for the
+    model's own perplexity."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from tqdm import tqdm
+    from vllm import LLM
+
+    from daop_vllm.vllm_adapter.forced_tokens import ForcedTokens
+
+    passages = held_out_passages(model_dir, num_passages + num_prompts, prompt_len + forced_len)
+    scored, prompts = passages[:num_passages], [p[:prompt_len] for p in passages[num_passages:]]
+    engine_args = {"model": str(model_dir), "dtype": "float32", "max_model_len": prompt_len + max(forced_len, max_tokens),
+                   "max_num_seqs": max(num_passages, num_prompts), "enforce_eager": True, "seed": 0,
+                   "gpu_memory_utilization": 0.5, "logits_processors": [ForcedTokens]}
+
+    def start(**kwargs):
+        return LLM(**engine_args, **kwargs)
+
+    def stop(llm) -> None:
+        llm.llm_engine.engine_core.shutdown()
+
+    stock = start()
+    moe_perplexity = forced_perplexity(stock, scored, prompt_len)
+    stop(stock)
+    runs, exact_ids = [], {}
+    progress = tqdm(total=len(CONFIGS) * len(fractions), desc="eval quality", unit="run")
+    for mode, degrade in CONFIGS:
+        extra: dict[str, Any] = {"resident_fraction": fractions[0], "mode": mode, "realloc": "off"}
+        if mode != "exact":
+            extra.update(first_predicted_layer=first_predicted_layer, degrade=degrade)
+        llm = start(load_format="daop", model_loader_extra_config=extra)
+        try:
+            for fraction in fractions:
+                llm.collective_rpc("daop_place_fraction", args=(fraction,))
+                llm.collective_rpc("daop_reset_counters")
+                perplexity = forced_perplexity(llm, scored, prompt_len)
+                report = llm.collective_rpc("daop_report")[0]
+                ids = greedy_continuations(llm, prompts, max_tokens)
+                if mode == "exact":
+                    exact_ids[fraction] = ids
+                summary = summarize(mode, fraction, report, ids, exact_ids[fraction], [1.0])
+                runs.append({
+                    "mode": mode, "degrade": report["degrade"], "resident_fraction": fraction,
+                    "perplexity": perplexity, "perplexity_over_exact": None,
+                    "agreement": summary["agreement_with_exact"],
+                    "prediction_accuracy": summary["prediction_accuracy"],
+                    "prediction_accuracy_per_layer": summary["prediction_accuracy_per_layer"],
+                    "precomputed_share": summary["precomputed_share"],
+                    "degraded_rows": summary["degraded_rows"], "decode_cpu_share": summary["decode_cpu_share"],
+                })
+                progress.update()
+        finally:
+            stop(llm)
+    progress.close()
+    exact_perplexity = {r["resident_fraction"]: r["perplexity"] for r in runs if r["mode"] == "exact"}
+    for r in runs:
+        r["perplexity_over_exact"] = r["perplexity"] / exact_perplexity[r["resident_fraction"]]
+    return {
+        "model": str(model_dir), "dense_perplexity": None, "moe_perplexity": moe_perplexity,
+        "scored_tokens": num_passages * forced_len, "passages": num_passages, "prompt_tokens": prompt_len,
+        "agreement_prompts": num_prompts, "agreement_tokens": max_tokens,
+        "first_predicted_layer": first_predicted_layer, "paper_prediction_accuracy": PAPER_PREDICTION_ACCURACY,
+        "runs": runs,
+    }
+
+
+def _label(run: dict[str, Any]) -> str:
+    return run["mode"] if run["mode"] in ("exact", "verified") else f"daop, degrade {'on' if run['degrade'] else 'off'}"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    labels = list(dict.fromkeys(_label(r) for r in runs))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label in labels:
+        mine = [r for r in runs if _label(r) == label]
+        fractions = [r["resident_fraction"] for r in mine]
+        axes[0].plot(fractions, [100 * (r["perplexity_over_exact"] - 1) for r in mine], marker="o", label=label)
+        axes[1].plot(fractions, [100 * r["agreement"] for r in mine], marker="o", label=label)
+    for limit, name in ((1, "verified goal"), (5, "daop goal")):
+        axes[0].axhline(limit, color="k", linestyle=":", linewidth=0.8)
+        axes[0].annotate(name, (min(r["resident_fraction"] for r in runs), limit), fontsize=7, va="bottom")
+    axes[0].set(xlabel="resident fraction", ylabel="% above exact", title="held-out perplexity (decode rows)")
+    axes[1].set(xlabel="resident fraction", ylabel="% of greedy tokens equal to exact's", title="greedy agreement")
+    predicted = [r for r in runs if r["mode"] == "daop" and r["degrade"] and r["prediction_accuracy"] is not None]
+    if predicted:
+        plot_prediction_accuracy(axes[2], min(predicted, key=lambda r: r["resident_fraction"]))
+    finish_figure(fig, axes, f"{Path(result['model']).name}: {result['scored_tokens']} held-out tokens scored, "
+                             f"{result['agreement_prompts']} prompts x {result['agreement_tokens']} greedy tokens", path)

@@ -1,0 +1,137 @@
+"""The trained model of `daop-vllm build-model` at its tiny recipe (seconds of training), and the
+quality evaluation of the modes on it: the same code paths as the demo model and
+`daop-vllm eval quality`, at a size CI can afford."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from daop_vllm.trained_model import RECIPES, build_trained_model
+
+from .engines import close_llm, make_llm
+
+TINY = RECIPES["shakespeare-moe-tiny"]
+
+
+@pytest.fixture
+def trained(trained_tiny) -> str:
+    return trained_tiny
+
+
+def card(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "daop_model_card.json")) as f:
+        return json.load(f)
+
+
+def test_checkpoint_is_a_mixtral_of_the_recipe_shape(trained):
+    from safetensors import safe_open
+
+    with open(os.path.join(trained, "config.json")) as f:
+        config = json.load(f)
+    shape = TINY.shape
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert (config["num_hidden_layers"], config["num_local_experts"], config["num_experts_per_tok"],
+            config["hidden_size"], config["intermediate_size"], config["vocab_size"]) == \
+        (shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size, shape.intermediate_size,
+         shape.vocab_size)
+    assert not config.get("output_router_logits"), "training-only setting left in the checkpoint"
+    with safe_open(os.path.join(trained, "model.safetensors"), "pt") as f:
+        names = f.keys()
+        params = sum(math.prod(f.get_slice(name).get_shape()) for name in names)
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    head_dim = h // shape.num_heads
+    attention = h * h * 2 + 2 * h * shape.num_kv_heads * head_dim
+    per_layer = attention + shape.num_experts * 3 * h * i + shape.num_experts * h + 2 * h
+    assert params == shape.num_layers * per_layer + 2 * v * h + h
+
+
+def test_every_recipe_is_in_the_shared_shape_table():
+    from daop_vllm.core.model_shapes import model_shape
+
+    for name, spec in RECIPES.items():
+        shape = model_shape(name)
+        assert (shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size, shape.intermediate_size) == \
+            (spec.shape.num_layers, spec.shape.num_experts, spec.shape.top_k, spec.shape.hidden_size,
+             spec.shape.intermediate_size)
+
+
+def test_training_lowers_the_loss_and_keeps_every_expert_in_use(trained):
+    info = card(trained)
+    assert info["loss_last_10"] < info["loss_first_10"] - 1.0, info["loss_curve"]
+    assert info["held_out_perplexity"] < math.exp(info["loss_first_10"]) / 4
+    assert set(info["held_out_works"]) == {"macbeth", "twelfth_night"}
+    for layer, shares in enumerate(info["expert_shares"]):
+        assert len(shares) == TINY.shape.num_experts
+        assert min(shares) > 0, f"layer {layer}: an expert got no held-out token: {shares}"
+        assert abs(sum(shares) - 1) < 1e-3
+    assert all(isinstance(text, str) and text for text in info["samples"].values())
+
+
+def test_a_second_build_is_the_cached_one(trained):
+    before = os.path.getmtime(os.path.join(trained, "model.safetensors"))
+    assert str(build_trained_model(TINY.name, trained, progress=False)) == trained
+    assert os.path.getmtime(os.path.join(trained, "model.safetensors")) == before
+
+
+@pytest.mark.vllm
+def test_stock_vllm_and_transformers_agree_on_the_logits(trained):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from daop_vllm.bench.quality import held_out_passages
+
+    passages = held_out_passages(trained, 3, 64)
+    reference = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
+    llm = make_llm(trained)
+    try:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in passages],
+                               SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    finally:
+        close_llm(llm)
+    for passage, output in zip(passages, outputs):
+        with torch.no_grad():
+            expected = reference(torch.tensor([passage])).logits[0].log_softmax(-1)
+        got = [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], passage[1:])]
+        want = [expected[position, token].item() for position, token in enumerate(passage[1:])]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 2e-3
+
+
+@pytest.mark.vllm
+def test_quality_eval_measures_every_mode(trained):
+    from daop_vllm.bench.quality import CONFIGS, run
+
+    fractions = [1, 0.25]
+    result = run(trained, fractions, num_passages=4, prompt_len=16, forced_len=48, num_prompts=3, max_tokens=24,
+                 first_predicted_layer=1)
+    runs = {(r["mode"], r["degrade"], r["resident_fraction"]): r for r in result["runs"]}
+    assert len(runs) == len(CONFIGS) * len(fractions)
+    assert 1 < result["moe_perplexity"] < TINY.shape.vocab_size
+    for fraction in fractions:
+        exact = runs[("exact", False, fraction)]
+        assert exact["perplexity"] == pytest.approx(result["moe_perplexity"], rel=1e-4), "exact is the model"
+        assert exact["agreement"] == 1 and exact["prediction_accuracy"] is None
+        for mode, degrade in (("verified", False), ("daop", False), ("daop", True)):
+            r = runs[(mode, degrade, fraction)]
+            assert 0 < r["prediction_accuracy"] <= 1 and len(r["prediction_accuracy_per_layer"]) == 2
+            assert r["prediction_accuracy_per_layer"][0] is None, "layer 0 is never predicted"
+            assert 0 <= r["agreement"] <= 1 and r["perplexity"] > 1
+    # with every expert on the device nothing is pre-computed: verified is exact there
+    assert runs[("verified", False, 1)]["perplexity"] == pytest.approx(result["moe_perplexity"], rel=1e-4)
+    assert runs[("verified", False, 1)]["agreement"] == 1
+    assert runs[("verified", False, 0.25)]["precomputed_share"] > 0
+    assert runs[("daop", True, 0.25)]["degraded_rows"] > 0
+
+
+def test_simulator_default_prediction_accuracy_is_the_measured_one():
+    from pathlib import Path
+
+    from daop_vllm.core.model_shapes import model_shape
+
+    result = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality_shakespeare_moe.json").read_text())
+    measured = next(r["prediction_accuracy"] for r in result["runs"]
+                    if (r["mode"], r["degrade"], r["resident_fraction"]) == ("daop", True, 0.25))
+    assert model_shape("shakespeare-moe").prediction_accuracy == pytest.approx(measured, abs=5e-4)
