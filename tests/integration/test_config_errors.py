@@ -22,12 +22,12 @@ def dense_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def unsupported_moe(tmp_path_factory) -> str:
-    from transformers import Qwen3MoeConfig
+    from transformers import GraniteMoeConfig
 
-    path = tmp_path_factory.mktemp("qwen3moe")
-    config = Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_experts=8,
-                            num_experts_per_tok=2, architectures=["Qwen3MoeForCausalLM"])
+    path = tmp_path_factory.mktemp("granitemoe")
+    config = GraniteMoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, num_local_experts=8,
+                              num_experts_per_tok=2, architectures=["GraniteMoeForCausalLM"])
     config.save_pretrained(path)
     return str(path)
 
@@ -70,8 +70,8 @@ def test_dense_model_is_not_moe(dense_model):
 
 
 def test_unsupported_moe_architecture(unsupported_moe):
-    expect_config_error(unsupported_moe, {}, "Qwen3MoeForCausalLM is not supported", "MixtralForCausalLM",
-                        "Qwen2MoeForCausalLM")
+    expect_config_error(unsupported_moe, {}, "GraniteMoeForCausalLM is not supported", "MixtralForCausalLM",
+                        "Qwen3MoeForCausalLM")
 
 
 def test_loader_in_the_worker_checks_too():
