@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MoEShape:
-    """L MoE layers of E routed experts (top-k), hidden size H, expert intermediate size I."""
+    """L MoE layers of E routed experts (top-k), hidden size H, expert intermediate size I; shared
+    experts (always on the device, outside any budget) of S intermediate rows in all."""
 
     name: str
     num_layers: int
@@ -18,9 +19,13 @@ class MoEShape:
     # share of next-layer predictions that are right, measured on this model (`daop-vllm eval
     # quality`); the simulator's default for it, where known
     prediction_accuracy: float | None = None
+    shared_intermediate_size: int = 0
 
     def expert_bytes(self, element_size: int = 2) -> int:
         return 3 * self.hidden_size * self.intermediate_size * element_size
+
+    def shared_expert_bytes(self, element_size: int = 2) -> int:
+        return 3 * self.hidden_size * self.shared_intermediate_size * element_size
 
 
 MODEL_SHAPES = {
@@ -28,8 +33,10 @@ MODEL_SHAPES = {
     for shape in (
         MoEShape("mixtral-8x7b", 32, 8, 2, 4096, 14336),
         MoEShape("phi-3.5-moe", 32, 16, 2, 4096, 6400),
-        MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408),
-        MoEShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024),  # layers 1..26; layer 0 is dense
+        MoEShape("deepseek-v2-lite", 26, 64, 6, 2048, 1408, shared_intermediate_size=2 * 1408),  # layer 0 is dense
+        MoEShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024),
+        MoEShape("qwen1.5-moe-a2.7b", 24, 60, 4, 2048, 1408, shared_intermediate_size=5632),  # Qwen2MoeForCausalLM
+        MoEShape("qwen3-30b-a3b", 48, 128, 8, 2048, 768),
         MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.model_builder's default
         # daop_vllm.trained_model's recipes (Shakespeare, trained here)
         MoEShape("shakespeare-moe", 6, 8, 2, 256, 512, prediction_accuracy=0.803),  # results/quality_shakespeare_moe.json

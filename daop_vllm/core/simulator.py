@@ -156,8 +156,16 @@ class Simulator:
 
     def _attention_s(self, tokens: int = 1) -> float:
         """Attention projections of one layer (KV-cache reads left out: short contexts)."""
-        return max(self.attention_bytes / (self.hw.device_gbps * 1e9),
-                   tokens * self.attention_bytes / (self.hw.device_tflops * 1e12))
+        return self._device_weights_s(self.attention_bytes, tokens)
+
+    def _layer_fixed_s(self, tokens: int = 1) -> float:
+        """A layer's device work outside the routed experts: attention, and the shared experts
+        (always resident)."""
+        return self._attention_s(tokens) + self._device_weights_s(self.shape.shared_expert_bytes(), tokens)
+
+    def _device_weights_s(self, weight_bytes: int, tokens: int) -> float:
+        """bf16 weights read once for `tokens` tokens: 2 bytes and 2 FLOPs per weight and token."""
+        return max(weight_bytes / (self.hw.device_gbps * 1e9), tokens * weight_bytes / (self.hw.device_tflops * 1e12))
 
     def _copy_s(self) -> float:
         return self.expert_bytes / (self.hw.pcie_gbps * 1e9)
@@ -209,7 +217,7 @@ class Simulator:
                     self._miss(layer, expert)
                     copy_s += self._copy_s()
                     device_s += self._device_expert_s(count)
-            seconds += self._attention_s(tokens) + max(device_s + copy_s, cpu_s)
+            seconds += self._layer_fixed_s(tokens) + max(device_s + copy_s, cpu_s)
         self._end_step()
         return seconds
 
@@ -227,7 +235,7 @@ class Simulator:
             true = [r.decode_ids(layer) for r in rows]
             engine.requests.record(layer, torch.tensor(true, dtype=torch.int64).reshape(len(rows), K))
             used = routing_next if (routing_next is not None and self.policy.mode == "daop") else true
-            now += self._attention_s()
+            now += self._layer_fixed_s()
             device_tokens: dict[int, int] = {}
             cpu_now: dict[int, int] = {}
             copied: set[int] = set()  # a missing expert is copied once per step, for all its rows

@@ -40,6 +40,18 @@ def test_gpu_and_ondemand_costs():
     assert 1 / ondemand["tokens_per_s"] - 1 / gpu["tokens_per_s"] == pytest.approx(2 * copy)
 
 
+def test_shared_experts_cost_device_time_in_every_layer_whatever_the_placement():
+    from dataclasses import replace
+
+    shared = replace(SHAPE, shared_intermediate_size=4096)
+    shared_read = 3 * 1024 * 4096 * 2 / 1000e9  # memory-bound at one token
+    for policy in ("gpu", "static"):
+        plain = Simulator(POLICIES[policy], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
+        with_shared = Simulator(POLICIES[policy], shared, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
+        assert 1 / with_shared["tokens_per_s"] - 1 / plain["tokens_per_s"] == pytest.approx(2 * shared_read)
+        assert with_shared["decode_hit_rate"] == plain["decode_hit_rate"], "shared experts are not routed"
+
+
 def test_lru_keeps_what_it_copied():
     lru = Simulator(POLICIES["lru"], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=10)])
     assert lru["pcie_bytes_per_token"] == pytest.approx(2 * 3 * 1024 * 2048 * 2 / 10)  # first token only
