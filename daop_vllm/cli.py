@@ -20,6 +20,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _layer_index(text: str) -> int:
+    """A predicted layer: 1 or more (layer 0 has no layer before it to predict from)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop-vllm", description="DAOP expert offloading for MoE models in vLLM")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--num-prompts", type=int, default=8)
     modes.add_argument("--max-tokens", type=int, default=48)
     modes.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are reported")
-    modes.add_argument("--first-predicted-layer", type=int, default=1)
+    modes.add_argument("--first-predicted-layer", type=_layer_index, default=1)
     modes.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     modes.add_argument("--json", action="store_true", help="print one JSON object")
     modes.add_argument("--out", type=Path, help="also write the JSON here")
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--scored-tokens", type=int, default=192, help="forced decode tokens scored per passage")
     quality.add_argument("--prompts", type=int, default=16, help="held-out prompts for greedy agreement")
     quality.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per agreement prompt")
-    quality.add_argument("--first-predicted-layer", type=int, default=1,
+    quality.add_argument("--first-predicted-layer", type=_layer_index, default=1,
                          help="(verified, daop) default 1: 5 of the model's 6 layers predicted, near the "
                               "paper's 28 of 32")
     quality.add_argument("--json", action="store_true", help="print one JSON object")
@@ -217,20 +225,18 @@ def _bench_modes(args: argparse.Namespace) -> None:
 
     from daop_vllm.bench.modes import ensure_bench_model, plot, run
 
-    if args.first_predicted_layer < 1:
-        raise DaopConfigError(f"--first-predicted-layer must be >= 1, got {args.first_predicted_layer}")
     result = run(ensure_bench_model(args.model), args.modes, args.fractions, args.num_prompts, args.max_tokens,
                  args.repeats, args.first_predicted_layer, args.dtype)
     if _emit_json(result, args, plot):
         return
-    pct = _percent
     print(f"{'mode':>9} {'fraction':>8} {'tok/s':>8} {'vs exact':>8} {'pred acc':>8} {'precomp':>8} {'wasted':>7} "
           f"{'agree':>6}")
 
     for r in result["runs"]:
         print(f"{r['mode']:>9} {r['resident_fraction']:8.2f} {r['tokens_per_s']:8.1f} "
-              f"{r.get('tokens_per_s_over_exact', 0):8.2f} {pct(r['prediction_accuracy']):>8} "
-              f"{pct(r['precomputed_share']):>8} {pct(r['wasted_share']):>7} {pct(r['agreement_with_exact']):>6}")
+              f"{r.get('tokens_per_s_over_exact', 0):8.2f} {_percent(r['prediction_accuracy']):>8} "
+              f"{_percent(r['precomputed_share']):>8} {_percent(r['wasted_share']):>7} "
+              f"{_percent(r['agreement_with_exact']):>6}")
 
 
 def _eval_quality(args: argparse.Namespace) -> None:
@@ -240,21 +246,18 @@ def _eval_quality(args: argparse.Namespace) -> None:
     model = args.model or build_trained_model("shakespeare-moe")
     if not (Path(model) / "config.json").exists():
         raise DaopConfigError(f"--model {model}: no checkpoint there (config.json missing)")
-    if args.first_predicted_layer < 1:
-        raise DaopConfigError(f"--first-predicted-layer must be >= 1, got {args.first_predicted_layer}")
     result = run(Path(model), args.fractions, args.passages, args.prompt_tokens, args.scored_tokens, args.prompts,
                  args.max_tokens, args.first_predicted_layer)
     if _emit_json(result, args, plot):
         return
     print(f"held-out perplexity of the model (stock vLLM): {result['moe_perplexity']:.3f}")
-    pct = _percent
     print(f"{'mode':>9} {'degrade':>7} {'fraction':>8} {'perplexity':>10} {'vs exact':>8} {'agree':>6} "
           f"{'pred acc':>8} {'precomp':>8}")
 
     for r in result["runs"]:
         print(f"{r['mode']:>9} {r['degrade']!s:>7} {r['resident_fraction']:8.2f} {r['perplexity']:10.3f} "
-              f"{r['perplexity_over_exact']:8.4f} {pct(r['agreement']):>6} {pct(r['prediction_accuracy']):>8} "
-              f"{pct(r['precomputed_share']):>8}")
+              f"{r['perplexity_over_exact']:8.4f} {_percent(r['agreement']):>6} {_percent(r['prediction_accuracy']):>8} "
+              f"{_percent(r['precomputed_share']):>8}")
 
 
 def _bench_serve(args: argparse.Namespace) -> None:

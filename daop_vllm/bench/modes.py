@@ -84,12 +84,7 @@ def _ratio(num: int, den: int) -> float | None:
 
 def summarize(mode: str, fraction: float, report: dict, ids: list[list[int]], exact: list[list[int]] | None,
               seconds: list[float]) -> dict[str, Any]:
-    totals = report["totals"]
     tokens = sum(map(len, ids))
-    precomputed = totals["precomputed_used"] + totals["precomputed_wasted"]
-    agreement = None
-    if exact is not None:
-        agreement = sum(a == b for x, y in zip(ids, exact) for a, b in zip(x, y)) / sum(map(len, exact))
     return {
         "mode": mode,
         "resident_fraction": fraction,
@@ -97,6 +92,16 @@ def summarize(mode: str, fraction: float, report: dict, ids: list[list[int]], ex
         "tokens": tokens,
         "seconds_median": statistics.median(seconds),
         "tokens_per_s": tokens / statistics.median(seconds),
+        **prediction_counters(report),
+        "agreement_with_exact": None if exact is None else agreement(ids, exact),
+    }
+
+
+def prediction_counters(report: dict) -> dict[str, Any]:
+    """What a run's DAOP report says of prediction, pre-computation and degradation."""
+    totals = report["totals"]
+    precomputed = totals["precomputed_used"] + totals["precomputed_wasted"]
+    return {
         "prediction_accuracy": _ratio(totals["predictions_correct"], totals["predictions"]),
         "prediction_accuracy_per_layer": [_ratio(layer["predictions_correct"], layer["predictions"])
                                           for layer in report["layers"]],
@@ -106,8 +111,12 @@ def summarize(mode: str, fraction: float, report: dict, ids: list[list[int]], ex
         "degraded_rows": totals["degraded"],
         "decode_cpu_share": _ratio(totals["decode_cpu_expert_tokens"],
                                    totals["decode_cpu_expert_tokens"] + totals["decode_device_expert_tokens"]),
-        "agreement_with_exact": agreement,
     }
+
+
+def agreement(ids: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of the reference's tokens that `ids` repeats at the same position."""
+    return sum(a == b for x, y in zip(ids, reference) for a, b in zip(x, y)) / sum(map(len, reference))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -14,7 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from daop_vllm.bench.modes import finish_figure, plot_prediction_accuracy, summarize
+from daop_vllm.bench.modes import (
+    agreement,
+    finish_figure,
+    plot_prediction_accuracy,
+    prediction_counters,
+)
 from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY
 
 # (mode, degrade): exact; verified (stale inputs only); daop without and with substitution.
@@ -88,7 +93,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
     stock = start()
     moe_perplexity = forced_perplexity(stock, scored, prompt_len)
     stop(stock)
-    runs, exact_ids = [], {}
+    runs, exact_ids, exact_perplexity = [], {}, {}
     progress = tqdm(total=len(CONFIGS) * len(fractions), desc="eval quality", unit="run")
     for mode, degrade in CONFIGS:
         extra: dict[str, Any] = {"resident_fraction": fractions[0], "mode": mode, "realloc": "off"}
@@ -102,25 +107,19 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
                 perplexity = forced_perplexity(llm, scored, prompt_len)
                 report = llm.collective_rpc("daop_report")[0]
                 ids = greedy_continuations(llm, prompts, max_tokens)
-                if mode == "exact":
-                    exact_ids[fraction] = ids
-                summary = summarize(mode, fraction, report, ids, exact_ids[fraction], [1.0])
+                if mode == "exact":  # CONFIGS starts with exact: every later run compares with it
+                    exact_ids[fraction], exact_perplexity[fraction] = ids, perplexity
+                counters = prediction_counters(report)
+                del counters["wasted_share"]  # not part of this result's schema (#12)
                 runs.append({
                     "mode": mode, "degrade": report["degrade"], "resident_fraction": fraction,
-                    "perplexity": perplexity, "perplexity_over_exact": None,
-                    "agreement": summary["agreement_with_exact"],
-                    "prediction_accuracy": summary["prediction_accuracy"],
-                    "prediction_accuracy_per_layer": summary["prediction_accuracy_per_layer"],
-                    "precomputed_share": summary["precomputed_share"],
-                    "degraded_rows": summary["degraded_rows"], "decode_cpu_share": summary["decode_cpu_share"],
+                    "perplexity": perplexity, "perplexity_over_exact": perplexity / exact_perplexity[fraction],
+                    "agreement": agreement(ids, exact_ids[fraction]), **counters,
                 })
                 progress.update()
         finally:
             stop(llm)
     progress.close()
-    exact_perplexity = {r["resident_fraction"]: r["perplexity"] for r in runs if r["mode"] == "exact"}
-    for r in runs:
-        r["perplexity_over_exact"] = r["perplexity"] / exact_perplexity[r["resident_fraction"]]
     return {
         "model": str(model_dir), "dense_perplexity": None, "moe_perplexity": moe_perplexity,
         "scored_tokens": num_passages * forced_len, "passages": num_passages, "prompt_tokens": prompt_len,

@@ -16,20 +16,15 @@ from .engines import close_llm, make_llm
 TINY = RECIPES["shakespeare-moe-tiny"]
 
 
-@pytest.fixture
-def trained(trained_tiny) -> str:
-    return trained_tiny
-
-
 def card(model_dir: str) -> dict:
     with open(os.path.join(model_dir, "daop_model_card.json")) as f:
         return json.load(f)
 
 
-def test_checkpoint_is_a_mixtral_of_the_recipe_shape(trained):
+def test_checkpoint_is_a_mixtral_of_the_recipe_shape(trained_tiny):
     from safetensors import safe_open
 
-    with open(os.path.join(trained, "config.json")) as f:
+    with open(os.path.join(trained_tiny, "config.json")) as f:
         config = json.load(f)
     shape = TINY.shape
     assert config["architectures"] == ["MixtralForCausalLM"]
@@ -38,7 +33,7 @@ def test_checkpoint_is_a_mixtral_of_the_recipe_shape(trained):
         (shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size, shape.intermediate_size,
          shape.vocab_size)
     assert not config.get("output_router_logits"), "training-only setting left in the checkpoint"
-    with safe_open(os.path.join(trained, "model.safetensors"), "pt") as f:
+    with safe_open(os.path.join(trained_tiny, "model.safetensors"), "pt") as f:
         names = f.keys()
         params = sum(math.prod(f.get_slice(name).get_shape()) for name in names)
     h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
@@ -58,8 +53,8 @@ def test_every_recipe_is_in_the_shared_shape_table():
              spec.shape.intermediate_size)
 
 
-def test_training_lowers_the_loss_and_keeps_every_expert_in_use(trained):
-    info = card(trained)
+def test_training_lowers_the_loss_and_keeps_every_expert_in_use(trained_tiny):
+    info = card(trained_tiny)
     assert info["loss_last_10"] < info["loss_first_10"] - 1.0, info["loss_curve"]
     assert info["held_out_perplexity"] < math.exp(info["loss_first_10"]) / 4
     assert set(info["held_out_works"]) == {"macbeth", "twelfth_night"}
@@ -70,23 +65,23 @@ def test_training_lowers_the_loss_and_keeps_every_expert_in_use(trained):
     assert all(isinstance(text, str) and text for text in info["samples"].values())
 
 
-def test_a_second_build_is_the_cached_one(trained):
-    before = os.path.getmtime(os.path.join(trained, "model.safetensors"))
-    assert str(build_trained_model(TINY.name, trained, progress=False)) == trained
-    assert os.path.getmtime(os.path.join(trained, "model.safetensors")) == before
+def test_a_second_build_is_the_cached_one(trained_tiny):
+    before = os.path.getmtime(os.path.join(trained_tiny, "model.safetensors"))
+    assert str(build_trained_model(TINY.name, trained_tiny, progress=False)) == trained_tiny
+    assert os.path.getmtime(os.path.join(trained_tiny, "model.safetensors")) == before
 
 
 @pytest.mark.vllm
-def test_stock_vllm_and_transformers_agree_on_the_logits(trained):
+def test_stock_vllm_and_transformers_agree_on_the_logits(trained_tiny):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from daop_vllm.bench.quality import held_out_passages
 
-    passages = held_out_passages(trained, 3, 64)
-    reference = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
-    llm = make_llm(trained)
+    passages = held_out_passages(trained_tiny, 3, 64)
+    reference = AutoModelForCausalLM.from_pretrained(trained_tiny, dtype=torch.float32)
+    llm = make_llm(trained_tiny)
     try:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in passages],
                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
@@ -101,11 +96,11 @@ def test_stock_vllm_and_transformers_agree_on_the_logits(trained):
 
 
 @pytest.mark.vllm
-def test_quality_eval_measures_every_mode(trained):
+def test_quality_eval_measures_every_mode(trained_tiny):
     from daop_vllm.bench.quality import CONFIGS, run
 
     fractions = [1, 0.25]
-    result = run(trained, fractions, num_passages=4, prompt_len=16, forced_len=48, num_prompts=3, max_tokens=24,
+    result = run(trained_tiny, fractions, num_passages=4, prompt_len=16, forced_len=48, num_prompts=3, max_tokens=24,
                  first_predicted_layer=1)
     runs = {(r["mode"], r["degrade"], r["resident_fraction"]): r for r in result["runs"]}
     assert len(runs) == len(CONFIGS) * len(fractions)
