@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     cpu.add_argument("--repeats", type=int, default=3, help="passes per figure; medians are reported")
     cpu.add_argument("--scaling", action="store_true", help="also GB/s for 1, 2, 4, 8, 16 threads")
+    cpu.add_argument("--decode-steps", type=int, nargs="+", metavar="BATCH",
+                     help="also whole decode steps of these batch sizes (top-k of all experts, random routing): "
+                          "threads taking whole experts against slicing every expert")
     cpu.add_argument("--json", action="store_true", help="print one JSON object")
     cpu.add_argument("--out", type=Path, help="also write the JSON here")
     cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -200,7 +203,7 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
 
     import torch
 
-    from daop_vllm.bench.cpu_experts import measure, plot, thread_scaling
+    from daop_vllm.bench.cpu_experts import decode_steps, measure, plot, thread_scaling
     from daop_vllm.core.cpu_executor import physical_core_count
 
     shape = model_shape(args.model_shape)
@@ -208,6 +211,8 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype)
     if args.scaling:
         result["thread_scaling"] = thread_scaling(shape, args.repeats, dtype)
+    if args.decode_steps:
+        result["decode_steps"] = decode_steps(shape, result["threads"], args.decode_steps, args.repeats, dtype)
     if _emit_json(result, args, plot):
         return
     print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
@@ -219,6 +224,14 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
         r = result["per_tokens"][str(n)]
         print(f"{n:6d} {r['stream_gbps']:12.1f} {r['executor_gbps']:14.1f} {100 * r['executor_over_stream']:9.0f}% "
               f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}")
+    if args.decode_steps:
+        steps = result["decode_steps"]
+        print(f"decode steps (top-{shape.top_k} of {shape.num_experts} experts, all on the CPU):")
+        print(f"{'batch':>6} {'experts':>8} {'whole ms':>9} {'sliced ms':>10} {'whole GB/s':>11} {'of stream':>10}")
+        for batch in steps["batches"]:
+            r = steps["per_batch"][str(batch)]
+            print(f"{batch:6d} {r['distinct_experts']:8.1f} {r['whole_ms']:9.2f} {r['sliced_ms']:10.2f} "
+                  f"{r['whole_gbps']:11.1f} {100 * r['whole_over_stream']:9.0f}%")
 
 
 def _bench_modes(args: argparse.Namespace) -> None:

@@ -66,7 +66,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int, corpus: list[str] | None = N
     return wrapped
 
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe", "deepseek_v2")
 
 
 def family_config(family: str, shape: TinyMixtralShape, init_std: float):
@@ -108,6 +108,18 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
         # defaults leave them out, and vLLM then runs with uninitialised biases (only token 0).
         return PhimoeConfig(num_local_experts=shape.num_experts, attention_bias=True, lm_head_bias=True,
                             pad_token_id=0, **common), PhimoeForCausalLM
+    if family == "deepseek_v2":
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        # DeepSeek-V2-Lite's attention (MLA without a query projection, latent 512 + rope 64: the
+        # only head size vLLM's CPU MLA kernels take), one dense layer first, two shared experts
+        del common["intermediate_size"]
+        return DeepseekV2Config(n_routed_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
+                                intermediate_size=2 * shape.intermediate_size, n_shared_experts=2,
+                                first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                                qk_rope_head_dim=64, v_head_dim=128, topk_method="group_limited_greedy",
+                                n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                **common), DeepseekV2ForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -141,6 +141,54 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
     return result
 
 
+def _decode_step_runner(executor: CpuExpertExecutor, x: torch.Tensor, steps: list, tables: list[torch.Tensor],
+                        w13: torch.Tensor, w2: torch.Tensor):
+    """call -> one decode step's CPU experts, of layer `call` modulo the layers."""
+    def run(call: int) -> None:
+        weights, ids = steps[call % len(steps)]
+        executor.submit(x, ids, weights, w13, w2, tables[call % len(steps)]).result()
+    return run
+
+
+def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int, dtype: torch.dtype,
+                 seed: int = 0) -> dict[str, Any]:
+    """Decode steps' CPU work as the engine hands it over: `batch` tokens, each routed to top-k
+    of the layer's E experts (uniformly at random), every expert in host memory, layers taken in
+    turn so that the weights come from memory. The executor as it runs (threads take whole
+    experts once there are enough of them) against the same executor slicing every expert
+    between all threads, and the streaming read, in the same passes."""
+    llc = last_level_cache_bytes()
+    expert_bytes = shape.expert_bytes(torch.tensor([], dtype=dtype).element_size())
+    layers = max(1, min(MAX_ROTATED_EXPERTS // shape.num_experts, -(-4 * llc // (shape.num_experts * expert_bytes))))
+    w13, w2 = _experts(shape, layers * shape.num_experts, dtype)
+    executors = {"whole": CpuExpertExecutor(threads),
+                 "sliced": CpuExpertExecutor(threads, whole_experts_from=w13.shape[0] + 1)}
+    stream = StreamRead(max(4 * llc, 2**30), expert_bytes, threads)
+    gen = torch.Generator().manual_seed(seed)
+    result: dict[str, Any] = {"model_shape": shape.name, "dtype": str(dtype).removeprefix("torch."),
+                              "threads": threads, "layers_rotated": layers, "expert_bytes": expert_bytes,
+                              "batches": batches, "per_batch": {}}
+    for batch in tqdm(batches, desc=f"{shape.name} decode steps", leave=False):
+        x = torch.randn(batch, shape.hidden_size).to(dtype)
+        steps = [torch.rand(batch, shape.num_experts, generator=gen).topk(shape.top_k) for _ in range(layers)]
+        tables = [torch.arange(shape.num_experts) + layer * shape.num_experts for layer in range(layers)]
+        distinct = statistics.mean(len(set(ids.flatten().tolist())) for _, ids in steps)
+
+        runs = {name: _decode_step_runner(e, x, steps, tables, w13, w2) for name, e in executors.items()}
+        seconds = _median_seconds({"stream": stream, **runs}, layers, repeats)
+        row = {"distinct_experts": distinct, "stream_gbps": expert_bytes / seconds.pop("stream") / 1e9}
+        for name, s in seconds.items():
+            row[f"{name}_ms"] = 1e3 * s
+            row[f"{name}_gbps"] = distinct * expert_bytes / s / 1e9
+        row["whole_over_sliced"] = row["whole_gbps"] / row["sliced_gbps"]
+        row["whole_over_stream"] = row["whole_gbps"] / row["stream_gbps"]
+        result["per_batch"][str(batch)] = row
+    for executor in executors.values():
+        executor.shutdown()
+    stream.close()
+    return result
+
+
 def thread_scaling(shape: MoEShape, repeats: int, dtype: torch.dtype) -> dict[str, Any]:
     """Stream and 1-token executor GB/s for 1, 2, 4, 8, 16 threads, as far as the cores go."""
     cores = physical_core_count()

@@ -4,9 +4,13 @@ The caller submits one layer's CPU work and goes on with the device work; `CpuJo
 waits. Two paths, chosen per expert by how many tokens it got:
 
 - native (decode-sized, up to `native_max_tokens` tokens, fp32/bf16, when the C extension is
-  built): every thread takes a slice of each expert's gate/up rows, waits at a barrier, then a
-  slice of the output columns of each down projection, adding the weighted result into the
-  output directly. Each weight byte is read once per call: this path runs at memory bandwidth.
+  built), in one of two layouts. Few experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per
+  thread: Mixtral's 2-8 large ones): every thread takes a slice of each expert's gate/up rows,
+  waits at a barrier, then a slice of the output columns of each down projection, adding the
+  weighted result into the output directly. Many experts (Qwen-MoE's and DeepSeek's dozens of
+  small ones): each thread takes whole experts, no barrier, and adds into an output of its own
+  that the caller sums: two native calls per expert instead of two per expert and thread.
+  Either way each weight byte is read once per call: this path runs at memory bandwidth.
 - torch (more tokens, other dtypes, or no extension): the first thread runs these experts one
   after another with torch matmuls, which spread over the cores themselves (oneDNN/AMX where
   available); more threads calling torch at once would oversubscribe the cores.
@@ -18,6 +22,7 @@ forever) and the executor keeps serving.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -32,6 +37,10 @@ from daop_vllm.core.expert_math import expert_mlp
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins.
 NATIVE_MAX_TOKENS = 4
+# With at least this many native experts per thread, threads take whole experts instead of a
+# slice of every expert. Decode-sized experts cost their weight bytes, the same for all of an
+# engine's experts, so handing them out in turn balances the threads.
+GROUP_MIN_EXPERTS_PER_THREAD = 2
 # Workspace lanes: the layer's own CPU work, and pre-computations for even and odd layers
 # (at layer i, layer i's pre-computed results and layer i+1's pre-computation are both in flight).
 NUM_LANES = 3
@@ -82,9 +91,9 @@ class CpuJob:
     """The pending result [T, H] (x's dtype) of one layer's CPU experts. For fp32 inputs the
     result may be a view of the executor's workspace: use it before the next `submit`."""
 
-    def __init__(self, parts: list[Future], out: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, parts: list[Future], outs: list[torch.Tensor], dtype: torch.dtype) -> None:
         self._parts = parts
-        self._out = out
+        self._outs = outs  # the result, then the outputs of threads that kept their own
         self._dtype = dtype
 
     def result(self) -> torch.Tensor:
@@ -98,7 +107,9 @@ class CpuJob:
                 errors.append(exc)
         if errors:
             raise errors[0]
-        out = self._out
+        out = self._outs[0]
+        for own in self._outs[1:]:
+            out.add_(own)
         for partial in partials:
             for tokens, values in partial:
                 out.index_add_(0, tokens, values)
@@ -108,11 +119,13 @@ class CpuJob:
 class CpuExpertExecutor:
     """A pool of `num_threads` threads that run routed experts held in host memory."""
 
-    def __init__(self, num_threads: int, native_max_tokens: int = NATIVE_MAX_TOKENS, use_native: bool = True) -> None:
+    def __init__(self, num_threads: int, native_max_tokens: int = NATIVE_MAX_TOKENS, use_native: bool = True,
+                 whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
         self.native_max_tokens = native_max_tokens
+        self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
         self._kernels = native_kernels() if use_native else None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
         self.busy_seconds = 0.0  # thread-seconds spent on expert work (each thread adds its own)
@@ -152,21 +165,28 @@ class CpuExpertExecutor:
         )
         assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
         workspace = self._workspaces[lane]
-        out = workspace.buffer("out", (tokens, hidden), torch.float32)
-        out.zero_()
         native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
+        whole_experts = len(native) >= self.whole_experts_from * self.num_threads
+        n_outs = self.num_threads if whole_experts else 1
+        outs = workspace.buffer("out", (n_outs * tokens, hidden), torch.float32).view(n_outs, tokens, hidden)
+        outs.zero_()
         act = None
         if native:
             act = workspace.buffer("act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
-        barrier = threading.Barrier(self.num_threads) if native else None
+        barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
         self._jobs += 1
         inject = self.fail_every is not None and self._jobs % self.fail_every == 0
-        parts = [
-            self._pool.submit(self._run_part, part, barrier, native, by_torch if part == 0 else [], x, w13, w2, act, out,
-                              inject and part == 0)
-            for part in range(self.num_threads)
-        ]
-        return CpuJob(parts, out, x.dtype)
+        parts = []
+        for part in range(self.num_threads):
+            if whole_experts:
+                run_native = functools.partial(self._whole_experts, native[part::self.num_threads], outs[part])
+            elif native:
+                run_native = functools.partial(self._expert_slices, part, barrier, native, outs[0])
+            else:
+                run_native = None
+            parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], x, w13,
+                                           w2, act, inject and part == 0))
+        return CpuJob(parts, list(outs), x.dtype)
 
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[list[_ExpertWork], list[_ExpertWork]]:
         """Group the pairs by host expert (plain lists: a decode step has a handful of pairs),
@@ -192,15 +212,15 @@ class CpuExpertExecutor:
                 by_torch.append(work)
         return native, by_torch
 
-    def _run_part(self, part, barrier, native, torch_share, x, w13, w2, act, out, inject_fault=False) -> list:
-        """One thread's share: its slice of the native work, then (first thread) the torch
+    def _run_part(self, run_native, barrier, torch_share, x, w13, w2, act, inject_fault=False) -> list:
+        """One thread's share: its part of the native work, then (first thread) the torch
         experts, whose weighted outputs go back as (tokens, values) for the caller to add."""
         start = time.perf_counter()
         try:
             if inject_fault:
                 raise InjectedFault(f"injected CPU executor fault (every {self.fail_every} jobs)")
-            if native:
-                self._native_part(part, barrier, native, x, w13, w2, act, out)
+            if run_native is not None:
+                run_native(x, w13, w2, act)
             return [
                 (work.tokens, expert_mlp(x[work.tokens], w13[work.expert], w2[work.expert]).float()
                  * work.weights[:, None])
@@ -216,21 +236,36 @@ class CpuExpertExecutor:
             with self._busy_lock:
                 self.busy_seconds += time.perf_counter() - start
 
-    def _native_part(self, part, barrier, native, x, w13, w2, act, out) -> None:
-        kernels, n_threads = self._kernels, self.num_threads
-        dtype = NATIVE_DTYPES[x.dtype]
+    def _expert_slices(self, part, barrier, native, out, x, w13, w2, act) -> None:
+        """This thread's rows of every expert's gate/up, then its columns of every down projection."""
+        n_threads = self.num_threads
         hidden, inter = x.shape[1], w2.shape[2]
         i0, i1 = part * inter // n_threads, (part + 1) * inter // n_threads
         for work in native:
-            kernels.gate_up_act(dtype, w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(), hidden,
-                                work.tokens.data_ptr(), work.tokens.numel(), act[work.act_row].data_ptr(), inter,
-                                i0, i1)
+            self._gate_up(work, x, w13, act, i0, i1)
         barrier.wait()  # the down projection needs every row of the activations
         h0, h1 = part * hidden // n_threads, (part + 1) * hidden // n_threads
         for work in native:
-            kernels.down_scatter(dtype, w2[work.expert].data_ptr(), inter, act[work.act_row].data_ptr(), inter,
-                                 work.tokens.data_ptr(), work.weights.data_ptr(), work.tokens.numel(),
-                                 out.data_ptr(), hidden, h0, h1)
+            self._down(work, w2, act, out, h0, h1)
+
+    def _whole_experts(self, own, out, x, w13, w2, act) -> None:
+        """Whole experts, into this thread's own output."""
+        hidden, inter = x.shape[1], w2.shape[2]
+        for work in own:
+            self._gate_up(work, x, w13, act, 0, inter)
+            self._down(work, w2, act, out, 0, hidden)
+
+    def _gate_up(self, work, x, w13, act, i0, i1) -> None:
+        hidden, inter = x.shape[1], w13.shape[1] // 2
+        self._kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(),
+                                  hidden, work.tokens.data_ptr(), work.tokens.numel(), act[work.act_row].data_ptr(),
+                                  inter, i0, i1)
+
+    def _down(self, work, w2, act, out, h0, h1) -> None:
+        hidden, inter = w2.shape[1], w2.shape[2]
+        self._kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2[work.expert].data_ptr(), inter,
+                                   act[work.act_row].data_ptr(), inter, work.tokens.data_ptr(),
+                                   work.weights.data_ptr(), work.tokens.numel(), out.data_ptr(), hidden, h0, h1)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -37,15 +37,16 @@ class SoftmaxTopK:
 class CustomRouting:
     """A model's own routing function, vLLM's `custom_routing_function` signature
     `(hidden_states, gating_output, topk, renormalize) -> (weights, ids)` (Phi-3.5-MoE's
-    sparsemixer). Such functions read only the row count of `hidden_states`, so the logits
-    stand in for it. `scores` (for degradation's substitutes) ranks by softmax."""
+    sparsemixer, DeepSeek-V2's grouped top-k). Such functions read only the row count of
+    `hidden_states`, so the logits stand in for it. `scores` (for degradation's substitutes) ranks by softmax."""
 
     function: object
     top_k: int
     renormalize: bool = False
+    name: str | None = None  # for reports; default: the function's own name
 
     def __str__(self) -> str:
-        return f"{getattr(self.function, '__name__', 'custom')} top-{self.top_k}"
+        return f"{self.name or getattr(self.function, '__name__', 'custom')} top-{self.top_k}"
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(router_logits, dim=-1, dtype=torch.float32)

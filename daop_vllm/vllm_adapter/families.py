@@ -20,11 +20,13 @@ class MoEFamily:
     num_experts_attr: str
     top_k_attr: str
     gate_attr: str = "gate"  # the router's module, beside the experts in the MoE block
+    dense_layers_attr: str | None = None  # config attribute: how many dense MLP layers come first
 
     def shape(self, hf_config: Any) -> tuple[int, int, int]:
         """(MoE layers, routed experts per layer, top-k)."""
+        dense = getattr(hf_config, self.dense_layers_attr, 0) if self.dense_layers_attr else 0
         return (
-            hf_config.num_hidden_layers,
+            hf_config.num_hidden_layers - dense,
             getattr(hf_config, self.num_experts_attr),
             getattr(hf_config, self.top_k_attr),
         )
@@ -68,6 +70,15 @@ SUPPORTED_FAMILIES = {
             model_module="vllm.model_executor.models.qwen3_moe",
             num_experts_attr="num_experts",
             top_k_attr="num_experts_per_tok",
+        ),
+        # DeepSeek-V2 (and -Lite): grouped top-k routing, shared experts kept on the device by vLLM's
+        # own module, MLA attention, and dense MLPs in the first layers
+        MoEFamily(
+            architecture="DeepseekV2ForCausalLM",
+            model_module="vllm.model_executor.models.deepseek_v2",
+            num_experts_attr="n_routed_experts",
+            top_k_attr="num_experts_per_tok",
+            dense_layers_attr="first_k_dense_replace",
         ),
     )
 }

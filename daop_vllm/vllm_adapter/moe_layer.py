@@ -9,6 +9,7 @@ inductor treat all of DAOP's Python - threads, host copies, counters - as a blac
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import re
@@ -20,56 +21,76 @@ from torch import nn
 
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.moe import DaopMoE
+from daop_vllm.core.moe import DaopMoE, RoutingFunction
 from daop_vllm.core.routing import CustomRouting, SoftmaxTopK
 from daop_vllm.vllm_adapter.families import MoEFamily
 
 
-class DaopMoELayer(nn.Module):
-    """Holds one layer's host expert store as parameters (so vLLM's weight loading and
-    checks see them) and forwards through the DAOP op."""
+class RoutedExpertWeights(nn.Module):
+    """A layer's host expert store as parameters, named as vLLM's RoutedExperts names them
+    (w13 = gate rows then up rows), each with vLLM's expert weight loader: models that load
+    experts themselves (DeepSeek-V2) call it with `shard_id` w1/w2/w3 and `expert_id`."""
 
-    def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str],
-                 shared_experts: nn.Module | None = None, gate: nn.Module | None = None) -> None:
+    def __init__(self, moe: DaopMoE) -> None:
         super().__init__()
-        self.moe = moe
-        # The model's shared expert (Qwen2-MoE): always on the device, outside DAOP's budget and
-        # counters. Kept out of this module's children: the MoE block owns and loads it, as it
-        # owns the gate of the families (Qwen3-MoE) that leave routing to the MoE layer.
-        self._shared_experts = (shared_experts,)
-        self._router_logits = None if gate is None else _router_logits(gate)
-        self.layer_name = layer_name
-        # Same parameter names as vLLM's RoutedExperts: w13 = gate rows then up rows.
         self.w13_weight = nn.Parameter(moe.store.w13, requires_grad=False)
         self.w2_weight = nn.Parameter(moe.store.w2, requires_grad=False)
+        self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.load_expert
+
+    def load_expert(self, param: nn.Parameter, tensor: torch.Tensor, name: str = "", *, shard_id: str,
+                    expert_id: int, return_success: bool = False) -> bool:
+        intermediate = self.w2_weight.shape[2]
+        if shard_id == "w2":
+            self.w2_weight[expert_id].copy_(tensor)
+        else:
+            rows = slice(0, intermediate) if shard_id == "w1" else slice(intermediate, 2 * intermediate)
+            self.w13_weight[expert_id, rows].copy_(tensor)
+        return True
+
+
+class DaopMoELayer(nn.Module):
+    """Holds one layer's host expert store (as `routed_experts`, so that vLLM's weight loading
+    and checks see it) and forwards through the DAOP op."""
+
+    def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str],
+                 shared_experts: nn.Module | None = None, gate: nn.Module | None = None,
+                 shared_output_scale: float = 1.0) -> None:
+        super().__init__()
+        self.moe = moe
+        # The model's shared experts (Qwen2-MoE, DeepSeek-V2): always on the device, outside DAOP's
+        # budget and counters. Kept out of this module's children: the MoE block owns and loads
+        # them, as it owns the gate of the families (Qwen3-MoE, DeepSeek-V2) that leave routing to
+        # the MoE layer.
+        self._shared_experts = (shared_experts,)
+        self._shared_output_scale = shared_output_scale
+        self._router_logits = None if gate is None else _router_logits(gate)
+        self.layer_name = layer_name
+        self.routed_experts = RoutedExpertWeights(moe)
         gate, down, up = (re.escape(name) for name in ckpt_names)
         self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.weight")
-        self._ckpt_names = ckpt_names
+        self._shard_ids = dict(zip(ckpt_names, ("w1", "w2", "w3"), strict=True))
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if self._router_logits is not None:  # the block passed its hidden states in place of logits
             router_logits = self._router_logits(hidden_states)
         out = torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
         shared = self._shared_experts[0]
-        return out if shared is None else out + shared(hidden_states)
+        if shared is None:
+            return out
+        return out + shared(hidden_states) * self._shared_output_scale
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint tensors `{expert}.{w1|w2|w3}.weight` into the host store."""
-        gate, down, up = self._ckpt_names
-        intermediate = self.moe.store.w2.shape[2]
+        """Checkpoint tensors `{expert}.{gate|down|up}.weight` into the host store (models whose
+        weight loader hands each module its own weights)."""
         loaded: set[str] = set()
         for name, tensor in weights:
             match = self._ckpt_pattern.fullmatch(name)
             if match is None:
                 raise ValueError(f"{self.layer_name}: unexpected expert weight {name!r}")
-            expert, proj = int(match.group(1)), match.group(2)
-            if proj == down:
-                self.moe.store.w2[expert].copy_(tensor)
-                loaded.add("w2_weight")
-            else:
-                rows = slice(0, intermediate) if proj == gate else slice(intermediate, 2 * intermediate)
-                self.moe.store.w13[expert, rows].copy_(tensor)
-                loaded.add("w13_weight")
+            shard_id = self._shard_ids[match.group(2)]
+            param = self.routed_experts.w2_weight if shard_id == "w2" else self.routed_experts.w13_weight
+            self.routed_experts.load_expert(param, tensor, shard_id=shard_id, expert_id=int(match.group(1)))
+            loaded.add("routed_experts.w2_weight" if shard_id == "w2" else "routed_experts.w13_weight")
         return loaded
 
 
@@ -126,10 +147,45 @@ def _factory_defaults() -> dict[str, Any]:
 
 # FusedMoEFactory arguments the DAOP layer honours; any other argument must keep its default.
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
-            "shared_experts", "custom_routing_function", "gate"}
+            "shared_experts", "custom_routing_function", "gate", "use_grouped_topk", "num_expert_group", "topk_group",
+            "scoring_func", "routed_scaling_factor", "e_score_correction_bias", "apply_routed_scale_to_output",
+            "router_logits_dtype"}
 # Arguments whose value does not change what the layer computes on one device.
 # (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
-_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size"}
+_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
+
+
+def _routing(kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[RoutingFunction, float]:
+    """The family's routing function, and the factor on its shared experts' output.
+
+    vLLM scales routed outputs by `routed_scaling_factor` (DeepSeek-V2: 16) in the routing
+    weights, except in fp16 with shared experts, where it divides the shared output instead (and
+    DeepSeek's decoder layer divides the residual) to stay within fp16's range."""
+    top_k, renormalize = kwargs["top_k"], kwargs.get("renormalize", True)
+    scale = kwargs.get("routed_scaling_factor", 1.0)
+    scale_shared = (kwargs.get("apply_routed_scale_to_output") and dtype == torch.float16
+                    and kwargs.get("shared_experts") is not None)
+    weight_scale, shared_output_scale = (1.0, 1.0 / scale) if scale_shared else (scale, 1.0)
+    if kwargs.get("use_grouped_topk"):
+        from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+            grouped_topk,
+        )
+
+        groups, kept = kwargs["num_expert_group"], kwargs["topk_group"]
+        function = functools.partial(grouped_topk, num_expert_group=groups, topk_group=kept,
+                                     scoring_func=kwargs.get("scoring_func", "softmax"),
+                                     routed_scaling_factor=weight_scale,
+                                     e_score_correction_bias=kwargs.get("e_score_correction_bias"))
+        name = f"grouped {kwargs.get('scoring_func', 'softmax')} ({kept} of {groups} groups)"
+        return CustomRouting(function, top_k, renormalize, name), shared_output_scale
+    if weight_scale != 1.0 or kwargs.get("scoring_func", "softmax") != "softmax":
+        raise DaopConfigError(
+            f"this model's MoE layers route with scoring_func={kwargs.get('scoring_func')!r} and "
+            f"routed_scaling_factor={scale} without grouped top-k, which load_format 'daop' does not support yet"
+        )
+    if kwargs.get("custom_routing_function") is not None:
+        return CustomRouting(kwargs["custom_routing_function"], top_k, renormalize), shared_output_scale
+    return SoftmaxTopK(top_k, renormalize), shared_output_scale
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -147,15 +203,12 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
                 raise DaopConfigError(
                     f"this model's MoE layers use {name}={value!r}, which load_format 'daop' does not support yet"
                 )
-        if kwargs.get("custom_routing_function") is not None:
-            route = CustomRouting(kwargs["custom_routing_function"], kwargs["top_k"], kwargs.get("renormalize", True))
-        else:
-            route = SoftmaxTopK(kwargs["top_k"], kwargs.get("renormalize", True))
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
+        route, shared_output_scale = _routing(kwargs, dtype)
         moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
         prefix = kwargs["prefix"]
         layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"),
-                             kwargs.get("gate"))
+                             kwargs.get("gate"), shared_output_scale)
         forward_context = vllm_config.compilation_config.static_forward_context
         if prefix in forward_context:
             raise ValueError(f"duplicate layer name {prefix!r}")

@@ -9,7 +9,8 @@ def test_bench_cpu_experts_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "daop_vllm.cli", "bench", "cpu-experts", "--model-shape", "tiny-mixtral",
-         "--tokens", "1", "4", "--repeats", "1", "--threads", "2", "--json", "--out", str(out)],
+         "--tokens", "1", "4", "--repeats", "1", "--threads", "2", "--decode-steps", "1", "8", "--json",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -22,3 +23,9 @@ def test_bench_cpu_experts_json(tmp_path):
     first = printed["per_tokens"]["1"]
     assert first["stream_gbps"] > 0
     assert printed["decode_efficiency"] == first["executor_gbps"] / first["stream_gbps"]
+    steps = printed["decode_steps"]
+    assert steps["batches"] == [1, 8] and steps["threads"] == 2
+    one, eight = steps["per_batch"]["1"], steps["per_batch"]["8"]
+    assert one["distinct_experts"] == 2 and 2 < eight["distinct_experts"] <= 8  # tiny-mixtral routes top-2 of 8
+    for row in (one, eight):
+        assert all(row[key] > 0 for key in ("whole_ms", "sliced_ms", "whole_gbps", "sliced_gbps", "stream_gbps"))

@@ -54,3 +54,32 @@ def runs_at_fractions(llm, fractions: list[float]):
         if fraction != fractions[0]:
             llm.collective_rpc("daop_place_fraction", args=(fraction,))
         yield (fraction, *run_counted(llm))
+
+
+def prompt_logprobs(llm, prompts: list[list[int]]) -> list[list[float]]:
+    """vLLM's log-probability of each prompt token after the first, given those before it."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [[step[token].logprob for step, token in zip(output.prompt_logprobs[1:], prompt[1:])]
+            for prompt, output in zip(prompts, outputs)]
+
+
+def transformers_logprobs(model: str, prompts: list[list[int]], dtype) -> list[list[float]]:
+    """The same log-probabilities from `transformers`' implementation of the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    result = []
+    for prompt in prompts:
+        with torch.no_grad():
+            logprobs = reference(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        result.append([logprobs[position, token].item() for position, token in enumerate(prompt[1:])])
+    return result
+
+
+def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))

@@ -11,7 +11,7 @@ import torch
 
 from daop_vllm.trained_model import RECIPES, build_trained_model
 
-from .engines import close_llm, make_llm
+from .engines import close_llm, make_llm, max_difference, prompt_logprobs, transformers_logprobs
 
 TINY = RECIPES["shakespeare-moe-tiny"]
 
@@ -73,26 +73,15 @@ def test_a_second_build_is_the_cached_one(trained_tiny):
 
 @pytest.mark.vllm
 def test_stock_vllm_and_transformers_agree_on_the_logits(trained_tiny):
-    from transformers import AutoModelForCausalLM
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from daop_vllm.bench.quality import held_out_passages
 
     passages = held_out_passages(trained_tiny, 3, 64)
-    reference = AutoModelForCausalLM.from_pretrained(trained_tiny, dtype=torch.float32)
     llm = make_llm(trained_tiny)
     try:
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in passages],
-                               SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        got = prompt_logprobs(llm, passages)
     finally:
         close_llm(llm)
-    for passage, output in zip(passages, outputs):
-        with torch.no_grad():
-            expected = reference(torch.tensor([passage])).logits[0].log_softmax(-1)
-        got = [step[token].logprob for step, token in zip(output.prompt_logprobs[1:], passage[1:])]
-        want = [expected[position, token].item() for position, token in enumerate(passage[1:])]
-        assert max(abs(a - b) for a, b in zip(got, want)) < 2e-3
+    assert max_difference(got, transformers_logprobs(trained_tiny, passages, torch.float32)) < 2e-3
 
 
 @pytest.mark.vllm
