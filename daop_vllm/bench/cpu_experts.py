@@ -24,6 +24,7 @@ from daop_vllm.core.expert_math import expert_mlp
 from daop_vllm.core.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
+STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
 
 
 def last_level_cache_bytes() -> int:
@@ -175,7 +176,7 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
         distinct = statistics.mean(len(set(ids.flatten().tolist())) for _, ids in steps)
 
         runs = {name: _decode_step_runner(e, x, steps, tables, w13, w2) for name, e in executors.items()}
-        seconds = _median_seconds({"stream": stream, **runs}, layers, repeats)
+        seconds = _median_seconds({"stream": stream, **runs}, STEPS_PER_PASS_PER_LAYER * layers, repeats)
         row = {"distinct_experts": distinct, "stream_gbps": expert_bytes / seconds.pop("stream") / 1e9}
         for name, s in seconds.items():
             row[f"{name}_ms"] = 1e3 * s

@@ -59,6 +59,8 @@ def make_case(tokens, experts, top_k, hidden, intermediate, resident, seed=0, dt
         (33, 8, 2, 100, 72, list(range(8))),  # all resident, more rows than a block
         (20, 8, 2, 64, 32, []),  # none resident
         (19, 16, 4, 80, 96, [15, 0, 7, 9, 2]),  # slots in another order than experts
+        (16, 64, 6, 64, 48, list(range(0, 64, 2))),  # DeepSeek-V2-Lite's many small experts, one launch
+        (8, 128, 8, 64, 32, list(range(127, 27, -1))),  # Qwen3-MoE's 128, most resident
     ],
 )
 def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, resident):
