@@ -19,12 +19,18 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define DAOP_X86 1
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-static int has_avx512_bf16, has_avx512f; /* set when the module loads */
-enum { MAX_GROUP = 8 }; /* tokens whose dot products share one pass over a weight row */
+static int has_avx512_bf16, has_avx512f, has_amx_bf16; /* set when the module loads */
+/* bf16 calls with at least this many tokens per expert run on AMX tiles where the CPU has them
+ * (0: never); set by `set_amx_min_tokens` */
+static int amx_min_tokens = 2;
+enum { MAX_GROUP = 16 }; /* tokens whose dot products share one pass over a weight row (an AMX tile's) */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -219,6 +225,139 @@ static void dots_rows(int dtype, const void *const *w, const void *const *x, int
     for (int r = 0; r < ROWS; r++) dots(dtype, w[r], x, n, len, out + r * n);
 }
 
+#ifdef DAOP_X86
+/* AMX: a tile multiply takes 16 weight rows x 32 elements (the rows as they lie in memory) times
+ * 32 elements x 16 tokens, where the AVX-512 path needs one vdpbf16ps per row, token and 32
+ * elements: from 4 tokens on, those instructions rather than memory bound the AVX-512 path. The
+ * tokens are packed once per call into the tile layout (pairs of consecutive elements per token);
+ * tokens past n are zero. Tiles: 0-1 accumulators, 2-3 weight rows, 4 tokens. */
+enum { AMX_ROWS = 16, AMX_K = 32, AMX_TOKENS = 16 };
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tile_config; /* ldtilecfg faults on an unaligned one */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted(void) { /* Linux lets a process use the AMX state only on request */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* The tile layout of x (or act), per thread and grown as needed: a call runs in one thread. */
+static __thread uint16_t *packed_buffer;
+static __thread int64_t packed_capacity;
+
+/* Pair j of the packed layout (16 x 32 bits): elements 2j and 2j + 1 of each token, zeros past n.
+ * One gather per pair; the element pairs of the tokens are 32-bit words at offsets from the
+ * first token's row (the rows of x or act: close together, and len is even). */
+__attribute__((target("avx512f"))) static void pack_pairs(const uint16_t *const *vecs, int n, int64_t len,
+                                                          uint16_t *out) {
+    const int32_t *base = (const int32_t *)vecs[0];
+    int32_t offsets[AMX_TOKENS];
+    for (int t = 0; t < AMX_TOKENS; t++) offsets[t] = t < n ? (int32_t)((const int32_t *)vecs[t] - base) : 0;
+    __m512i index = _mm512_loadu_si512(offsets);
+    __mmask16 live = (__mmask16)(n >= AMX_TOKENS ? 0xffff : (1u << n) - 1);
+    int32_t *o = (int32_t *)out;
+    for (int64_t pair = 0; pair < len / 2; pair++) {
+        __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, index, base, 4);
+        _mm512_store_si512(o + pair * AMX_TOKENS, v);
+        index = _mm512_add_epi32(index, _mm512_set1_epi32(1));
+    }
+}
+
+static const uint16_t *pack_tokens(const uint16_t *const *vecs, int n, int64_t len) {
+    int64_t need = len * AMX_TOKENS;
+    if (need > packed_capacity) {
+        free(packed_buffer);
+        packed_buffer = aligned_alloc(64, (size_t)need * sizeof(uint16_t));
+        packed_capacity = packed_buffer ? need : 0;
+        if (!packed_buffer) return NULL;
+    }
+    pack_pairs(vecs, n, len, packed_buffer);
+    return packed_buffer;
+}
+
+__attribute__((target("amx-tile"))) static void amx_begin(void) {
+    tile_config cfg = {0};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 5; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    /* GCC 12 does not see that ldtilecfg reads cfg and drops the stores above without this */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg); /* every call: torch's oneDNN may have configured the tiles its way */
+}
+
+__attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
+
+/* c0[r][t] = wa[r] . x[t], c1[r][t] = wb[r] . x[t] for 16 rows of `len` (a multiple of 32) elements
+ * `stride` elements apart, against the packed tokens. */
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_two_blocks(const uint16_t *wa, const uint16_t *wb,
+                                                                        int64_t stride, const uint16_t *packed,
+                                                                        int64_t len, float c0[16][16],
+                                                                        float c1[16][16]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = 0; k < len; k += AMX_K) {
+        _tile_loadd(2, wa + k, stride * 2);
+        _tile_loadd(3, wb + k, stride * 2);
+        _tile_loadd(4, packed + k * AMX_TOKENS, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, c0, 64);
+    _tile_stored(1, c1, 64);
+}
+
+/* gate_up_act's rows [i0, i1) in blocks of 16 on AMX; returns the first row it did not do. */
+static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint16_t *const *vecs, int n,
+                           uint16_t *act, int64_t ldact, int64_t i0, int64_t i1) {
+    const uint16_t *packed = pack_tokens(vecs, n, H);
+    if (!packed) return i0;
+    float gate[16][16] __attribute__((aligned(64))), up[16][16] __attribute__((aligned(64)));
+    amx_begin();
+    int64_t i = i0;
+    for (; i + AMX_ROWS <= i1; i += AMX_ROWS) {
+        amx_two_blocks(w13 + i * H, w13 + (I + i) * H, H, packed, H, gate, up);
+        for (int r = 0; r < AMX_ROWS; r++)
+            for (int t = 0; t < n; t++) act[t * ldact + i + r] = f32_to_bf16(silu(gate[r][t]) * up[r][t]);
+    }
+    amx_end();
+    return i;
+}
+
+/* down_scatter's columns [h0, h1) in blocks of 32 on AMX; returns the first column it did not do. */
+static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *const *vecs, int n, const int64_t *tok,
+                        const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
+    const uint16_t *packed = pack_tokens(vecs, n, I);
+    if (!packed) return h0;
+    float c0[16][16] __attribute__((aligned(64))), c1[16][16] __attribute__((aligned(64)));
+    amx_begin();
+    int64_t h = h0;
+    for (; h + 2 * AMX_ROWS <= h1; h += 2 * AMX_ROWS) {
+        amx_two_blocks(w2 + h * I, w2 + (h + AMX_ROWS) * I, I, packed, I, c0, c1);
+        for (int t = 0; t < n; t++) {
+            float *o = out + tok[t] * ldout + h;
+            for (int r = 0; r < AMX_ROWS; r++) {
+                o[r] += weight[t] * c0[r][t];
+                o[AMX_ROWS + r] += weight[t] * c1[r][t];
+            }
+        }
+    }
+    amx_end();
+    return h;
+}
+
+static int use_amx(int dtype, int n, int64_t len) {
+    return dtype == DT_BF16 && has_amx_bf16 && amx_min_tokens > 0 && n >= amx_min_tokens && n <= AMX_TOKENS &&
+           len % AMX_K == 0;
+}
+#endif
+
 static inline size_t dtype_size(int dtype) { return dtype == DT_BF16 ? 2 : 4; }
 
 static inline const void *element(const void *base, int dtype, int64_t offset) {
@@ -241,6 +380,10 @@ static void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const 
         int g = (int)(n - t0 < MAX_GROUP ? n - t0 : MAX_GROUP);
         for (int t = 0; t < g; t++) vecs[t] = element(x, dtype, tok[t0 + t] * ldx);
         int64_t i = i0;
+#ifdef DAOP_X86
+        if (use_amx(dtype, g, H))
+            i = gate_up_amx(w13, I, H, (const uint16_t *const *)vecs, g, (uint16_t *)act + t0 * ldact, ldact, i0, i1);
+#endif
         if (g <= MAX_ROWS_TOKENS) { /* gate and up rows of i and i + 1: four streams */
             for (; i + 2 <= i1; i += 2) {
                 const void *w[ROWS] = {element(w13, dtype, i * H), element(w13, dtype, (I + i) * H),
@@ -270,6 +413,10 @@ static void down_scatter(int dtype, const void *w2, int64_t I, const void *act, 
         int g = (int)(n - t0 < MAX_GROUP ? n - t0 : MAX_GROUP);
         for (int t = 0; t < g; t++) vecs[t] = element(act, dtype, (t0 + t) * ldact);
         int64_t h = h0;
+#ifdef DAOP_X86
+        if (use_amx(dtype, g, I))
+            h = down_amx(w2, I, (const uint16_t *const *)vecs, g, tok + t0, weight + t0, out, ldout, h0, h1);
+#endif
         if (g <= MAX_ROWS_TOKENS) { /* four consecutive rows: four streams */
             for (; h + ROWS <= h1; h += ROWS) {
                 const void *w[ROWS] = {element(w2, dtype, h * I), element(w2, dtype, (h + 1) * I),
@@ -364,11 +511,19 @@ static PyObject *py_read_sum(PyObject *self, PyObject *args) {
 
 static PyObject *py_isa(PyObject *self, PyObject *args) {
 #ifdef DAOP_X86
-    return Py_BuildValue("{s:O,s:O}", "avx512f", has_avx512f ? Py_True : Py_False, "avx512_bf16",
-                         has_avx512_bf16 ? Py_True : Py_False);
+    return Py_BuildValue("{s:O,s:O,s:O}", "avx512f", has_avx512f ? Py_True : Py_False, "avx512_bf16",
+                         has_avx512_bf16 ? Py_True : Py_False, "amx_bf16", has_amx_bf16 ? Py_True : Py_False);
 #else
-    return Py_BuildValue("{s:O,s:O}", "avx512f", Py_False, "avx512_bf16", Py_False);
+    return Py_BuildValue("{s:O,s:O,s:O}", "avx512f", Py_False, "avx512_bf16", Py_False, "amx_bf16", Py_False);
 #endif
+}
+
+static PyObject *py_set_amx_min_tokens(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    int previous = amx_min_tokens;
+    amx_min_tokens = n;
+    return PyLong_FromLong(previous);
 }
 
 static PyMethodDef methods[] = {
@@ -378,6 +533,9 @@ static PyMethodDef methods[] = {
      "down_scatter(dtype, w2, I, act, ldact, tok, weight, n, out, ldout, h0, h1): out[tok] += weight * w2 act"},
     {"read_sum", py_read_sum, METH_VARARGS, "read_sum(ptr, nbytes): sum of 64-bit words (bandwidth baseline)"},
     {"isa", py_isa, METH_NOARGS, "which vector paths this CPU runs"},
+    {"set_amx_min_tokens", py_set_amx_min_tokens, METH_VARARGS,
+     "set_amx_min_tokens(n): bf16 calls with n or more tokens per expert use AMX where present (0: never); "
+     "returns the previous n"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -388,6 +546,7 @@ PyMODINIT_FUNC PyInit__cpu_experts(void) {
     __builtin_cpu_init();
     has_avx512f = __builtin_cpu_supports("avx512f");
     has_avx512_bf16 = has_avx512f && __builtin_cpu_supports("avx512bf16");
+    has_amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && amx_permitted();
 #endif
     return PyModule_Create(&module);
 }

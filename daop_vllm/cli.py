@@ -218,12 +218,14 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
     print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
           f"{100 * result['decode_efficiency']:.0f}%")
+    avx512 = "executor_avx512_gbps" in result["per_tokens"][str(result["tokens"][0])]
     print(f"{'tokens':>6} {'stream GB/s':>12} {'executor GB/s':>14} {'of stream':>10} {'torch GB/s':>11} "
-          f"{'executor GFLOP/s':>17} {'torch GFLOP/s':>14}")
+          f"{'executor GFLOP/s':>17} {'torch GFLOP/s':>14}" + (f" {'without AMX GB/s':>17}" if avx512 else ""))
     for n in result["tokens"]:
         r = result["per_tokens"][str(n)]
         print(f"{n:6d} {r['stream_gbps']:12.1f} {r['executor_gbps']:14.1f} {100 * r['executor_over_stream']:9.0f}% "
-              f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}")
+              f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}"
+              + (f" {r['executor_avx512_gbps']:17.1f}" if avx512 else ""))
     if args.decode_steps:
         steps = result["decode_steps"]
         print(f"decode steps (top-{shape.top_k} of {shape.num_experts} experts, all on the CPU):")

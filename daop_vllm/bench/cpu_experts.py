@@ -100,7 +100,8 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
     # need too many calls for that and stop at MAX_ROTATED_EXPERTS ("rotated_bytes" tells).
     num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // expert_bytes) + 1))
     w13, w2 = _experts(shape, num_experts, dtype)
-    executor = CpuExpertExecutor(threads, **({"native_max_tokens": native_max_tokens} if native_max_tokens else {}))
+    executor = CpuExpertExecutor(threads, native_max_tokens)
+    amx = dtype == torch.bfloat16 and executor.kernels is not None and executor.kernels.isa()["amx_bf16"]
     torch.set_num_threads(threads)
     table = torch.arange(num_experts)
     result: dict[str, Any] = {
@@ -125,6 +126,8 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
         flops = 6 * shape.hidden_size * shape.intermediate_size * n
         row = {}
         runs = {"stream": stream, "executor": run_executor, "torch": run_torch}
+        if amx:  # the kernel's AVX-512 path beside its AMX one, in the same passes
+            runs["executor_avx512"] = _without_amx(executor.kernels, run_executor)
         seconds = _median_seconds(runs, num_experts, repeats)
         row["stream_gbps"] = expert_bytes / seconds.pop("stream") / 1e9
         for name, s in seconds.items():
@@ -140,6 +143,17 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
     executor.shutdown()
     stream.close()
     return result
+
+
+def _without_amx(kernels, run):
+    """`run` with the native kernels' AMX path switched off for the call."""
+    def run_avx512(call: int) -> None:
+        previous = kernels.set_amx_min_tokens(0)
+        try:
+            run(call)
+        finally:
+            kernels.set_amx_min_tokens(previous)
+    return run_avx512
 
 
 def _decode_step_runner(executor: CpuExpertExecutor, x: torch.Tensor, steps: list, tables: list[torch.Tensor],
@@ -164,7 +178,6 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
     w13, w2 = _experts(shape, layers * shape.num_experts, dtype)
     executors = {"whole": CpuExpertExecutor(threads),
                  "sliced": CpuExpertExecutor(threads, whole_experts_from=w13.shape[0] + 1)}
-    stream = StreamRead(max(4 * llc, 2**30), expert_bytes, threads)
     gen = torch.Generator().manual_seed(seed)
     result: dict[str, Any] = {"model_shape": shape.name, "dtype": str(dtype).removeprefix("torch."),
                               "threads": threads, "layers_rotated": layers, "expert_bytes": expert_bytes,
@@ -175,9 +188,12 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
         tables = [torch.arange(shape.num_experts) + layer * shape.num_experts for layer in range(layers)]
         distinct = statistics.mean(len(set(ids.flatten().tolist())) for _, ids in steps)
 
+        step_bytes = int(distinct * expert_bytes)
+        stream = StreamRead(max(4 * llc, 2**30), step_bytes, threads)  # a step's bytes per call, as the steps
         runs = {name: _decode_step_runner(e, x, steps, tables, w13, w2) for name, e in executors.items()}
         seconds = _median_seconds({"stream": stream, **runs}, STEPS_PER_PASS_PER_LAYER * layers, repeats)
-        row = {"distinct_experts": distinct, "stream_gbps": expert_bytes / seconds.pop("stream") / 1e9}
+        stream.close()
+        row = {"distinct_experts": distinct, "stream_gbps": step_bytes / seconds.pop("stream") / 1e9}
         for name, s in seconds.items():
             row[f"{name}_ms"] = 1e3 * s
             row[f"{name}_gbps"] = distinct * expert_bytes / s / 1e9
@@ -186,7 +202,6 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
         result["per_batch"][str(batch)] = row
     for executor in executors.values():
         executor.shutdown()
-    stream.close()
     return result
 
 
@@ -211,6 +226,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = [result["per_tokens"][str(n)] for n in tokens]
     fig, (bw, fl) = plt.subplots(1, 2, figsize=(11, 4))
     bw.plot(tokens, [r["executor_gbps"] for r in rows], "o-", label="DAOP executor")
+    if "executor_avx512_gbps" in rows[0]:
+        bw.plot(tokens, [r["executor_avx512_gbps"] for r in rows], "^:", label="DAOP executor without AMX")
     bw.plot(tokens, [r["torch_gbps"] for r in rows], "s--", label="PyTorch x @ w.t()")
     bw.axhline(result["stream_read_gbps"], color="gray", linestyle=":", label="streaming read")
     bw.axhline(0.85 * result["stream_read_gbps"], color="gray", linestyle="-.", linewidth=0.7, label="85% of it")

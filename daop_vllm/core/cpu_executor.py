@@ -35,8 +35,9 @@ from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
 from daop_vllm.core.expert_math import expert_mlp
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
-# machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins.
-NATIVE_MAX_TOKENS = 4
+# machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. The
+# kernel's AMX path takes up to 16 tokens in one pass over the weights; AVX-512 alone, 4.
+NATIVE_MAX_TOKENS = {True: 16, False: 4}  # by: the CPU has AMX
 # With at least this many native experts per thread, threads take whole experts instead of a
 # slice of every expert. Decode-sized experts cost their weight bytes, the same for all of an
 # engine's experts, so handing them out in turn balances the threads.
@@ -119,14 +120,15 @@ class CpuJob:
 class CpuExpertExecutor:
     """A pool of `num_threads` threads that run routed experts held in host memory."""
 
-    def __init__(self, num_threads: int, native_max_tokens: int = NATIVE_MAX_TOKENS, use_native: bool = True,
+    def __init__(self, num_threads: int, native_max_tokens: int | None = None, use_native: bool = True,
                  whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
-        self.native_max_tokens = native_max_tokens
+        self.kernels = native_kernels() if use_native else None
+        self._amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]
+        self.native_max_tokens = NATIVE_MAX_TOKENS[self._amx] if native_max_tokens is None else native_max_tokens
         self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
-        self._kernels = native_kernels() if use_native else None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
         self.busy_seconds = 0.0  # thread-seconds spent on expert work (each thread adds its own)
         self._busy_lock = threading.Lock()
@@ -136,10 +138,12 @@ class CpuExpertExecutor:
 
     @property
     def kernel_name(self) -> str:
-        if self._kernels is None:
+        if self.kernels is None:
             return "torch"
-        return f"native ({'avx512-bf16' if self._kernels.isa()['avx512_bf16'] else 'portable C'}) up to " \
-               f"{self.native_max_tokens} tokens per expert, torch beyond"
+        isa = self.kernels.isa()
+        vector = "avx512-bf16" if isa["avx512_bf16"] else "avx512f" if isa["avx512f"] else "portable C"
+        amx = ", bf16 with 2+ tokens on AMX" if self._amx else ""
+        return f"native ({vector}{amx}) up to {self.native_max_tokens} tokens per expert, torch beyond"
 
     def submit(
         self,
@@ -200,7 +204,7 @@ class CpuExpertExecutor:
                     rows, ws = groups.setdefault(table[expert], ([], []))
                     rows.append(token)
                     ws.append(weight)
-        native_ok = self._kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
+        native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
         native, by_torch, act_row = [], [], 0
         for expert, (rows, ws) in groups.items():
             work = _ExpertWork(expert, torch.tensor(rows, dtype=torch.int64), torch.tensor(ws, dtype=torch.float32))
@@ -257,13 +261,13 @@ class CpuExpertExecutor:
 
     def _gate_up(self, work, x, w13, act, i0, i1) -> None:
         hidden, inter = x.shape[1], w13.shape[1] // 2
-        self._kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(),
+        self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(),
                                   hidden, work.tokens.data_ptr(), work.tokens.numel(), act[work.act_row].data_ptr(),
                                   inter, i0, i1)
 
     def _down(self, work, w2, act, out, h0, h1) -> None:
         hidden, inter = w2.shape[1], w2.shape[2]
-        self._kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2[work.expert].data_ptr(), inter,
+        self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2[work.expert].data_ptr(), inter,
                                    act[work.act_row].data_ptr(), inter, work.tokens.data_ptr(),
                                    work.weights.data_ptr(), work.tokens.numel(), out.data_ptr(), hidden, h0, h1)
 

@@ -63,7 +63,7 @@ def test_native_kernels_are_built_here():
     """make test builds the C extension; without it the executor would silently be slow."""
     kernels = native_kernels()
     assert kernels is not None, "daop_vllm._cpu_experts is missing: reinstall with a C compiler"
-    assert set(kernels.isa()) == {"avx512f", "avx512_bf16"}
+    assert set(kernels.isa()) == {"avx512f", "avx512_bf16", "amx_bf16"}
 
 
 class FailingOnce:
@@ -88,7 +88,7 @@ def test_worker_error_fails_that_call_and_executor_keeps_serving(threads):
     if native_kernels() is None:
         pytest.skip("needs the C extension (daop_vllm._cpu_experts) to inject a fault into its path")
     executor = CpuExpertExecutor(threads, native_max_tokens=64)
-    executor._kernels = FailingOnce(executor._kernels)
+    executor.kernels = FailingOnce(executor.kernels)
     args = case(4, 8, 2, 64, 32, torch.float32)
     try:
         with pytest.raises(RuntimeError, match="injected fault"):
@@ -98,3 +98,26 @@ def test_worker_error_fails_that_call_and_executor_keeps_serving(threads):
         assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize("amx_min_tokens", [0, 1, 2], ids=["avx512-only", "amx-from-1", "amx-from-2"])
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, hidden, inter",
+    [(16, 2, 2, 96, 64), (9, 4, 2, 64, 40), (5, 1, 1, 256, 96), (3, 4, 1, 128, 32)],
+)
+def test_amx_and_avx512_paths_match_reference(amx_min_tokens, tokens, experts, top_k, hidden, inter):
+    """bf16 experts with 1-16 tokens each, on AMX tiles or AVX-512 alone; hidden and intermediate
+    sizes that are (AMX) and are not (the AVX-512 rest) multiples of the tile's 32 elements."""
+    kernels = native_kernels()
+    if kernels is None or (amx_min_tokens and not kernels.isa()["amx_bf16"]):
+        pytest.skip("needs the C extension, and AMX for the AMX cases (this CPU has none)")
+    previous = kernels.set_amx_min_tokens(amx_min_tokens)
+    executor = CpuExpertExecutor(2, native_max_tokens=16)
+    try:
+        args = case(tokens, experts, top_k, hidden, inter, torch.bfloat16, seed=3)
+        args = (*args[:5], torch.arange(experts))  # every expert ours: up to 16 tokens per expert
+        got, want = executor.submit(*args).result(), reference(*args)
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
+    finally:
+        executor.shutdown()
+        kernels.set_amx_min_tokens(previous)
