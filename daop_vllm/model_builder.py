@@ -114,12 +114,15 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
         # DeepSeek-V2-Lite's attention (MLA without a query projection, latent 512 + rope 64: the
         # only head size vLLM's CPU MLA kernels take), one dense layer first, two shared experts
         del common["intermediate_size"]
+        # top-k within the best 2 of 4 expert groups where the shape allows it
+        grouped = shape.num_experts % 4 == 0 and shape.top_k <= shape.num_experts // 2
         return DeepseekV2Config(n_routed_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
                                 intermediate_size=2 * shape.intermediate_size, n_shared_experts=2,
                                 first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                                qk_rope_head_dim=64, v_head_dim=128, topk_method="group_limited_greedy",
-                                n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0,
-                                **common), DeepseekV2ForCausalLM
+                                qk_rope_head_dim=64, v_head_dim=128,
+                                topk_method="group_limited_greedy" if grouped else "greedy",
+                                n_group=4 if grouped else 1, topk_group=2 if grouped else 1, norm_topk_prob=False,
+                                routed_scaling_factor=1.0, **common), DeepseekV2ForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -180,8 +180,12 @@ class DaopModelLoader(BaseModelLoader):
         free, total = torch.cuda.mem_get_info(engine.device)
         allowed = cfg.cache_config.gpu_memory_utilization * total - (total - free)
         text = cfg.model_config.hf_text_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * engine.layers[0].store.w13.element_size()
+        element = engine.layers[0].store.w13.element_size()
+        if getattr(text, "kv_lora_rank", None):  # MLA (DeepSeek-V2) caches one latent per token and layer
+            kv_bytes_per_token = text.num_hidden_layers * (text.kv_lora_rank + text.qk_rope_head_dim) * element
+        else:
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
         kv_reserve = cfg.cache_config.kv_cache_memory_bytes or kv_bytes_per_token * cfg.model_config.max_model_len
         available = int(max(0, allowed - kv_reserve - _AUTO_HEADROOM_BYTES))
         logger.info("daop: auto budget: %.2f GiB of device memory for experts (KV reserve %.2f GiB)",
