@@ -61,12 +61,25 @@ def physical_core_count() -> int:
 
 @dataclass
 class _ExpertWork:
-    """The pairs routed to one expert: host-store index, token rows, routing weights."""
+    """The pairs routed to one expert: its host-store index, and where its token rows and
+    routing weights lie in the plan's `_Pairs`."""
 
     expert: int
-    tokens: torch.Tensor  # [n] int64
-    weights: torch.Tensor  # [n] fp32
+    start: int
+    count: int
     act_row: int = 0  # native path: first row of this expert's activations in the workspace
+
+
+@dataclass
+class _Pairs:
+    """A call's (token, expert) pairs grouped by expert: token rows [P] int64, weights [P] fp32."""
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+    def of(self, work: _ExpertWork) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(work.start, work.start + work.count)
+        return self.tokens[rows], self.weights[rows]
 
 
 class InjectedFault(RuntimeError):
@@ -169,14 +182,14 @@ class CpuExpertExecutor:
         )
         assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
         workspace = self._workspaces[lane]
-        native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
+        pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
         whole_experts = len(native) >= self.whole_experts_from * self.num_threads
         n_outs = self.num_threads if whole_experts else 1
         outs = workspace.buffer("out", (n_outs * tokens, hidden), torch.float32).view(n_outs, tokens, hidden)
         outs.zero_()
         act = None
         if native:
-            act = workspace.buffer("act", (native[-1].act_row + native[-1].tokens.numel(), w2.shape[2]), x.dtype)
+            act = workspace.buffer("act", (native[-1].act_row + native[-1].count, w2.shape[2]), x.dtype)
         barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
         self._jobs += 1
         inject = self.fail_every is not None and self._jobs % self.fail_every == 0
@@ -188,35 +201,40 @@ class CpuExpertExecutor:
                 run_native = functools.partial(self._expert_slices, part, barrier, native, outs[0])
             else:
                 run_native = None
-            parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], x, w13,
-                                           w2, act, inject and part == 0))
+            parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], pairs,
+                                           x, w13, w2, act, inject and part == 0))
         return CpuJob(parts, list(outs), x.dtype)
 
-    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[list[_ExpertWork], list[_ExpertWork]]:
-        """Group the pairs by host expert (plain lists: a decode step has a handful of pairs),
-        and split the experts into native work (laid out in the activation workspace) and
-        torch work."""
+    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
+                                                                             list[_ExpertWork]]:
+        """Group the pairs by host expert (each expert's token rows, in order, and weights are a
+        range of two tensors made once per call: a decode step has tens to hundreds of pairs,
+        which plain lists group faster than tensor ops), and split the experts into native work
+        (laid out in the activation workspace) and torch work."""
         table = slot_of_expert.tolist()
-        groups: dict[int, tuple[list[int], list[float]]] = {}
+        groups: dict[int, list[tuple[int, float]]] = {}
         for token, (ids, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
             for expert, weight in zip(ids, weights):
                 if expert >= 0 and table[expert] >= 0:
-                    rows, ws = groups.setdefault(table[expert], ([], []))
-                    rows.append(token)
-                    ws.append(weight)
+                    groups.setdefault(table[expert], []).append((token, weight))
+        grouped = [pair for pairs in groups.values() for pair in pairs]
+        tokens = torch.tensor([token for token, _ in grouped], dtype=torch.int64)
+        weights = torch.tensor([weight for _, weight in grouped], dtype=torch.float32)
+        counts = [(expert, len(pairs)) for expert, pairs in groups.items()]
         native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
-        native, by_torch, act_row = [], [], 0
-        for expert, (rows, ws) in groups.items():
-            work = _ExpertWork(expert, torch.tensor(rows, dtype=torch.int64), torch.tensor(ws, dtype=torch.float32))
-            if native_ok and len(rows) <= self.native_max_tokens:
+        native, by_torch, act_row, start = [], [], 0, 0
+        for expert, count in counts:
+            work = _ExpertWork(expert, start, count)
+            start += count
+            if native_ok and count <= self.native_max_tokens:
                 work.act_row = act_row
-                act_row += len(rows)
+                act_row += count
                 native.append(work)
             else:
                 by_torch.append(work)
-        return native, by_torch
+        return _Pairs(tokens, weights), native, by_torch
 
-    def _run_part(self, run_native, barrier, torch_share, x, w13, w2, act, inject_fault=False) -> list:
+    def _run_part(self, run_native, barrier, torch_share, pairs, x, w13, w2, act, inject_fault=False) -> list:
         """One thread's share: its part of the native work, then (first thread) the torch
         experts, whose weighted outputs go back as (tokens, values) for the caller to add."""
         start = time.perf_counter()
@@ -224,12 +242,13 @@ class CpuExpertExecutor:
             if inject_fault:
                 raise InjectedFault(f"injected CPU executor fault (every {self.fail_every} jobs)")
             if run_native is not None:
-                run_native(x, w13, w2, act)
-            return [
-                (work.tokens, expert_mlp(x[work.tokens], w13[work.expert], w2[work.expert]).float()
-                 * work.weights[:, None])
-                for work in torch_share
-            ]
+                run_native(pairs, x, w13, w2, act)
+            results = []
+            for work in torch_share:
+                tokens, weights = pairs.of(work)
+                results.append((tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
+                                * weights[:, None]))
+            return results
         except threading.BrokenBarrierError:
             raise
         except BaseException:
@@ -240,36 +259,39 @@ class CpuExpertExecutor:
             with self._busy_lock:
                 self.busy_seconds += time.perf_counter() - start
 
-    def _expert_slices(self, part, barrier, native, out, x, w13, w2, act) -> None:
+    def _expert_slices(self, part, barrier, native, out, pairs, x, w13, w2, act) -> None:
         """This thread's rows of every expert's gate/up, then its columns of every down projection."""
         n_threads = self.num_threads
         hidden, inter = x.shape[1], w2.shape[2]
         i0, i1 = part * inter // n_threads, (part + 1) * inter // n_threads
         for work in native:
-            self._gate_up(work, x, w13, act, i0, i1)
+            self._gate_up(work, pairs, x, w13, act, i0, i1)
         barrier.wait()  # the down projection needs every row of the activations
         h0, h1 = part * hidden // n_threads, (part + 1) * hidden // n_threads
         for work in native:
-            self._down(work, w2, act, out, h0, h1)
+            self._down(work, pairs, w2, act, out, h0, h1)
 
-    def _whole_experts(self, own, out, x, w13, w2, act) -> None:
+    def _whole_experts(self, own, out, pairs, x, w13, w2, act) -> None:
         """Whole experts, into this thread's own output."""
         hidden, inter = x.shape[1], w2.shape[2]
         for work in own:
-            self._gate_up(work, x, w13, act, 0, inter)
-            self._down(work, w2, act, out, 0, hidden)
+            self._gate_up(work, pairs, x, w13, act, 0, inter)
+            self._down(work, pairs, w2, act, out, 0, hidden)
 
-    def _gate_up(self, work, x, w13, act, i0, i1) -> None:
-        hidden, inter = x.shape[1], w13.shape[1] // 2
-        self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13[work.expert].data_ptr(), inter, hidden, x.data_ptr(),
-                                  hidden, work.tokens.data_ptr(), work.tokens.numel(), act[work.act_row].data_ptr(),
-                                  inter, i0, i1)
+    # Addresses by arithmetic rather than indexing: a tensor view per expert and thread costs
+    # microseconds, and steps of DeepSeek or Qwen-MoE have dozens of experts.
+    def _gate_up(self, work, pairs, x, w13, act, i0, i1) -> None:
+        hidden, inter, item = x.shape[1], w13.shape[1] // 2, x.element_size()
+        self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13.data_ptr() + work.expert * w13.stride(0) * item, inter,
+                                  hidden, x.data_ptr(), hidden, pairs.tokens.data_ptr() + 8 * work.start, work.count,
+                                  act.data_ptr() + work.act_row * inter * item, inter, i0, i1)
 
-    def _down(self, work, w2, act, out, h0, h1) -> None:
-        hidden, inter = w2.shape[1], w2.shape[2]
-        self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2[work.expert].data_ptr(), inter,
-                                   act[work.act_row].data_ptr(), inter, work.tokens.data_ptr(),
-                                   work.weights.data_ptr(), work.tokens.numel(), out.data_ptr(), hidden, h0, h1)
+    def _down(self, work, pairs, w2, act, out, h0, h1) -> None:
+        hidden, inter, item = w2.shape[1], w2.shape[2], act.element_size()
+        self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item, inter,
+                                   act.data_ptr() + work.act_row * inter * item, inter,
+                                   pairs.tokens.data_ptr() + 8 * work.start, pairs.weights.data_ptr() + 4 * work.start,
+                                   work.count, out.data_ptr(), hidden, h0, h1)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -218,7 +218,7 @@ class DaopEngine:
             "device_path": self.device_path,
             "routing": str(self.layers[0].route) if self.layers else None,
             "cpu_threads": self.executor.num_threads,
-            "cpu_busy_seconds": round(self.executor.busy_seconds, 3),
+            "cpu_busy_seconds": round(self.executor.busy_seconds, 6),
             "budget": {
                 "asked": dict(self.budget_asked) or {"auto": True},
                 "resident_experts": sum(map(len, resident)),
