@@ -101,7 +101,7 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
     num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // expert_bytes) + 1))
     w13, w2 = _experts(shape, num_experts, dtype)
     executor = CpuExpertExecutor(threads, native_max_tokens)
-    amx = dtype == torch.bfloat16 and executor.kernels is not None and executor.kernels.isa()["amx_bf16"]
+    amx = dtype == torch.bfloat16 and executor.amx
     torch.set_num_threads(threads)
     table = torch.arange(num_experts)
     result: dict[str, Any] = {
@@ -196,7 +196,7 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
         row = {"distinct_experts": distinct, "stream_gbps": step_bytes / seconds.pop("stream") / 1e9}
         for name, s in seconds.items():
             row[f"{name}_ms"] = 1e3 * s
-            row[f"{name}_gbps"] = distinct * expert_bytes / s / 1e9
+            row[f"{name}_gbps"] = step_bytes / s / 1e9
         row["whole_over_sliced"] = row["whole_gbps"] / row["sliced_gbps"]
         row["whole_over_stream"] = row["whole_gbps"] / row["stream_gbps"]
         result["per_batch"][str(batch)] = row

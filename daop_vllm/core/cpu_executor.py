@@ -139,8 +139,8 @@ class CpuExpertExecutor:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
         self.kernels = native_kernels() if use_native else None
-        self._amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]
-        self.native_max_tokens = NATIVE_MAX_TOKENS[self._amx] if native_max_tokens is None else native_max_tokens
+        self.amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]  # bf16 with 2+ tokens on AMX tiles
+        self.native_max_tokens = NATIVE_MAX_TOKENS[self.amx] if native_max_tokens is None else native_max_tokens
         self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
         self.busy_seconds = 0.0  # thread-seconds spent on expert work (each thread adds its own)
@@ -155,7 +155,7 @@ class CpuExpertExecutor:
             return "torch"
         isa = self.kernels.isa()
         vector = "avx512-bf16" if isa["avx512_bf16"] else "avx512f" if isa["avx512f"] else "portable C"
-        amx = ", bf16 with 2+ tokens on AMX" if self._amx else ""
+        amx = ", bf16 with 2+ tokens on AMX" if self.amx else ""
         return f"native ({vector}{amx}) up to {self.native_max_tokens} tokens per expert, torch beyond"
 
     def submit(

@@ -147,8 +147,7 @@ class Simulator:
 
     # --- costs -------------------------------------------------------------------------------
     def _device_expert_s(self, tokens: int) -> float:
-        return max(self.expert_bytes / (self.hw.device_gbps * 1e9),
-                   tokens * self.flops_per_token / (self.hw.device_tflops * 1e12))
+        return self._device_weights_s(self.expert_bytes, tokens)
 
     def _cpu_expert_s(self, tokens: int) -> float:
         return max(self.expert_bytes / (self.hw.cpu_gbps * 1e9 * self.policy.cpu_efficiency),

@@ -88,9 +88,10 @@ class DaopMoELayer(nn.Module):
             if match is None:
                 raise ValueError(f"{self.layer_name}: unexpected expert weight {name!r}")
             shard_id = self._shard_ids[match.group(2)]
-            param = self.routed_experts.w2_weight if shard_id == "w2" else self.routed_experts.w13_weight
-            self.routed_experts.load_expert(param, tensor, shard_id=shard_id, expert_id=int(match.group(1)))
-            loaded.add("routed_experts.w2_weight" if shard_id == "w2" else "routed_experts.w13_weight")
+            param_name = "w2_weight" if shard_id == "w2" else "w13_weight"
+            self.routed_experts.load_expert(getattr(self.routed_experts, param_name), tensor, shard_id=shard_id,
+                                            expert_id=int(match.group(1)))
+            loaded.add(f"routed_experts.{param_name}")
         return loaded
 
 
