@@ -2,9 +2,9 @@
 bandwidth and against PyTorch's matmul on the same weights, measured in one run.
 
 Each measurement rotates through more expert bytes than 4x the last-level cache, so weights
-come from memory as they do in decode; each figure is the median of `repeats` passes, and the
-streaming read, the executor and PyTorch take turns pass by pass, so that the noise of a shared
-machine falls on all three alike.
+come from memory as they do in decode; each figure is the median of `repeats` passes, in which
+the streaming read, the executor and PyTorch take turns call by call, so that the noise of a
+shared machine falls on all three alike; ratios are medians of the ratios within a pass.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from daop_vllm.core.expert_math import expert_mlp
 from daop_vllm.core.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
+# After a parallel region torch's OpenMP threads spin for a few milliseconds (libgomp's default
+# wait policy) on the cores the next call needs: 13% slower calls right after a torch matmul on
+# our 2-core machine. The passes sleep this long, untimed, after each torch call.
+OPENMP_SPIN_SECONDS = 0.02
 STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
 
 
@@ -77,19 +81,32 @@ def _experts(shape: MoEShape, count: int, dtype: torch.dtype) -> tuple[torch.Ten
     return w13, w2
 
 
-def _median_seconds(runs: dict[str, Any], calls: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function. The functions take turns pass by pass, so
-    that the noise of a shared machine falls on all of them alike."""
+def _pass_seconds(runs: dict[str, Any], calls: int, repeats: int, torch_runs: frozenset[str] = frozenset()
+                  ) -> dict[str, list[float]]:
+    """Seconds per call of each function, pass by pass. Within a pass the functions take turns
+    call by call, so that the noise of a shared machine (other tenants' memory traffic, which
+    comes and goes within tens of milliseconds) falls on all of them alike. `torch_runs`: the
+    functions after which torch's OpenMP threads must stop spinning before the next one runs."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(0)  # warm-up: thread start, workspace growth
     for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for call in range(calls):
+        spent = dict.fromkeys(runs, 0.0)
+        for call in range(calls):
+            for name, run in runs.items():
+                start = time.perf_counter()
                 run(call)
-            times[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
+                spent[name] += time.perf_counter() - start
+                if name in torch_runs:
+                    time.sleep(OPENMP_SPIN_SECONDS)
+        for name, seconds in spent.items():
+            times[name].append(seconds / calls)
+    return times
+
+
+def _speed_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over passes of `name`'s speed relative to `baseline`'s in the same pass."""
+    return statistics.median(b / t for t, b in zip(times[name], times[baseline], strict=True))
 
 
 def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtype: torch.dtype,
@@ -128,18 +145,18 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
         runs = {"stream": stream, "executor": run_executor, "torch": run_torch}
         if amx:  # the kernel's AVX-512 path beside its AMX one, in the same passes
             runs["executor_avx512"] = _without_amx(executor.kernels, run_executor)
-        seconds = _median_seconds(runs, num_experts, repeats)
-        row["stream_gbps"] = expert_bytes / seconds.pop("stream") / 1e9
-        for name, s in seconds.items():
+        times = _pass_seconds(runs, num_experts, repeats, torch_runs=frozenset({"torch"}))
+        row["stream_gbps"] = expert_bytes / statistics.median(times["stream"]) / 1e9
+        for name in (n for n in runs if n != "stream"):
+            s = statistics.median(times[name])
             row[f"{name}_gbps"] = expert_bytes / s / 1e9
             row[f"{name}_gflops"] = flops / s / 1e9
-        row["executor_over_torch"] = row["executor_gbps"] / row["torch_gbps"]
-        row["executor_over_stream"] = row["executor_gbps"] / row["stream_gbps"]
+        row["executor_over_torch"] = _speed_ratio(times, "executor", "torch")
+        row["executor_over_stream"] = _speed_ratio(times, "executor", "stream")
         result["per_tokens"][str(n)] = row
     # The baseline is measured in the same passes as the calls it is compared with.
     result["stream_read_gbps"] = statistics.median(r["stream_gbps"] for r in result["per_tokens"].values())
-    first = result["per_tokens"][str(tokens[0])]
-    result["decode_efficiency"] = first["executor_gbps"] / first["stream_gbps"]
+    result["decode_efficiency"] = result["per_tokens"][str(tokens[0])]["executor_over_stream"]
     executor.shutdown()
     stream.close()
     return result
@@ -191,14 +208,15 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
         step_bytes = int(distinct * expert_bytes)
         stream = StreamRead(max(4 * llc, 2**30), step_bytes, threads)  # a step's bytes per call, as the steps
         runs = {name: _decode_step_runner(e, x, steps, tables, w13, w2) for name, e in executors.items()}
-        seconds = _median_seconds({"stream": stream, **runs}, STEPS_PER_PASS_PER_LAYER * layers, repeats)
+        times = _pass_seconds({"stream": stream, **runs}, STEPS_PER_PASS_PER_LAYER * layers, repeats)
         stream.close()
-        row = {"distinct_experts": distinct, "stream_gbps": step_bytes / seconds.pop("stream") / 1e9}
-        for name, s in seconds.items():
+        row = {"distinct_experts": distinct, "stream_gbps": step_bytes / statistics.median(times["stream"]) / 1e9}
+        for name in runs:
+            s = statistics.median(times[name])
             row[f"{name}_ms"] = 1e3 * s
             row[f"{name}_gbps"] = step_bytes / s / 1e9
-        row["whole_over_sliced"] = row["whole_gbps"] / row["sliced_gbps"]
-        row["whole_over_stream"] = row["whole_gbps"] / row["stream_gbps"]
+        row["whole_over_sliced"] = _speed_ratio(times, "whole", "sliced")
+        row["whole_over_stream"] = _speed_ratio(times, "whole", "stream")
         result["per_batch"][str(batch)] = row
     for executor in executors.values():
         executor.shutdown()

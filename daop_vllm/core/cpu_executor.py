@@ -5,12 +5,14 @@ waits. Two paths, chosen per expert by how many tokens it got:
 
 - native (decode-sized, up to `native_max_tokens` tokens, fp32/bf16, when the C extension is
   built), in one of two layouts. Few experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per
-  thread: Mixtral's 2-8 large ones): every thread takes a slice of each expert's gate/up rows,
-  waits at a barrier, then a slice of the output columns of each down projection, adding the
-  weighted result into the output directly. Many experts (Qwen-MoE's and DeepSeek's dozens of
-  small ones): each thread takes whole experts, no barrier, and adds into an output of its own
-  that the caller sums: two native calls per expert instead of two per expert and thread.
-  Either way each weight byte is read once per call: this path runs at memory bandwidth.
+  thread: Mixtral's 2-8 large ones): the threads share each expert's gate/up rows, wait at a
+  barrier, then share the output columns of each down projection; they claim rows piece by
+  piece from a counter per expert and phase, so that a thread the machine slows down does less.
+  Many experts (Qwen-MoE's and DeepSeek's dozens of small ones): the threads take whole experts
+  in turn from one list, no barrier: two native calls per expert instead of two per expert and
+  thread. Either way each weight byte is read once per call (this path runs at memory
+  bandwidth), and each expert's weighted outputs go to rows of their own (no two threads add
+  into one element), which the caller adds into the result by token.
 - torch (more tokens, other dtypes, or no extension): the first thread runs these experts one
   after another with torch matmuls, which spread over the cores themselves (oneDNN/AMX where
   available); more threads calling torch at once would oversubscribe the cores.
@@ -72,10 +74,12 @@ class _ExpertWork:
 
 @dataclass
 class _Pairs:
-    """A call's (token, expert) pairs grouped by expert: token rows [P] int64, weights [P] fp32."""
+    """A call's (token, expert) pairs grouped by expert: token rows [P] int64, weights [P] fp32;
+    and the token of each native activation row (the native experts' pairs, in their order)."""
 
     tokens: torch.Tensor
     weights: torch.Tensor
+    native_tokens: torch.Tensor
 
     def of(self, work: _ExpertWork) -> tuple[torch.Tensor, torch.Tensor]:
         rows = slice(work.start, work.start + work.count)
@@ -105,9 +109,12 @@ class CpuJob:
     """The pending result [T, H] (x's dtype) of one layer's CPU experts. For fp32 inputs the
     result may be a view of the executor's workspace: use it before the next `submit`."""
 
-    def __init__(self, parts: list[Future], outs: list[torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, parts: list[Future], out: torch.Tensor, native_out: torch.Tensor | None,
+                 native_tokens: torch.Tensor, dtype: torch.dtype) -> None:
         self._parts = parts
-        self._outs = outs  # the result, then the outputs of threads that kept their own
+        self._out = out
+        self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
+        self._native_tokens = native_tokens
         self._dtype = dtype
 
     def result(self) -> torch.Tensor:
@@ -121,9 +128,9 @@ class CpuJob:
                 errors.append(exc)
         if errors:
             raise errors[0]
-        out = self._outs[0]
-        for own in self._outs[1:]:
-            out.add_(own)
+        out = self._out
+        if self._native_out is not None:
+            out.index_add_(0, self._native_tokens, self._native_out)
         for partial in partials:
             for tokens, values in partial:
                 out.index_add_(0, tokens, values)
@@ -148,6 +155,8 @@ class CpuExpertExecutor:
         self.fail_every: int | None = None  # tests only: every n-th job raises in a worker thread
         self._jobs = 0
         self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
+        # An expert's own output rows 0, 1, ...: the token rows the down kernel writes to.
+        self._own_rows = torch.arange(max(1, self.native_max_tokens), dtype=torch.int64)
 
     @property
     def kernel_name(self) -> str:
@@ -184,26 +193,31 @@ class CpuExpertExecutor:
         workspace = self._workspaces[lane]
         pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
         whole_experts = len(native) >= self.whole_experts_from * self.num_threads
-        n_outs = self.num_threads if whole_experts else 1
-        outs = workspace.buffer("out", (n_outs * tokens, hidden), torch.float32).view(n_outs, tokens, hidden)
-        outs.zero_()
-        act = None
+        out = workspace.buffer("out", (tokens, hidden), torch.float32).zero_()
+        act = native_out = None
         if native:
-            act = workspace.buffer("act", (native[-1].act_row + native[-1].count, w2.shape[2]), x.dtype)
+            native_rows = native[-1].act_row + native[-1].count
+            act = workspace.buffer("act", (native_rows, w2.shape[2]), x.dtype)
+            native_out = workspace.buffer("native_out", (native_rows, hidden), torch.float32).zero_()
         barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
+        # Row counters, gate/up and down of each expert, which the threads claim rows from.
+        claims = workspace.buffer("claims", (len(native), 2), torch.int64) if barrier else None
+        if claims is not None:
+            claims.zero_()
+        shared_experts = iter(native)  # whole experts: each thread takes the next one left
         self._jobs += 1
         inject = self.fail_every is not None and self._jobs % self.fail_every == 0
         parts = []
         for part in range(self.num_threads):
             if whole_experts:
-                run_native = functools.partial(self._whole_experts, native[part::self.num_threads], outs[part])
+                run_native = functools.partial(self._whole_experts, shared_experts, native_out)
             elif native:
-                run_native = functools.partial(self._expert_slices, part, barrier, native, outs[0])
+                run_native = functools.partial(self._expert_slices, barrier, claims, native, native_out)
             else:
                 run_native = None
             parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], pairs,
                                            x, w13, w2, act, inject and part == 0))
-        return CpuJob(parts, list(outs), x.dtype)
+        return CpuJob(parts, out, native_out, pairs.native_tokens, x.dtype)
 
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
                                                                              list[_ExpertWork]]:
@@ -220,19 +234,18 @@ class CpuExpertExecutor:
         grouped = [pair for pairs in groups.values() for pair in pairs]
         tokens = torch.tensor([token for token, _ in grouped], dtype=torch.int64)
         weights = torch.tensor([weight for _, weight in grouped], dtype=torch.float32)
-        counts = [(expert, len(pairs)) for expert, pairs in groups.items()]
         native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
-        native, by_torch, act_row, start = [], [], 0, 0
-        for expert, count in counts:
-            work = _ExpertWork(expert, start, count)
-            start += count
-            if native_ok and count <= self.native_max_tokens:
-                work.act_row = act_row
-                act_row += count
+        native, by_torch, native_tokens, start = [], [], [], 0
+        for expert, expert_pairs in groups.items():
+            work = _ExpertWork(expert, start, len(expert_pairs))
+            start += work.count
+            if native_ok and work.count <= self.native_max_tokens:
+                work.act_row = len(native_tokens)
+                native_tokens.extend(token for token, _ in expert_pairs)
                 native.append(work)
             else:
                 by_torch.append(work)
-        return _Pairs(tokens, weights), native, by_torch
+        return _Pairs(tokens, weights, torch.tensor(native_tokens, dtype=torch.int64)), native, by_torch
 
     def _run_part(self, run_native, barrier, torch_share, pairs, x, w13, w2, act, inject_fault=False) -> list:
         """One thread's share: its part of the native work, then (first thread) the torch
@@ -259,39 +272,39 @@ class CpuExpertExecutor:
             with self._busy_lock:
                 self.busy_seconds += time.perf_counter() - start
 
-    def _expert_slices(self, part, barrier, native, out, pairs, x, w13, w2, act) -> None:
-        """This thread's rows of every expert's gate/up, then its columns of every down projection."""
-        n_threads = self.num_threads
-        hidden, inter = x.shape[1], w2.shape[2]
-        i0, i1 = part * inter // n_threads, (part + 1) * inter // n_threads
-        for work in native:
-            self._gate_up(work, pairs, x, w13, act, i0, i1)
+    def _expert_slices(self, barrier, claims, native, native_out, pairs, x, w13, w2, act) -> None:
+        """Rows of every expert's gate/up, then columns of every down projection, claimed from
+        the experts' counters."""
+        hidden, inter, counters = x.shape[1], w2.shape[2], claims.data_ptr()
+        for k, work in enumerate(native):
+            self._gate_up(work, pairs, x, w13, act, 0, inter, counters + 16 * k)
         barrier.wait()  # the down projection needs every row of the activations
-        h0, h1 = part * hidden // n_threads, (part + 1) * hidden // n_threads
-        for work in native:
-            self._down(work, pairs, w2, act, out, h0, h1)
+        for k, work in enumerate(native):
+            self._down(work, pairs, w2, act, native_out, 0, hidden, counters + 16 * k + 8)
 
-    def _whole_experts(self, own, out, pairs, x, w13, w2, act) -> None:
-        """Whole experts, into this thread's own output."""
+    def _whole_experts(self, shared_experts, native_out, pairs, x, w13, w2, act) -> None:
+        """Whole experts, taken in turn from the list the threads share."""
         hidden, inter = x.shape[1], w2.shape[2]
-        for work in own:
+        for work in shared_experts:
             self._gate_up(work, pairs, x, w13, act, 0, inter)
-            self._down(work, pairs, w2, act, out, 0, hidden)
+            self._down(work, pairs, w2, act, native_out, 0, hidden)
 
     # Addresses by arithmetic rather than indexing: a tensor view per expert and thread costs
-    # microseconds, and steps of DeepSeek or Qwen-MoE have dozens of experts.
-    def _gate_up(self, work, pairs, x, w13, act, i0, i1) -> None:
+    # microseconds, and steps of DeepSeek or Qwen-MoE have dozens of experts. `claim`: the address
+    # of the counter the threads claim rows from, or 0 for all of [start, end).
+    def _gate_up(self, work, pairs, x, w13, act, i0, i1, claim=0) -> None:
         hidden, inter, item = x.shape[1], w13.shape[1] // 2, x.element_size()
         self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13.data_ptr() + work.expert * w13.stride(0) * item, inter,
                                   hidden, x.data_ptr(), hidden, pairs.tokens.data_ptr() + 8 * work.start, work.count,
-                                  act.data_ptr() + work.act_row * inter * item, inter, i0, i1)
+                                  act.data_ptr() + work.act_row * inter * item, inter, i0, i1, claim)
 
-    def _down(self, work, pairs, w2, act, out, h0, h1) -> None:
+    def _down(self, work, pairs, w2, act, native_out, h0, h1, claim=0) -> None:
+        """Into the expert's own rows of `native_out` (those of its activations)."""
         hidden, inter, item = w2.shape[1], w2.shape[2], act.element_size()
         self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item, inter,
-                                   act.data_ptr() + work.act_row * inter * item, inter,
-                                   pairs.tokens.data_ptr() + 8 * work.start, pairs.weights.data_ptr() + 4 * work.start,
-                                   work.count, out.data_ptr(), hidden, h0, h1)
+                                   act.data_ptr() + work.act_row * inter * item, inter, self._own_rows.data_ptr(),
+                                   pairs.weights.data_ptr() + 4 * work.start, work.count,
+                                   native_out.data_ptr() + work.act_row * hidden * 4, hidden, h0, h1, claim)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

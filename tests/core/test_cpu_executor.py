@@ -121,3 +121,31 @@ def test_amx_and_avx512_paths_match_reference(amx_min_tokens, tokens, experts, t
     finally:
         executor.shutdown()
         kernels.set_amx_min_tokens(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("tokens, hidden, inter", [(1, 1040, 400), (3, 1024, 416), (20, 1024, 416)])
+def test_rows_claimed_piece_by_piece_match_reference(dtype, threads, tokens, hidden, inter):
+    """Experts large enough that the threads claim their gate/up rows and down columns in several
+    pieces of ~512 KiB (the last one short), on AMX and AVX-512 alike; 20 tokens: two token groups
+    per piece."""
+    args = case(tokens, 2, 2, hidden, inter, dtype, seed=5)
+    args = (*args[:5], torch.arange(2))  # both experts ours, every token in each: sliced, not whole
+    executor = CpuExpertExecutor(threads, native_max_tokens=64)
+    try:
+        got, want = executor.submit(*args).result(), reference(*args)
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[dtype] * want.abs().max().item()
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("words", [1, 7, 128, 1000, 4099])
+def test_streaming_read_sums_every_word(words):
+    """The bandwidth baseline reads the whole buffer (its sixteen prefetched streams and the
+    words past them), not a part of it."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("needs the C extension (daop_vllm._cpu_experts)")
+    buffer = torch.arange(1, words + 1, dtype=torch.int64)
+    assert kernels.read_sum(buffer.data_ptr(), 8 * words) == words * (words + 1) // 2
