@@ -523,6 +523,24 @@ static PyObject *py_down_scatter(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* out[tok[r], :width] += rows[r, :width] for r < n, in order (fp32): the experts' weighted rows
+ * added by token. Here rather than torch's index_add_, which wakes torch's OpenMP threads even for
+ * one row, and those then spin on the cores for milliseconds (12 ms a call on our development
+ * machine), slowing whatever runs next, the executor's own next call included. */
+static PyObject *py_add_rows(PyObject *self, PyObject *args) {
+    unsigned long long out, rows, tok;
+    long long ldout, ldrows, n, width;
+    if (!PyArg_ParseTuple(args, "KLKLKLL", &out, &ldout, &rows, &ldrows, &tok, &n, &width)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t r = 0; r < n; r++) {
+        float *o = (float *)out + ((const int64_t *)tok)[r] * ldout;
+        const float *v = (const float *)rows + r * ldrows;
+        for (int64_t c = 0; c < width; c++) o[c] += v[c];
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* Sum of a buffer as 64-bit words: a streaming read for the bandwidth baseline, with the
  * widest loads the CPU has, so that the baseline is the memory's limit and not the core's. */
 #ifdef DAOP_X86
@@ -599,6 +617,8 @@ static PyMethodDef methods[] = {
     {"down_scatter", py_down_scatter, METH_VARARGS,
      "down_scatter(dtype, w2, I, act, ldact, tok, weight, n, out, ldout, h0, h1, next): out[tok] += weight * w2 act, "
      "columns h0..h1 (next as in gate_up_act)"},
+    {"add_rows", py_add_rows, METH_VARARGS,
+     "add_rows(out, ldout, rows, ldrows, tok, n, width): out[tok[r]] += rows[r] for r < n (fp32)"},
     {"read_sum", py_read_sum, METH_VARARGS, "read_sum(ptr, nbytes): sum of 64-bit words (bandwidth baseline)"},
     {"isa", py_isa, METH_NOARGS, "which vector paths this CPU runs"},
     {"set_amx_min_tokens", py_set_amx_min_tokens, METH_VARARGS,

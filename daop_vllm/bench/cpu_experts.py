@@ -3,8 +3,8 @@ bandwidth and against PyTorch's matmul on the same weights, measured in one run.
 
 Each measurement rotates through more expert bytes than 4x the last-level cache, so weights
 come from memory as they do in decode; each figure is the median of `repeats` passes, in which
-the streaming read, the executor and PyTorch take turns call by call, so that the noise of a
-shared machine falls on all three alike; ratios are medians of the ratios within a pass.
+the streaming read, the executor and PyTorch take turns, so that the noise of a shared machine
+falls on all three alike; ratios are medians of the ratios within a pass.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from daop_vllm.core.model_shapes import MoEShape
 MAX_ROTATED_EXPERTS = 512
 # After a parallel region torch's OpenMP threads spin for a few milliseconds (libgomp's default
 # wait policy) on the cores the next call needs: 13% slower calls right after a torch matmul on
-# our 2-core machine. The passes sleep this long, untimed, after each torch call.
+# our 2-core machine. The passes sleep this long, untimed, after torch's calls.
 OPENMP_SPIN_SECONDS = 0.02
 STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
 
@@ -83,24 +83,23 @@ def _experts(shape: MoEShape, count: int, dtype: torch.dtype) -> tuple[torch.Ten
 
 def _pass_seconds(runs: dict[str, Any], calls: int, repeats: int, torch_runs: frozenset[str] = frozenset()
                   ) -> dict[str, list[float]]:
-    """Seconds per call of each function, pass by pass. Within a pass the functions take turns
-    call by call, so that the noise of a shared machine (other tenants' memory traffic, which
-    comes and goes within tens of milliseconds) falls on all of them alike. `torch_runs`: the
-    functions after which torch's OpenMP threads must stop spinning before the next one runs."""
+    """Seconds per call of each function, pass by pass: in each pass every function makes its
+    `calls` calls in a row, in turn, so that the slow drift of a shared machine's noise falls on
+    all of them alike. (Not call by call: a streaming read right after an executor call ran 30%
+    slower than after another read on our development machine, which made the baseline too easy.)
+    `torch_runs`: the functions after which torch's OpenMP threads must stop spinning before the
+    next one runs."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(0)  # warm-up: thread start, workspace growth
     for _ in range(repeats):
-        spent = dict.fromkeys(runs, 0.0)
-        for call in range(calls):
-            for name, run in runs.items():
-                start = time.perf_counter()
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for call in range(calls):
                 run(call)
-                spent[name] += time.perf_counter() - start
-                if name in torch_runs:
-                    time.sleep(OPENMP_SPIN_SECONDS)
-        for name, seconds in spent.items():
-            times[name].append(seconds / calls)
+            times[name].append((time.perf_counter() - start) / calls)
+            if name in torch_runs:
+                time.sleep(OPENMP_SPIN_SECONDS)
     return times
 
 

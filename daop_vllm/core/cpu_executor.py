@@ -110,12 +110,13 @@ class CpuJob:
     result may be a view of the executor's workspace: use it before the next `submit`."""
 
     def __init__(self, parts: list[Future], out: torch.Tensor, native_out: torch.Tensor | None,
-                 native_tokens: torch.Tensor, dtype: torch.dtype) -> None:
+                 native_tokens: torch.Tensor, dtype: torch.dtype, kernels) -> None:
         self._parts = parts
         self._out = out
         self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
         self._native_tokens = native_tokens
         self._dtype = dtype
+        self._kernels = kernels
 
     def result(self) -> torch.Tensor:
         errors, partials = [], []
@@ -130,7 +131,9 @@ class CpuJob:
             raise errors[0]
         out = self._out
         if self._native_out is not None:
-            out.index_add_(0, self._native_tokens, self._native_out)
+            rows, hidden = self._native_out.shape
+            self._kernels.add_rows(out.data_ptr(), hidden, self._native_out.data_ptr(), hidden,
+                                   self._native_tokens.data_ptr(), rows, hidden)
         for partial in partials:
             for tokens, values in partial:
                 out.index_add_(0, tokens, values)
@@ -217,7 +220,7 @@ class CpuExpertExecutor:
                 run_native = None
             parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], pairs,
                                            x, w13, w2, act, inject and part == 0))
-        return CpuJob(parts, out, native_out, pairs.native_tokens, x.dtype)
+        return CpuJob(parts, out, native_out, pairs.native_tokens, x.dtype, self.kernels)
 
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
                                                                              list[_ExpertWork]]:
