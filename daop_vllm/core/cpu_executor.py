@@ -131,13 +131,22 @@ class CpuJob:
             raise errors[0]
         out = self._out
         if self._native_out is not None:
-            rows, hidden = self._native_out.shape
-            self._kernels.add_rows(out.data_ptr(), hidden, self._native_out.data_ptr(), hidden,
-                                   self._native_tokens.data_ptr(), rows, hidden)
+            self._add_rows(self._native_tokens, self._native_out)
         for partial in partials:
             for tokens, values in partial:
-                out.index_add_(0, tokens, values)
+                self._add_rows(tokens, values)
         return out.to(self._dtype)
+
+    def _add_rows(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        """out[tokens[r]] += rows[r] (fp32, contiguous): in the native kernels where they are, as
+        torch's index_add_ wakes torch's OpenMP threads, which then spin on the cores for
+        milliseconds (see csrc/cpu_experts.c)."""
+        if self._kernels is None:
+            self._out.index_add_(0, tokens, rows)
+            return
+        hidden = self._out.shape[1]
+        self._kernels.add_rows(self._out.data_ptr(), hidden, rows.data_ptr(), hidden, tokens.data_ptr(),
+                               rows.shape[0], hidden)
 
 
 class CpuExpertExecutor:

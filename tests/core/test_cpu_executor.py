@@ -149,3 +149,15 @@ def test_streaming_read_sums_every_word(words):
         pytest.skip("needs the C extension (daop_vllm._cpu_experts)")
     buffer = torch.arange(1, words + 1, dtype=torch.int64)
     assert kernels.read_sum(buffer.data_ptr(), 8 * words) == words * (words + 1) // 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_without_native_kernels_matches_reference(threads):
+    """The pure-torch fallback (no C extension): torch experts, results added by index_add_."""
+    args = case(9, 8, 2, 96, 40, torch.float32)
+    executor = CpuExpertExecutor(threads, use_native=False)
+    try:
+        got, want = executor.submit(*args).result(), reference(*args)
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.float32] * want.abs().max().item()
+    finally:
+        executor.shutdown()
