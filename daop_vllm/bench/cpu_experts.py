@@ -24,9 +24,10 @@ from daop_vllm.core.expert_math import expert_mlp
 from daop_vllm.core.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
-# After a parallel region torch's OpenMP threads spin for a few milliseconds (libgomp's default
-# wait policy) on the cores the next call needs: 13% slower calls right after a torch matmul on
-# our 2-core machine. The passes sleep this long, untimed, after torch's calls.
+# After a parallel region torch's OpenMP threads spin for milliseconds (libgomp's default wait
+# policy) on the cores the next call needs: 13% slower calls right after a torch matmul on our
+# 2-core machine. Torch runs in the benchmark's thread and in the executor's (its torch path),
+# so the passes sleep this long, untimed, after every block of calls.
 OPENMP_SPIN_SECONDS = 0.02
 STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
 
@@ -81,14 +82,11 @@ def _experts(shape: MoEShape, count: int, dtype: torch.dtype) -> tuple[torch.Ten
     return w13, w2
 
 
-def _pass_seconds(runs: dict[str, Any], calls: int, repeats: int, torch_runs: frozenset[str] = frozenset()
-                  ) -> dict[str, list[float]]:
+def _pass_seconds(runs: dict[str, Any], calls: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each function, pass by pass: in each pass every function makes its
     `calls` calls in a row, in turn, so that the slow drift of a shared machine's noise falls on
     all of them alike. (Not call by call: a streaming read right after an executor call ran 30%
-    slower than after another read on our development machine, which made the baseline too easy.)
-    `torch_runs`: the functions after which torch's OpenMP threads must stop spinning before the
-    next one runs."""
+    slower than after another read on our development machine, which made the baseline too easy.)"""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(0)  # warm-up: thread start, workspace growth
@@ -98,8 +96,7 @@ def _pass_seconds(runs: dict[str, Any], calls: int, repeats: int, torch_runs: fr
             for call in range(calls):
                 run(call)
             times[name].append((time.perf_counter() - start) / calls)
-            if name in torch_runs:
-                time.sleep(OPENMP_SPIN_SECONDS)
+            time.sleep(OPENMP_SPIN_SECONDS)
     return times
 
 
@@ -144,7 +141,7 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
         runs = {"stream": stream, "executor": run_executor, "torch": run_torch}
         if amx:  # the kernel's AVX-512 path beside its AMX one, in the same passes
             runs["executor_avx512"] = _without_amx(executor.kernels, run_executor)
-        times = _pass_seconds(runs, num_experts, repeats, torch_runs=frozenset({"torch"}))
+        times = _pass_seconds(runs, num_experts, repeats)
         row["stream_gbps"] = expert_bytes / statistics.median(times["stream"]) / 1e9
         for name in (n for n in runs if n != "stream"):
             s = statistics.median(times[name])
