@@ -208,8 +208,8 @@ static void dots(int dtype, const void *row, const void *const *vecs, int n, int
 
 /* The multi-row pass: up to 4 tokens against as many rows at once as the 32 vector registers hold
  * accumulators for. More streams read faster: on our development machine (2 threads, relative to
- * a streaming read of 16 sequential streams per thread) 16 rows of one token ran at 0.90-0.94,
- * 8 rows at 0.86-0.89, 4 rows at 0.78-0.84. */
+ * a streaming read of 16 sequential streams per thread) 16 rows of one token ran at 0.90-0.96,
+ * 8 rows at 0.86-0.91, 4 rows at 0.80-0.84. */
 enum { MAX_ROWS = 16, MAX_ROWS_TOKENS = 4 };
 static inline int rows_for(int n) { return n == 1 ? 16 : n == 2 ? 8 : 4; }
 
@@ -300,8 +300,8 @@ __attribute__((target("amx-tile"))) static void amx_begin(void) {
 __attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
 
 /* c[r][t] = w[r] . x[t] for 16 rows of `len` (a multiple of 32) elements `stride` elements apart,
- * against the packed tokens. One block at a time: 16 row streams read at 95-100% of a streaming
- * read on our development machine, two blocks' 32 at 82-100% (the less the longer the rows). */
+ * against the packed tokens. One block at a time: its 16 row streams read at 0.85-0.93 of the
+ * streaming read on our development machine, two blocks' 32 at 0.84-0.86. */
 __attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const uint16_t *w, int64_t stride,
                                                                    const uint16_t *packed, int64_t len,
                                                                    float c[16][16]) {
@@ -371,7 +371,7 @@ static inline void store_act(int dtype, void *act, int64_t at, float value) {
 /* The rows a thread computes in one call: [r0, r1) whole, or, given `next` (a counter that the
  * call's threads share, zero at the start), pieces of about CLAIM_BYTES of weights taken in turn
  * until none are left, so that a thread the machine slows down does less instead of holding up
- * the others (on our shared 2-core machine one thread often ran 10-15% slower than the other). */
+ * the others (on our shared 2-core machine one thread often ran 5-15% slower than the other). */
 enum { CLAIM_BYTES = 512 << 10 };
 typedef struct {
     int64_t *next, step, r0, r1;
@@ -546,7 +546,7 @@ static PyObject *py_add_rows(PyObject *self, PyObject *args) {
 #ifdef DAOP_X86
 /* Sixteen streams at once (the sixteenths of the buffer), each prefetched 8 lines ahead: the
  * fastest of the reads we tried on our development machine (1, 4, 8 and 16 streams, with and
- * without prefetch; 16 prefetched read 4-14% faster than 4 plain ones), so that the expert
+ * without prefetch; 16 prefetched read 5-16% faster than 4 plain ones), so that the expert
  * kernels are held to the best read there is. */
 enum { READ_STREAMS = 16, READ_PREFETCH_LINES = 8 };
 __attribute__((target("avx512f"))) static uint64_t read_words_avx512(const uint64_t *p, int64_t words) {
