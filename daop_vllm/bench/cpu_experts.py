@@ -238,18 +238,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     tokens = result["tokens"]
     rows = [result["per_tokens"][str(n)] for n in tokens]
-    fig, (bw, fl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (bw, share, fl) = plt.subplots(1, 3, figsize=(15, 4))
     bw.plot(tokens, [r["executor_gbps"] for r in rows], "o-", label="DAOP executor")
     if "executor_avx512_gbps" in rows[0]:
         bw.plot(tokens, [r["executor_avx512_gbps"] for r in rows], "^:", label="DAOP executor without AMX")
     bw.plot(tokens, [r["torch_gbps"] for r in rows], "s--", label="PyTorch x @ w.t()")
-    bw.axhline(result["stream_read_gbps"], color="gray", linestyle=":", label="streaming read")
-    bw.axhline(0.85 * result["stream_read_gbps"], color="gray", linestyle="-.", linewidth=0.7, label="85% of it")
+    bw.plot(tokens, [r["stream_gbps"] for r in rows], "x:", color="gray", label="streaming read (same passes)")
     bw.set(xscale="log", xlabel="tokens per expert", ylabel="GB/s of expert weights", title="bandwidth")
+    share.plot(tokens, [100 * r["executor_over_stream"] for r in rows], "o-", label="DAOP executor")
+    share.axhline(85, color="gray", linestyle="-.", linewidth=0.7, label="85%")
+    share.set(xscale="log", xlabel="tokens per expert", ylabel="% of the streaming read",
+              title="share of the streaming read (median of passes)")
     fl.plot(tokens, [r["executor_gflops"] for r in rows], "o-", label="DAOP executor")
     fl.plot(tokens, [r["torch_gflops"] for r in rows], "s--", label="PyTorch")
     fl.set(xscale="log", yscale="log", xlabel="tokens per expert", ylabel="GFLOP/s", title="compute")
-    for axis in (bw, fl):
+    for axis in (bw, share, fl):
         axis.set_xticks(tokens, [str(n) for n in tokens])
         axis.legend()
     fig.suptitle(f"{result['model_shape']} experts, {result['dtype']}, {result['threads']} threads")
