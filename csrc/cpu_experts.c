@@ -5,11 +5,12 @@
  *   gate_up_act:  act[t, i] = silu(w13[i] . x[tok[t]]) * (w13[I + i] . x[tok[t]]),  i in [i0, i1)
  *   down_scatter: out[tok[t], h] += weight[t] * (w2[h] . act[t]),                      h in [h0, h1)
  *
- * Callers split rows (gate_up_act) and output columns (down_scatter) between threads, so no two
- * threads write the same element: fixed ranges, or pieces claimed from a shared counter. The GIL is released while a kernel runs. Weights and
- * activations are fp32 or bf16 (dtype code 0 / 1); `out` is fp32. bf16 dot products use
- * AVX512-BF16 (vdpbf16ps) where the CPU has it, fp32 ones AVX-512 FMA; elsewhere portable C.
- * A module of plain C (no torch headers): tensors arrive as addresses and element strides.
+ * Callers split rows (gate_up_act) and output columns (down_scatter) between threads, as fixed
+ * ranges or as pieces claimed from a shared counter, so no two threads write the same element.
+ * The GIL is released while a kernel runs. Weights and activations are fp32 or bf16 (dtype
+ * code 0 / 1); `out` is fp32. bf16 dot products use AMX tiles or AVX512-BF16 (vdpbf16ps) where
+ * the CPU has them, fp32 ones AVX-512 FMA; elsewhere portable C. A module of plain C (no torch
+ * headers): tensors arrive as addresses and element strides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

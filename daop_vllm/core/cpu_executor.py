@@ -30,6 +30,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -110,7 +111,7 @@ class CpuJob:
     result may be a view of the executor's workspace: use it before the next `submit`."""
 
     def __init__(self, parts: list[Future], out: torch.Tensor, native_out: torch.Tensor | None,
-                 native_tokens: torch.Tensor, dtype: torch.dtype, kernels) -> None:
+                 native_tokens: torch.Tensor, dtype: torch.dtype, kernels: ModuleType | None) -> None:
         self._parts = parts
         self._out = out
         self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
@@ -213,9 +214,7 @@ class CpuExpertExecutor:
             native_out = workspace.buffer("native_out", (native_rows, hidden), torch.float32).zero_()
         barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
         # Row counters, gate/up and down of each expert, which the threads claim rows from.
-        claims = workspace.buffer("claims", (len(native), 2), torch.int64) if barrier else None
-        if claims is not None:
-            claims.zero_()
+        claims = workspace.buffer("claims", (len(native), 2), torch.int64).zero_() if barrier else None
         shared_experts = iter(native)  # whole experts: each thread takes the next one left
         self._jobs += 1
         inject = self.fail_every is not None and self._jobs % self.fail_every == 0
@@ -287,36 +286,35 @@ class CpuExpertExecutor:
     def _expert_slices(self, barrier, claims, native, native_out, pairs, x, w13, w2, act) -> None:
         """Rows of every expert's gate/up, then columns of every down projection, claimed from
         the experts' counters."""
-        hidden, inter, counters = x.shape[1], w2.shape[2], claims.data_ptr()
+        counters = claims.data_ptr()
         for k, work in enumerate(native):
-            self._gate_up(work, pairs, x, w13, act, 0, inter, counters + 16 * k)
+            self._gate_up(work, pairs, x, w13, act, counters + 16 * k)
         barrier.wait()  # the down projection needs every row of the activations
         for k, work in enumerate(native):
-            self._down(work, pairs, w2, act, native_out, 0, hidden, counters + 16 * k + 8)
+            self._down(work, pairs, w2, act, native_out, counters + 16 * k + 8)
 
     def _whole_experts(self, shared_experts, native_out, pairs, x, w13, w2, act) -> None:
         """Whole experts, taken in turn from the list the threads share."""
-        hidden, inter = x.shape[1], w2.shape[2]
         for work in shared_experts:
-            self._gate_up(work, pairs, x, w13, act, 0, inter)
-            self._down(work, pairs, w2, act, native_out, 0, hidden)
+            self._gate_up(work, pairs, x, w13, act)
+            self._down(work, pairs, w2, act, native_out)
 
     # Addresses by arithmetic rather than indexing: a tensor view per expert and thread costs
     # microseconds, and steps of DeepSeek or Qwen-MoE have dozens of experts. `claim`: the address
-    # of the counter the threads claim rows from, or 0 for all of [start, end).
-    def _gate_up(self, work, pairs, x, w13, act, i0, i1, claim=0) -> None:
+    # of the counter the threads claim rows from, or 0 for all rows.
+    def _gate_up(self, work, pairs, x, w13, act, claim=0) -> None:
         hidden, inter, item = x.shape[1], w13.shape[1] // 2, x.element_size()
         self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13.data_ptr() + work.expert * w13.stride(0) * item, inter,
                                   hidden, x.data_ptr(), hidden, pairs.tokens.data_ptr() + 8 * work.start, work.count,
-                                  act.data_ptr() + work.act_row * inter * item, inter, i0, i1, claim)
+                                  act.data_ptr() + work.act_row * inter * item, inter, 0, inter, claim)
 
-    def _down(self, work, pairs, w2, act, native_out, h0, h1, claim=0) -> None:
+    def _down(self, work, pairs, w2, act, native_out, claim=0) -> None:
         """Into the expert's own rows of `native_out` (those of its activations)."""
         hidden, inter, item = w2.shape[1], w2.shape[2], act.element_size()
         self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item, inter,
                                    act.data_ptr() + work.act_row * inter * item, inter, self._own_rows.data_ptr(),
                                    pairs.weights.data_ptr() + 4 * work.start, work.count,
-                                   native_out.data_ptr() + work.act_row * hidden * 4, hidden, h0, h1, claim)
+                                   native_out.data_ptr() + work.act_row * hidden * 4, hidden, 0, hidden, claim)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
