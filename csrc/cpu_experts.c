@@ -2,11 +2,12 @@
  * CPU expert kernels for DAOP: the two halves of an expert MLP for the few tokens routed to it,
  * streaming each weight row once for all of those tokens (decode is memory-bandwidth bound).
  *
- *   gate_up_act:  act[t, i] = silu(w13[i] . x[tok[t]]) * (w13[I + i] . x[tok[t]]),  i in [i0, i1)
- *   down_scatter: out[tok[t], h] += weight[t] * (w2[h] . act[t]),                      h in [h0, h1)
+ *   gate_up_act:   act[t, i] = silu(w13[i] . x[tok[t]]) * (w13[I + i] . x[tok[t]]),  i < I
+ *   down_weighted: out[t, h] += weight[t] * (w2[h] . act[t]),                           h < H
  *
- * Callers split rows (gate_up_act) and output columns (down_scatter) between threads, as fixed
- * ranges or as pieces claimed from a shared counter, so no two threads write the same element.
+ * A call does all rows (gate_up_act) or output columns (down_weighted), or, given a counter
+ * that several threads share, the pieces of them it claims, so no two threads write the same
+ * element.
  * The GIL is released while a kernel runs. Weights and activations are fp32 or bf16 (dtype
  * code 0 / 1); `out` is fp32. bf16 dot products use AMX tiles or AVX512-BF16 (vdpbf16ps) where
  * the CPU has them, fp32 ones AVX-512 FMA; elsewhere portable C. A module of plain C (no torch
@@ -332,9 +333,9 @@ static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint
     return i;
 }
 
-/* down_scatter's columns [h0, h1) in blocks of 16 on AMX, against the packed activations; returns
+/* down_weighted's columns [h0, h1) in blocks of 16 on AMX, against the packed activations; returns
  * the first column it did not do. */
-static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, int n, const int64_t *tok,
+static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, int n,
                         const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
     float c[16][16] __attribute__((aligned(64)));
     amx_begin();
@@ -342,7 +343,7 @@ static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, i
     for (; h + AMX_ROWS <= h1; h += AMX_ROWS) {
         amx_block(w2 + h * I, I, packed, I, c);
         for (int t = 0; t < n; t++) {
-            float *o = out + tok[t] * ldout + h;
+            float *o = out + t * ldout + h;
             for (int r = 0; r < AMX_ROWS; r++) o[r] += weight[t] * c[r][t];
         }
     }
@@ -369,7 +370,7 @@ static inline void store_act(int dtype, void *act, int64_t at, float value) {
         ((float *)act)[at] = value;
 }
 
-/* The rows a thread computes in one call: [r0, r1) whole, or, given `next` (a counter that the
+/* The rows a thread computes in one call: all of [0, rows), or, given `next` (a counter that the
  * call's threads share, zero at the start), pieces of about CLAIM_BYTES of weights taken in turn
  * until none are left, so that a thread the machine slows down does less instead of holding up
  * the others (on our shared 2-core machine one thread often ran 5-15% slower than the other). */
@@ -378,9 +379,9 @@ typedef struct {
     int64_t *next, step, r0, r1;
 } row_claims;
 
-static row_claims claims_of(int64_t *next, int64_t r0, int64_t r1, int64_t row_bytes) {
+static row_claims claims_of(int64_t *next, int64_t rows, int64_t row_bytes) {
     int64_t step = CLAIM_BYTES / row_bytes / 16 * 16; /* whole AMX blocks */
-    return (row_claims){next, step > 16 ? step : 16, r0, r1};
+    return (row_claims){next, step > 16 ? step : 16, 0, rows};
 }
 
 static int claim_rows(row_claims *c, int64_t *a, int64_t *b) {
@@ -454,12 +455,12 @@ static void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const 
         }
 }
 
-/* One group of g tokens, output columns [h0, h1); packed as in gate_up_rows. */
+/* One group of g tokens (out rows t0 ..), output columns [h0, h1); packed as in gate_up_rows. */
 static void down_rows(int dtype, const void *w2, int64_t I, const void *const *vecs, int g, const uint16_t *packed,
-                      const int64_t *tok, const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
+                      const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
     int64_t h = h0;
 #ifdef DAOP_X86
-    if (packed) h = down_amx(w2, I, packed, g, tok, weight, out, ldout, h0, h1);
+    if (packed) h = down_amx(w2, I, packed, g, weight, out, ldout, h0, h1);
 #endif
     if (g <= MAX_ROWS_TOKENS) { /* consecutive rows, as many streams */
         int rows = rows_for(g);
@@ -469,19 +470,19 @@ static void down_rows(int dtype, const void *w2, int64_t I, const void *const *v
             float d[MAX_ROWS * MAX_ROWS_TOKENS];
             dots_rows(dtype, w, vecs, g, I, d);
             for (int r = 0; r < rows; r++)
-                for (int t = 0; t < g; t++) out[tok[t] * ldout + h + r] += weight[t] * d[r * g + t];
+                for (int t = 0; t < g; t++) out[t * ldout + h + r] += weight[t] * d[r * g + t];
         }
     }
     float y[MAX_GROUP];
     for (; h < h1; h++) {
         dots(dtype, element(w2, dtype, h * I), vecs, g, I, y);
-        for (int t = 0; t < g; t++) out[tok[t] * ldout + h] += weight[t] * y[t];
+        for (int t = 0; t < g; t++) out[t * ldout + h] += weight[t] * y[t];
     }
 }
 
-/* out[tok[t], h] += weight[t] * (w2[h] . act[t]) for the columns of `claims`, t < n. */
-static void down_scatter(int dtype, const void *w2, int64_t I, const void *act, int64_t ldact, const int64_t *tok,
-                         const float *weight, int64_t n, float *out, int64_t ldout, row_claims claims) {
+/* out[t, h] += weight[t] * (w2[h] . act[t]) for the columns of `claims`, t < n. */
+static void down_weighted(int dtype, const void *w2, int64_t I, const void *act, int64_t ldact, const float *weight,
+                          int64_t n, float *out, int64_t ldout, row_claims claims) {
     const void *vecs[MAX_GROUP];
     const uint16_t *packed = NULL;
     int64_t packed_group = -1, h0, h1;
@@ -490,18 +491,17 @@ static void down_scatter(int dtype, const void *w2, int64_t I, const void *act, 
             int g = (int)(n - t0 < MAX_GROUP ? n - t0 : MAX_GROUP);
             for (int t = 0; t < g; t++) vecs[t] = element(act, dtype, (t0 + t) * ldact);
             const uint16_t *group = packed_group_of(dtype, vecs, g, I, t0, &packed, &packed_group);
-            down_rows(dtype, w2, I, vecs, g, group, tok + t0, weight + t0, out, ldout, h0, h1);
+            down_rows(dtype, w2, I, vecs, g, group, weight + t0, out + t0 * ldout, ldout, h0, h1);
         }
 }
 
 static PyObject *py_gate_up_act(PyObject *self, PyObject *args) {
     int dtype;
     unsigned long long w13, x, tok, act, next;
-    long long I, H, ldx, n, ldact, i0, i1;
-    if (!PyArg_ParseTuple(args, "iKLLKLKLKLLLK", &dtype, &w13, &I, &H, &x, &ldx, &tok, &n, &act, &ldact, &i0, &i1,
-                          &next))
+    long long I, H, ldx, n, ldact;
+    if (!PyArg_ParseTuple(args, "iKLLKLKLKLK", &dtype, &w13, &I, &H, &x, &ldx, &tok, &n, &act, &ldact, &next))
         return NULL;
-    row_claims claims = claims_of((int64_t *)next, i0, i1, 2 * H * (int64_t)dtype_size(dtype));
+    row_claims claims = claims_of((int64_t *)next, I, 2 * H * (int64_t)dtype_size(dtype));
     Py_BEGIN_ALLOW_THREADS
     gate_up_act(dtype, (const void *)w13, I, H, (const void *)x, ldx, (const int64_t *)tok, n, (void *)act, ldact,
                 claims);
@@ -509,17 +509,16 @@ static PyObject *py_gate_up_act(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_down_scatter(PyObject *self, PyObject *args) {
+static PyObject *py_down_weighted(PyObject *self, PyObject *args) {
     int dtype;
-    unsigned long long w2, act, tok, weight, out, next;
-    long long I, ldact, n, ldout, h0, h1;
-    if (!PyArg_ParseTuple(args, "iKLKLKKLKLLLK", &dtype, &w2, &I, &act, &ldact, &tok, &weight, &n, &out, &ldout, &h0,
-                          &h1, &next))
+    unsigned long long w2, act, weight, out, next;
+    long long I, H, ldact, n, ldout;
+    if (!PyArg_ParseTuple(args, "iKLLKLKLKLK", &dtype, &w2, &I, &H, &act, &ldact, &weight, &n, &out, &ldout, &next))
         return NULL;
-    row_claims claims = claims_of((int64_t *)next, h0, h1, I * (int64_t)dtype_size(dtype));
+    row_claims claims = claims_of((int64_t *)next, H, I * (int64_t)dtype_size(dtype));
     Py_BEGIN_ALLOW_THREADS
-    down_scatter(dtype, (const void *)w2, I, (const void *)act, ldact, (const int64_t *)tok, (const float *)weight, n,
-                 (float *)out, ldout, claims);
+    down_weighted(dtype, (const void *)w2, I, (const void *)act, ldact, (const float *)weight, n, (float *)out, ldout,
+                  claims);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -613,11 +612,11 @@ static PyObject *py_set_amx_min_tokens(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gate_up_act", py_gate_up_act, METH_VARARGS,
-     "gate_up_act(dtype, w13, I, H, x, ldx, tok, n, act, ldact, i0, i1, next): act = silu(gate) * up, rows "
-     "i0..i1 (next: 0, or the address of an int64 counter, zero at first, from which the call's threads claim rows)"},
-    {"down_scatter", py_down_scatter, METH_VARARGS,
-     "down_scatter(dtype, w2, I, act, ldact, tok, weight, n, out, ldout, h0, h1, next): out[tok] += weight * w2 act, "
-     "columns h0..h1 (next as in gate_up_act)"},
+     "gate_up_act(dtype, w13, I, H, x, ldx, tok, n, act, ldact, next): act = silu(gate) * up, all I rows "
+     "(next: 0, or the address of an int64 counter, zero at first, from which the call's threads claim rows)"},
+    {"down_weighted", py_down_weighted, METH_VARARGS,
+     "down_weighted(dtype, w2, I, H, act, ldact, weight, n, out, ldout, next): out += weight * w2 act, all H "
+     "columns (next as in gate_up_act)"},
     {"add_rows", py_add_rows, METH_VARARGS,
      "add_rows(out, ldout, rows, ldrows, tok, n, width): out[tok[r]] += rows[r] for r < n (fp32)"},
     {"read_sum", py_read_sum, METH_VARARGS, "read_sum(ptr, nbytes): sum of 64-bit words (bandwidth baseline)"},

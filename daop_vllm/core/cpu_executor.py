@@ -168,8 +168,6 @@ class CpuExpertExecutor:
         self.fail_every: int | None = None  # tests only: every n-th job raises in a worker thread
         self._jobs = 0
         self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
-        # An expert's own output rows 0, 1, ...: the token rows the down kernel writes to.
-        self._own_rows = torch.arange(max(1, self.native_max_tokens), dtype=torch.int64)
 
     @property
     def kernel_name(self) -> str:
@@ -306,15 +304,15 @@ class CpuExpertExecutor:
         hidden, inter, item = x.shape[1], w13.shape[1] // 2, x.element_size()
         self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13.data_ptr() + work.expert * w13.stride(0) * item, inter,
                                   hidden, x.data_ptr(), hidden, pairs.tokens.data_ptr() + 8 * work.start, work.count,
-                                  act.data_ptr() + work.act_row * inter * item, inter, 0, inter, claim)
+                                  act.data_ptr() + work.act_row * inter * item, inter, claim)
 
     def _down(self, work, pairs, w2, act, native_out, claim=0) -> None:
         """Into the expert's own rows of `native_out` (those of its activations)."""
         hidden, inter, item = w2.shape[1], w2.shape[2], act.element_size()
-        self.kernels.down_scatter(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item, inter,
-                                   act.data_ptr() + work.act_row * inter * item, inter, self._own_rows.data_ptr(),
-                                   pairs.weights.data_ptr() + 4 * work.start, work.count,
-                                   native_out.data_ptr() + work.act_row * hidden * 4, hidden, 0, hidden, claim)
+        self.kernels.down_weighted(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item,
+                                    inter, hidden, act.data_ptr() + work.act_row * inter * item, inter,
+                                    pairs.weights.data_ptr() + 4 * work.start, work.count,
+                                    native_out.data_ptr() + work.act_row * hidden * 4, hidden, claim)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
