@@ -107,47 +107,47 @@ class _Workspace:
 
 
 class CpuJob:
-    """The pending result [T, H] (x's dtype) of one layer's CPU experts. For fp32 inputs the
-    result may be a view of the executor's workspace: use it before the next `submit`."""
+    """The pending result [T, H] (x's dtype) of one layer's CPU experts: a view of the executor's
+    workspace, to be used before its lane's next `submit`."""
 
     def __init__(self, parts: list[Future], out: torch.Tensor, native_out: torch.Tensor | None,
-                 native_tokens: torch.Tensor, dtype: torch.dtype, kernels: ModuleType | None) -> None:
+                 native_tokens: torch.Tensor, kernels: ModuleType | None) -> None:
         self._parts = parts
         self._out = out
         self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
         self._native_tokens = native_tokens
-        self._dtype = dtype
         self._kernels = kernels
 
     def result(self) -> torch.Tensor:
-        errors, partials = [], []
+        errors, pieces = [], []
+        if self._native_out is not None:
+            pieces.append((self._native_tokens, self._native_out))
         for part in self._parts:
             try:
-                partials.append(part.result())
+                pieces.extend(part.result())
             except threading.BrokenBarrierError:
                 pass  # a consequence of another thread's error, which is reported instead
             except Exception as exc:  # noqa: BLE001 - re-raised below for this job only
                 errors.append(exc)
         if errors:
             raise errors[0]
-        out = self._out
-        if self._native_out is not None:
-            self._add_rows(self._native_tokens, self._native_out)
-        for partial in partials:
-            for tokens, values in partial:
-                self._add_rows(tokens, values)
-        return out.to(self._dtype)
+        return self._sum_rows(pieces)
 
-    def _add_rows(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
-        """out[tokens[r]] += rows[r] (fp32, contiguous): in the native kernels where they are, as
-        torch's index_add_ wakes torch's OpenMP threads, which then spin on the cores for
-        milliseconds (see csrc/cpu_experts.c)."""
-        if self._kernels is None:
-            self._out.index_add_(0, tokens, rows)
-            return
-        hidden = self._out.shape[1]
-        self._kernels.add_rows(self._out.data_ptr(), hidden, rows.data_ptr(), hidden, tokens.data_ptr(),
-                               rows.shape[0], hidden)
+    def _sum_rows(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """out[t] = the sum of the pieces' fp32 rows of token t: in the native kernels where they
+        are, as torch's zero_, to() and index_add_ on a decode step's rows wake torch's OpenMP
+        threads, which then spin on the cores for milliseconds (see csrc/cpu_experts.c)."""
+        out = self._out
+        if self._kernels is None or out.dtype not in NATIVE_DTYPES or not pieces:
+            total = torch.zeros(out.shape, dtype=torch.float32)
+            for tokens, rows in pieces:
+                total.index_add_(0, tokens, rows)
+            return out.copy_(total)
+        tokens = torch.cat([t for t, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+        rows = torch.cat([r for _, r in pieces]) if len(pieces) > 1 else pieces[0][1]
+        self._kernels.sum_rows(NATIVE_DTYPES[out.dtype], out.data_ptr(), out.shape[0], rows.data_ptr(),
+                               tokens.data_ptr(), rows.shape[0], out.shape[1])
+        return out
 
 
 class CpuExpertExecutor:
@@ -159,7 +159,7 @@ class CpuExpertExecutor:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
         self.kernels = native_kernels() if use_native else None
-        self.amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]  # bf16 with 2+ tokens on AMX tiles
+        self.amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]  # bf16 with 3+ tokens on AMX tiles
         self.native_max_tokens = NATIVE_MAX_TOKENS[self.amx] if native_max_tokens is None else native_max_tokens
         self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
@@ -175,7 +175,7 @@ class CpuExpertExecutor:
             return "torch"
         isa = self.kernels.isa()
         vector = "avx512-bf16" if isa["avx512_bf16"] else "avx512f" if isa["avx512f"] else "portable C"
-        amx = ", bf16 with 2+ tokens on AMX" if self.amx else ""
+        amx = ", bf16 with 3+ tokens on AMX" if self.amx else ""
         return f"native ({vector}{amx}) up to {self.native_max_tokens} tokens per expert, torch beyond"
 
     def submit(
@@ -204,12 +204,12 @@ class CpuExpertExecutor:
         workspace = self._workspaces[lane]
         pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
         whole_experts = len(native) >= self.whole_experts_from * self.num_threads
-        out = workspace.buffer("out", (tokens, hidden), torch.float32).zero_()
+        out = workspace.buffer("out", (tokens, hidden), x.dtype)
         act = native_out = None
-        if native:
+        if native:  # the kernels write every element of these
             native_rows = native[-1].act_row + native[-1].count
             act = workspace.buffer("act", (native_rows, w2.shape[2]), x.dtype)
-            native_out = workspace.buffer("native_out", (native_rows, hidden), torch.float32).zero_()
+            native_out = workspace.buffer("native_out", (native_rows, hidden), torch.float32)
         barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
         # Row counters, gate/up and down of each expert, which the threads claim rows from.
         claims = workspace.buffer("claims", (len(native), 2), torch.int64).zero_() if barrier else None
@@ -226,7 +226,7 @@ class CpuExpertExecutor:
                 run_native = None
             parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], pairs,
                                            x, w13, w2, act, inject and part == 0))
-        return CpuJob(parts, out, native_out, pairs.native_tokens, x.dtype, self.kernels)
+        return CpuJob(parts, out, native_out, pairs.native_tokens, self.kernels)
 
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
                                                                              list[_ExpertWork]]:

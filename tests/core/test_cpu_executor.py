@@ -161,3 +161,42 @@ def test_without_native_kernels_matches_reference(threads):
         assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.float32] * want.abs().max().item()
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_rows_adds_by_token_in_fp32_and_rounds_once(dtype):
+    """The result assembly: rows of any token in any order, tokens with no rows zero, the sum
+    kept in fp32 until the one rounding to the result's dtype."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("needs the C extension (daop_vllm._cpu_experts)")
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.tensor([3, 0, 3, 5, 3, 0], dtype=torch.int64)  # 1, 2, 4 without rows
+    rows = torch.randn(len(tokens), 37, generator=gen)
+    # token 3 at column 0: 1 + 2 * (3/8 of a bf16 step at 1), which rounds up to 1 + 2^-7 summed
+    # first, and stays 1 if rounded after each addition
+    rows[0, 0], rows[2, 0], rows[4, 0] = 1.0, 3 * 2.0**-10, 3 * 2.0**-10
+    out = torch.full((6, 37), float("nan"), dtype=dtype)
+    kernels.sum_rows(1 if dtype == torch.bfloat16 else 0, out.data_ptr(), 6, rows.data_ptr(), tokens.data_ptr(),
+                     len(tokens), 37)
+    want = torch.zeros(6, 37).index_add_(0, tokens, rows).to(dtype)
+    assert torch.equal(out, want)
+    assert out[3, 0].item() == (1.0 + 2.0**-7 if dtype == torch.bfloat16 else 1.0 + 6 * 2.0**-10)
+
+
+def test_amx_activation_matches_reference_far_from_zero():
+    """Gate values of +-100 and beyond (where e^-g leaves the float range) through the AMX path's
+    vector silu: silu(g) -> g above, -> 0 below, no inf or NaN."""
+    kernels = native_kernels()
+    if kernels is None or not kernels.isa()["amx_bf16"]:
+        pytest.skip("needs the C extension on a CPU with AMX (this one has none)")
+    x, topk_ids, topk_weights, w13, w2, _ = case(8, 2, 2, 64, 32, torch.bfloat16, seed=7)
+    x = (x.float() * 60).to(torch.bfloat16)
+    executor = CpuExpertExecutor(2, native_max_tokens=16)
+    try:
+        args = (x, topk_ids, topk_weights, w13, w2, torch.arange(2))
+        got, want = executor.submit(*args).result(), reference(*args)
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
+    finally:
+        executor.shutdown()
