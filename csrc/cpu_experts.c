@@ -241,8 +241,8 @@ static void dots_rows(int dtype, const void *const *w, const void *const *x, int
 /* AMX: a tile multiply takes 16 weight rows x 32 elements (the rows as they lie in memory) times
  * 32 elements x 16 tokens, where the AVX-512 path needs one vdpbf16ps per row, token and 32
  * elements: from 3 tokens on, those instructions rather than memory bound the AVX-512 path. The
- * tokens are packed once per call into the tile layout (pairs of consecutive elements per token);
- * tokens past n are zero. Tiles: 0 the accumulator, 1 weight rows, 2 tokens. */
+ * tokens are packed once per call into the tile layout (pairs of consecutive elements per token),
+ * in groups of 16; tokens past n are zero. */
 enum { AMX_ROWS = 16, AMX_K = 32, AMX_TOKENS = 16 };
 
 typedef struct {
@@ -280,22 +280,32 @@ __attribute__((target("avx512f"))) static void pack_pairs(const uint16_t *const 
     }
 }
 
-static const uint16_t *pack_tokens(const uint16_t *const *vecs, int n, int64_t len) {
-    int64_t need = len * AMX_TOKENS;
+/* All n tokens in the tile layout, group g of 16 at g * len * AMX_TOKENS; token t is the row at
+ * rows + (tok ? tok[t] : t) * ld. NULL if the buffer cannot grow. */
+static const uint16_t *pack_tokens(const uint16_t *rows, int64_t ld, const int64_t *tok, int64_t n, int64_t len) {
+    int64_t groups = (n + AMX_TOKENS - 1) / AMX_TOKENS, need = groups * len * AMX_TOKENS;
     if (need > packed_capacity) {
         free(packed_buffer);
         packed_buffer = aligned_alloc(64, (size_t)need * sizeof(uint16_t));
         packed_capacity = packed_buffer ? need : 0;
         if (!packed_buffer) return NULL;
     }
-    pack_pairs(vecs, n, len, packed_buffer);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *vecs[AMX_TOKENS];
+        int size = (int)(n - g * AMX_TOKENS < AMX_TOKENS ? n - g * AMX_TOKENS : AMX_TOKENS);
+        for (int t = 0; t < size; t++) {
+            int64_t token = g * AMX_TOKENS + t;
+            vecs[t] = rows + (tok ? tok[token] : token) * ld;
+        }
+        pack_pairs(vecs, size, len, packed_buffer + g * len * AMX_TOKENS);
+    }
     return packed_buffer;
 }
 
 __attribute__((target("amx-tile"))) static void amx_begin(void) {
     tile_config cfg = {0};
     cfg.palette_id = 1;
-    for (int t = 0; t < 3; t++) {
+    for (int t = 0; t < 8; t++) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
@@ -306,19 +316,43 @@ __attribute__((target("amx-tile"))) static void amx_begin(void) {
 
 __attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
 
-/* c[r][t] = w[r] . x[t] for 16 rows of `len` (a multiple of 32) elements `stride` elements apart,
- * against the packed tokens. One block at a time: its 16 row streams read at 0.85-0.93 of the
- * streaming read on our development machine, two blocks' 32 at 0.84-0.86. */
+/* c[g][r][t] = w[r] . x_g[t] for 16 rows of `len` (a multiple of 32) elements `stride` elements
+ * apart, against `groups` (1 to AMX_GROUPS) groups of packed tokens, `len` * 16 elements apart:
+ * each tile of weights, loaded once, meets every group (prefill-sized calls need this: a pass per
+ * group re-read the weights and repacked the tokens for every piece of rows). One block of rows
+ * at a time: its 16 row streams read at 0.85-0.93 of the streaming read on our development
+ * machine, two blocks' 32 at 0.84-0.86. Tiles: 0-3 the groups' accumulators, 4 weights, 5-7
+ * tokens. */
+enum { AMX_GROUPS = 4 };
 __attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const uint16_t *w, int64_t stride,
-                                                                   const uint16_t *packed, int64_t len,
-                                                                   float c[16][16]) {
+                                                                   const uint16_t *packed, int64_t len, int groups,
+                                                                   float c[][16][16]) {
+    const uint16_t *p1 = packed + len * AMX_TOKENS, *p2 = p1 + len * AMX_TOKENS, *p3 = p2 + len * AMX_TOKENS;
     _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int64_t k = 0; k < len; k += AMX_K) {
-        _tile_loadd(1, w + k, stride * 2);
-        _tile_loadd(2, packed + k * AMX_TOKENS, 64);
-        _tile_dpbf16ps(0, 1, 2);
+        _tile_loadd(4, w + k, stride * 2);
+        _tile_loadd(5, packed + k * AMX_TOKENS, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (groups > 1) {
+            _tile_loadd(6, p1 + k * AMX_TOKENS, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (groups > 2) {
+            _tile_loadd(7, p2 + k * AMX_TOKENS, 64);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if (groups > 3) {
+            _tile_loadd(5, p3 + k * AMX_TOKENS, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
     }
-    _tile_stored(0, c, 64);
+    _tile_stored(0, c[0], 64);
+    if (groups > 1) _tile_stored(1, c[1], 64);
+    if (groups > 2) _tile_stored(2, c[2], 64);
+    if (groups > 3) _tile_stored(3, c[3], 64);
 }
 
 /* e^v, 16 lanes: e^v = 2^k e^r with k = round(v log2 e) and |r| <= ln2 / 2, e^r by Cephes'
@@ -364,43 +398,56 @@ __attribute__((target("avx512f,avx512bw"))) static void silu_mul_block(float gat
         for (int r = 0; r < AMX_ROWS; r++) act[t * ldact + r] = y[r][t];
 }
 
-/* gate_up_act's rows [i0, i1) in blocks of 16 on AMX, against the packed tokens; returns the first
- * row it did not do. */
-static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint16_t *packed, int n, uint16_t *act,
-                           int64_t ldact, int64_t i0, int64_t i1) {
-    float gate[16][16] __attribute__((aligned(64))), up[16][16] __attribute__((aligned(64)));
+static inline int group_size(int64_t n, int64_t t0) { return (int)(n - t0 < AMX_TOKENS ? n - t0 : AMX_TOKENS); }
+
+/* gate_up_act's rows [i0, i1) in blocks of 16 on AMX for all n tokens, against the packed tokens;
+ * returns the first row it did not do. */
+static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint16_t *packed, int64_t n,
+                           uint16_t *act, int64_t ldact, int64_t i0, int64_t i1) {
+    float gate[AMX_GROUPS][16][16] __attribute__((aligned(64))), up[AMX_GROUPS][16][16] __attribute__((aligned(64)));
     amx_begin();
     int64_t i = i0;
-    for (; i + AMX_ROWS <= i1; i += AMX_ROWS) {
-        amx_block(w13 + i * H, H, packed, H, gate);
-        amx_block(w13 + (I + i) * H, H, packed, H, up);
-        silu_mul_block(gate, up, n, act + i, ldact);
-    }
+    for (; i + AMX_ROWS <= i1; i += AMX_ROWS)
+        for (int64_t t0 = 0; t0 < n; t0 += AMX_GROUPS * AMX_TOKENS) {
+            const uint16_t *groups_packed = packed + t0 * H;
+            int groups = (int)((n - t0 + AMX_TOKENS - 1) / AMX_TOKENS);
+            groups = groups < AMX_GROUPS ? groups : AMX_GROUPS;
+            amx_block(w13 + i * H, H, groups_packed, H, groups, gate);
+            amx_block(w13 + (I + i) * H, H, groups_packed, H, groups, up);
+            for (int g = 0; g < groups; g++) {
+                int64_t t = t0 + g * AMX_TOKENS;
+                silu_mul_block(gate[g], up[g], group_size(n, t), act + t * ldact + i, ldact);
+            }
+        }
     amx_end();
     return i;
 }
 
-/* down_weighted's columns [h0, h1) in blocks of 16 on AMX, against the packed activations; returns
- * the first column it did not do. */
-static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, int n,
-                        const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
-    float c[16][16] __attribute__((aligned(64)));
+/* down_weighted's columns [h0, h1) in blocks of 16 on AMX for all n tokens, against the packed
+ * activations; returns the first column it did not do. */
+static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, int64_t n, const float *weight,
+                        float *out, int64_t ldout, int64_t h0, int64_t h1) {
+    float c[AMX_GROUPS][16][16] __attribute__((aligned(64)));
     amx_begin();
     int64_t h = h0;
-    for (; h + AMX_ROWS <= h1; h += AMX_ROWS) {
-        amx_block(w2 + h * I, I, packed, I, c);
-        for (int t = 0; t < n; t++) {
-            float *o = out + t * ldout + h;
-            for (int r = 0; r < AMX_ROWS; r++) o[r] = weight[t] * c[r][t];
+    for (; h + AMX_ROWS <= h1; h += AMX_ROWS)
+        for (int64_t t0 = 0; t0 < n; t0 += AMX_GROUPS * AMX_TOKENS) {
+            int groups = (int)((n - t0 + AMX_TOKENS - 1) / AMX_TOKENS);
+            groups = groups < AMX_GROUPS ? groups : AMX_GROUPS;
+            amx_block(w2 + h * I, I, packed + t0 * I, I, groups, c);
+            for (int g = 0; g < groups; g++)
+                for (int t = 0; t < group_size(n, t0 + g * AMX_TOKENS); t++) {
+                    int64_t token = t0 + g * AMX_TOKENS + t;
+                    float *o = out + token * ldout + h;
+                    for (int r = 0; r < AMX_ROWS; r++) o[r] = weight[token] * c[g][r][t];
+                }
         }
-    }
     amx_end();
     return h;
 }
 
-static int use_amx(int dtype, int n, int64_t len) {
-    return dtype == DT_BF16 && has_amx_bf16 && amx_min_tokens > 0 && n >= amx_min_tokens && n <= AMX_TOKENS &&
-           len % AMX_K == 0;
+static int use_amx(int dtype, int64_t n, int64_t len) {
+    return dtype == DT_BF16 && has_amx_bf16 && amx_min_tokens > 0 && n >= amx_min_tokens && len % AMX_K == 0;
 }
 #endif
 
@@ -440,14 +487,10 @@ static int claim_rows(row_claims *c, int64_t *a, int64_t *b) {
     return 1;
 }
 
-/* One group of g tokens (act rows t0 ..), rows [i0, i1); packed: the tokens in the AMX layout,
- * or NULL. */
+/* One group of g tokens (act rows t0 ..), rows [i0, i1), on AVX-512 or portable C. */
 static void gate_up_rows(int dtype, const void *w13, int64_t I, int64_t H, const void *const *vecs, int g,
-                         const uint16_t *packed, void *act, int64_t ldact, int64_t t0, int64_t i0, int64_t i1) {
+                         void *act, int64_t ldact, int64_t t0, int64_t i0, int64_t i1) {
     int64_t i = i0;
-#ifdef DAOP_X86
-    if (packed) i = gate_up_amx(w13, I, H, packed, g, (uint16_t *)act + t0 * ldact, ldact, i0, i1);
-#endif
     if (g <= MAX_ROWS_TOKENS) { /* gate rows i .. i + s - 1, then the same up rows */
         int s = rows_for(g) / 2;
         for (; i + s <= i1; i += s) {
@@ -471,44 +514,30 @@ static void gate_up_rows(int dtype, const void *w13, int64_t I, int64_t H, const
     }
 }
 
-/* The tokens of a group in the AMX layout when the group runs on AMX, else NULL; packed once per
- * group and call (*packed_group: the group `packed` holds). */
-static const uint16_t *packed_group_of(int dtype, const void *const *vecs, int g, int64_t len, int64_t t0,
-                                       const uint16_t **packed, int64_t *packed_group) {
-#ifdef DAOP_X86
-    if (!use_amx(dtype, g, len)) return NULL;
-    if (*packed_group != t0) {
-        *packed = pack_tokens((const uint16_t *const *)vecs, g, len);
-        *packed_group = *packed ? t0 : -1;
-    }
-    return *packed;
-#else
-    return NULL;
-#endif
-}
-
 /* act[t, i] for the rows of `claims`, t < n; w13 rows of length H, x rows at tok[t] * ldx. */
 static void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx,
                         const int64_t *tok, int64_t n, void *act, int64_t ldact, row_claims claims) {
     const void *vecs[MAX_GROUP];
-    const uint16_t *packed = NULL;
-    int64_t packed_group = -1, i0, i1;
-    while (claim_rows(&claims, &i0, &i1))
-        for (int64_t t0 = 0; t0 < n; t0 += MAX_GROUP) {
+    const uint16_t *packed = NULL; /* on AMX: the tokens in the tile layout, packed at the first piece */
+    int64_t i0, i1;
+    while (claim_rows(&claims, &i0, &i1)) {
+        int64_t i = i0;
+#ifdef DAOP_X86
+        if (!packed && use_amx(dtype, n, H)) packed = pack_tokens(x, ldx, tok, n, H);
+        if (packed) i = gate_up_amx(w13, I, H, packed, n, act, ldact, i0, i1);
+#endif
+        for (int64_t t0 = 0; t0 < n; t0 += MAX_GROUP) { /* the rows AMX did not do */
             int g = (int)(n - t0 < MAX_GROUP ? n - t0 : MAX_GROUP);
             for (int t = 0; t < g; t++) vecs[t] = element(x, dtype, tok[t0 + t] * ldx);
-            const uint16_t *group = packed_group_of(dtype, vecs, g, H, t0, &packed, &packed_group);
-            gate_up_rows(dtype, w13, I, H, vecs, g, group, act, ldact, t0, i0, i1);
+            gate_up_rows(dtype, w13, I, H, vecs, g, act, ldact, t0, i, i1);
         }
+    }
 }
 
-/* One group of g tokens (out rows t0 ..), output columns [h0, h1); packed as in gate_up_rows. */
-static void down_rows(int dtype, const void *w2, int64_t I, const void *const *vecs, int g, const uint16_t *packed,
-                      const float *weight, float *out, int64_t ldout, int64_t h0, int64_t h1) {
+/* One group of g tokens (out rows t0 ..), output columns [h0, h1), as gate_up_rows. */
+static void down_rows(int dtype, const void *w2, int64_t I, const void *const *vecs, int g, const float *weight,
+                      float *out, int64_t ldout, int64_t h0, int64_t h1) {
     int64_t h = h0;
-#ifdef DAOP_X86
-    if (packed) h = down_amx(w2, I, packed, g, weight, out, ldout, h0, h1);
-#endif
     if (g <= MAX_ROWS_TOKENS) { /* consecutive rows, as many streams */
         int rows = rows_for(g);
         for (; h + rows <= h1; h += rows) {
@@ -531,15 +560,20 @@ static void down_rows(int dtype, const void *w2, int64_t I, const void *const *v
 static void down_weighted(int dtype, const void *w2, int64_t I, const void *act, int64_t ldact, const float *weight,
                           int64_t n, float *out, int64_t ldout, row_claims claims) {
     const void *vecs[MAX_GROUP];
-    const uint16_t *packed = NULL;
-    int64_t packed_group = -1, h0, h1;
-    while (claim_rows(&claims, &h0, &h1))
+    const uint16_t *packed = NULL; /* as in gate_up_act */
+    int64_t h0, h1;
+    while (claim_rows(&claims, &h0, &h1)) {
+        int64_t h = h0;
+#ifdef DAOP_X86
+        if (!packed && use_amx(dtype, n, I)) packed = pack_tokens(act, ldact, NULL, n, I);
+        if (packed) h = down_amx(w2, I, packed, n, weight, out, ldout, h0, h1);
+#endif
         for (int64_t t0 = 0; t0 < n; t0 += MAX_GROUP) {
             int g = (int)(n - t0 < MAX_GROUP ? n - t0 : MAX_GROUP);
             for (int t = 0; t < g; t++) vecs[t] = element(act, dtype, (t0 + t) * ldact);
-            const uint16_t *group = packed_group_of(dtype, vecs, g, I, t0, &packed, &packed_group);
-            down_rows(dtype, w2, I, vecs, g, group, weight + t0, out + t0 * ldout, ldout, h0, h1);
+            down_rows(dtype, w2, I, vecs, g, weight + t0, out + t0 * ldout, ldout, h, h1);
         }
+    }
 }
 
 static PyObject *py_gate_up_act(PyObject *self, PyObject *args) {

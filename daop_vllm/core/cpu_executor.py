@@ -3,8 +3,8 @@
 The caller submits one layer's CPU work and goes on with the device work; `CpuJob.result()`
 waits. Two paths, chosen per expert by how many tokens it got:
 
-- native (decode-sized, up to `native_max_tokens` tokens, fp32/bf16, when the C extension is
-  built), in one of two layouts. Few experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per
+- native (decode-sized and short prefills: up to `native_max_tokens` tokens, fp32/bf16, when the
+  C extension is built), in one of two layouts. Few experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per
   thread: Mixtral's 2-8 large ones): the threads share each expert's gate/up rows, wait at a
   barrier, then share the output columns of each down projection; they claim rows piece by
   piece from a counter per expert and phase, so that a thread the machine slows down does less.
@@ -38,9 +38,10 @@ from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
 from daop_vllm.core.expert_math import expert_mlp
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
-# machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. The
-# kernel's AMX path takes up to 16 tokens in one pass over the weights; AVX-512 alone, 4.
-NATIVE_MAX_TOKENS = {True: 16, False: 4}  # by: the CPU has AMX
+# machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. With
+# AMX (64 tokens meet each weight tile at once) it was 2.5x torch at 32 tokens, 1.7x at 64, 1.25x
+# at 128 and 0.8x at 256; AVX-512 alone is bound by its dot-product instructions from 3 tokens.
+NATIVE_MAX_TOKENS = {True: 128, False: 4}  # by: the CPU has AMX
 # With at least this many native experts per thread, threads take whole experts instead of a
 # slice of every expert. Decode-sized experts cost their weight bytes, the same for all of an
 # engine's experts, so handing them out in turn balances the threads.

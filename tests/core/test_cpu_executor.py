@@ -103,16 +103,18 @@ def test_worker_error_fails_that_call_and_executor_keeps_serving(threads):
 @pytest.mark.parametrize("amx_min_tokens", [0, 1, 2], ids=["avx512-only", "amx-from-1", "amx-from-2"])
 @pytest.mark.parametrize(
     "tokens, experts, top_k, hidden, inter",
-    [(16, 2, 2, 96, 64), (9, 4, 2, 64, 40), (5, 1, 1, 256, 96), (3, 4, 1, 128, 32)],
+    [(16, 2, 2, 96, 64), (9, 4, 2, 64, 40), (5, 1, 1, 256, 96), (3, 4, 1, 128, 32), (37, 2, 2, 64, 96),
+     (70, 1, 1, 96, 64)],
 )
 def test_amx_and_avx512_paths_match_reference(amx_min_tokens, tokens, experts, top_k, hidden, inter):
-    """bf16 experts with 1-16 tokens each, on AMX tiles or AVX-512 alone; hidden and intermediate
-    sizes that are (AMX) and are not (the AVX-512 rest) multiples of the tile's 32 elements."""
+    """bf16 experts with 1-70 tokens each, on AMX tiles or AVX-512 alone; hidden and intermediate
+    sizes that are (AMX) and are not (the AVX-512 rest) multiples of the tile's 32 elements; on
+    AMX, one to five groups of 16 tokens (four meet each weight tile at once), the last one short."""
     kernels = native_kernels()
     if kernels is None or (amx_min_tokens and not kernels.isa()["amx_bf16"]):
         pytest.skip("needs the C extension, and AMX for the AMX cases (this CPU has none)")
     previous = kernels.set_amx_min_tokens(amx_min_tokens)
-    executor = CpuExpertExecutor(2, native_max_tokens=16)
+    executor = CpuExpertExecutor(2, native_max_tokens=128)
     try:
         args = case(tokens, experts, top_k, hidden, inter, torch.bfloat16, seed=3)
         args = (*args[:5], torch.arange(experts))  # every expert ours: up to 16 tokens per expert
