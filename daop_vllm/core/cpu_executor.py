@@ -39,9 +39,10 @@ from daop_vllm.core.expert_math import expert_mlp
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. With
-# AMX (64 tokens meet each weight tile at once) it was 2.5x torch at 32 tokens, 1.7x at 64, 1.25x
-# at 128 and 0.8x at 256; AVX-512 alone is bound by its dot-product instructions from 3 tokens.
-NATIVE_MAX_TOKENS = {True: 128, False: 4}  # by: the CPU has AMX
+# AMX (64 tokens meet each weight tile at once) it was 1.9x torch at 32 tokens, 1.33x at 64 and
+# 0.96x at 128 (medians of three runs); AVX-512 alone is bound by its dot-product instructions
+# from 3 tokens.
+NATIVE_MAX_TOKENS = {True: 64, False: 4}  # by: the CPU has AMX
 # With at least this many native experts per thread, threads take whole experts instead of a
 # slice of every expert. Decode-sized experts cost their weight bytes, the same for all of an
 # engine's experts, so handing them out in turn balances the threads.
