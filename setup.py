@@ -6,7 +6,8 @@ setup(
     ext_modules=[
         Extension(
             "daop_vllm._cpu_experts",
-            sources=["csrc/cpu_experts.c"],
+            sources=["csrc/cpu_experts.c", "csrc/cpu_pool.c"],
+            depends=["csrc/cpu_pool.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             # Without a C compiler the package still installs; the executor then uses torch.
             optional=True,

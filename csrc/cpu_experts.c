@@ -7,14 +7,13 @@
  *
  * A call does all rows (gate_up_act) or output columns (down_weighted), or, given a counter
  * that several threads share, the pieces of them it claims, so no two threads write the same
- * element.
- * The GIL is released while a kernel runs. Weights and activations are fp32 or bf16 (dtype
- * code 0 / 1); `out` is fp32. bf16 dot products use AMX tiles or AVX512-BF16 (vdpbf16ps) where
- * the CPU has them, fp32 ones AVX-512 FMA; elsewhere portable C. A module of plain C (no torch
- * headers): tensors arrive as addresses and element strides.
+ * element; the executor's own threads make these calls (cpu_pool.c). Weights and activations
+ * are fp32 or bf16 (dtype code 0 / 1); `out` is fp32. bf16 dot products use AMX tiles or
+ * AVX512-BF16 (vdpbf16ps) where the CPU has them, fp32 ones AVX-512 FMA; elsewhere portable C.
+ * A module of plain C (no torch headers): tensors arrive as addresses and element strides.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "cpu_pool.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -518,8 +517,10 @@ static void gate_up_rows(int dtype, const void *w13, int64_t I, int64_t H, const
 static void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx,
                         const int64_t *tok, int64_t n, void *act, int64_t ldact, row_claims claims) {
     const void *vecs[MAX_GROUP];
-    const uint16_t *packed = NULL; /* on AMX: the tokens in the tile layout, packed at the first piece */
     int64_t i0, i1;
+#ifdef DAOP_X86
+    const uint16_t *packed = NULL; /* on AMX: the tokens in the tile layout, packed at the first piece */
+#endif
     while (claim_rows(&claims, &i0, &i1)) {
         int64_t i = i0;
 #ifdef DAOP_X86
@@ -560,8 +561,10 @@ static void down_rows(int dtype, const void *w2, int64_t I, const void *const *v
 static void down_weighted(int dtype, const void *w2, int64_t I, const void *act, int64_t ldact, const float *weight,
                           int64_t n, float *out, int64_t ldout, row_claims claims) {
     const void *vecs[MAX_GROUP];
-    const uint16_t *packed = NULL; /* as in gate_up_act */
     int64_t h0, h1;
+#ifdef DAOP_X86
+    const uint16_t *packed = NULL; /* as in gate_up_act */
+#endif
     while (claim_rows(&claims, &h0, &h1)) {
         int64_t h = h0;
 #ifdef DAOP_X86
@@ -576,32 +579,14 @@ static void down_weighted(int dtype, const void *w2, int64_t I, const void *act,
     }
 }
 
-static PyObject *py_gate_up_act(PyObject *self, PyObject *args) {
-    int dtype;
-    unsigned long long w13, x, tok, act, next;
-    long long I, H, ldx, n, ldact;
-    if (!PyArg_ParseTuple(args, "iKLLKLKLKLK", &dtype, &w13, &I, &H, &x, &ldx, &tok, &n, &act, &ldact, &next))
-        return NULL;
-    row_claims claims = claims_of((int64_t *)next, I, 2 * H * (int64_t)dtype_size(dtype));
-    Py_BEGIN_ALLOW_THREADS
-    gate_up_act(dtype, (const void *)w13, I, H, (const void *)x, ldx, (const int64_t *)tok, n, (void *)act, ldact,
-                claims);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+void daop_gate_up(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx, const int64_t *tok,
+                  int64_t n, void *act, int64_t ldact, int64_t *next) {
+    gate_up_act(dtype, w13, I, H, x, ldx, tok, n, act, ldact, claims_of(next, I, 2 * H * (int64_t)dtype_size(dtype)));
 }
 
-static PyObject *py_down_weighted(PyObject *self, PyObject *args) {
-    int dtype;
-    unsigned long long w2, act, weight, out, next;
-    long long I, H, ldact, n, ldout;
-    if (!PyArg_ParseTuple(args, "iKLLKLKLKLK", &dtype, &w2, &I, &H, &act, &ldact, &weight, &n, &out, &ldout, &next))
-        return NULL;
-    row_claims claims = claims_of((int64_t *)next, H, I * (int64_t)dtype_size(dtype));
-    Py_BEGIN_ALLOW_THREADS
-    down_weighted(dtype, (const void *)w2, I, (const void *)act, ldact, (const float *)weight, n, (float *)out, ldout,
-                  claims);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+void daop_down(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact, const float *weight,
+               int64_t n, float *out, int64_t ldout, int64_t *next) {
+    down_weighted(dtype, w2, I, act, ldact, weight, n, out, ldout, claims_of(next, H, I * (int64_t)dtype_size(dtype)));
 }
 
 /* out[t] = the sum of rows[r] over the r < n with tok[r] == t, for every t < T (zero where there
@@ -718,12 +703,13 @@ static PyObject *py_set_amx_min_tokens(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"gate_up_act", py_gate_up_act, METH_VARARGS,
-     "gate_up_act(dtype, w13, I, H, x, ldx, tok, n, act, ldact, next): act = silu(gate) * up, all I rows "
-     "(next: 0, or the address of an int64 counter, zero at first, from which the call's threads claim rows)"},
-    {"down_weighted", py_down_weighted, METH_VARARGS,
-     "down_weighted(dtype, w2, I, H, act, ldact, weight, n, out, ldout, next): out = weight * w2 act, all H "
-     "columns (next as in gate_up_act)"},
+    {"pool_create", py_pool_create, METH_VARARGS,
+     "pool_create(num_threads): a pool of threads that run expert jobs (cpu_pool.c); returns its handle"},
+    {"pool_post", py_pool_post, METH_VARARGS,
+     "pool_post(pool, dtype, I, H, x, ldx, plan, num_experts, whole_experts, fail, state): start a job "
+     "(see cpu_pool.c for the plan and state words)"},
+    {"pool_wait", py_pool_wait, METH_VARARGS, "pool_wait(pool, state): wait for the job with that state block"},
+    {"pool_destroy", py_pool_destroy, METH_VARARGS, "pool_destroy(pool): stop the threads and free the pool"},
     {"sum_rows", py_sum_rows, METH_VARARGS,
      "sum_rows(dtype, out, T, rows, tok, n, width): out[t] = sum of the fp32 rows[r] with tok[r] == t, t < T "
      "(contiguous rows of width elements; out in dtype)"},

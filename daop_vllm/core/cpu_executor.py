@@ -4,30 +4,31 @@ The caller submits one layer's CPU work and goes on with the device work; `CpuJo
 waits. Two paths, chosen per expert by how many tokens it got:
 
 - native (decode-sized and short prefills: up to `native_max_tokens` tokens, fp32/bf16, when the
-  C extension is built), in one of two layouts. Few experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per
-  thread: Mixtral's 2-8 large ones): the threads share each expert's gate/up rows, wait at a
-  barrier, then share the output columns of each down projection; they claim rows piece by
-  piece from a counter per expert and phase, so that a thread the machine slows down does less.
-  Many experts (Qwen-MoE's and DeepSeek's dozens of small ones): the threads take whole experts
-  in turn from one list, no barrier: two native calls per expert instead of two per expert and
-  thread. Either way each weight byte is read once per call (this path runs at memory
-  bandwidth), and each expert's weighted outputs go to rows of their own (no two threads add
-  into one element), which the caller adds into the result by token.
-- torch (more tokens, other dtypes, or no extension): the first thread runs these experts one
+  C extension is built): a job for the extension's own threads (csrc/cpu_pool.c), which never
+  take the GIL, so the job runs from start to end whatever the caller does meanwhile. Few
+  experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per thread: Mixtral's 2-8 large ones): the
+  threads share each expert's gate/up rows, wait at a barrier, then share the output columns of
+  each down projection; they claim rows piece by piece from a counter per expert and phase, so
+  that a thread the machine slows down does less. Many experts (Qwen-MoE's and DeepSeek's dozens
+  of small ones): the threads take whole experts in turn, no barrier. Either way each weight byte
+  is read once per call (this path runs at memory bandwidth), and each expert's weighted outputs
+  go to rows of their own (no two threads add into one element), which are added by token into
+  the result at the end.
+- torch (more tokens, other dtypes, or no extension): one Python thread runs these experts one
   after another with torch matmuls, which spread over the cores themselves (oneDNN/AMX where
-  available); more threads calling torch at once would oversubscribe the cores.
+  available), after the native job (running both at once would oversubscribe the cores).
 
-The C kernels release the GIL, so the threads run in parallel with each other and the caller.
-An exception in any thread fails that job only (the barrier is broken so no thread waits
-forever) and the executor keeps serving.
+An error in a job (the test-only injected fault, or an exception in the torch thread) fails that
+job only, and the executor keeps serving.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
@@ -100,35 +101,67 @@ class _Workspace:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        buffer = self._buffers.get(name, torch.empty(0, dtype=dtype))
+        buffer = self._buffers.get(name)
         needed = shape[0] * shape[1]
-        if buffer.dtype != dtype or buffer.numel() < needed:
-            buffer = torch.empty(max(needed, 2 * buffer.numel() if buffer.dtype == dtype else needed), dtype=dtype)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < needed:
+            grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else 0
+            buffer = torch.empty(max(needed, grown), dtype=dtype)
             self._buffers[name] = buffer
         return buffer[:needed].view(shape)
+
+
+class _NativeJob:
+    """A job on the native kernels' threads: its plan of experts (addresses, see csrc/cpu_pool.c)
+    and state block, and every tensor whose memory the threads use, kept alive until it is done."""
+
+    PLAN_WORDS = 7  # w13, w2, tokens, count, activations, outputs, weights
+    JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS = 3, 4, 5  # words of the state block
+
+    def __init__(self, kernels: ModuleType, pool: int, state: torch.Tensor, keep_alive: tuple,
+                 on_done: Callable[[float], None]) -> None:
+        self._kernels, self._pool, self._state, self._keep_alive = kernels, pool, state, keep_alive
+        self._on_done = on_done  # called once with the thread-seconds the job took
+        self._lock = threading.Lock()
+        self._error: int | None = None
+
+    def wait(self) -> int:
+        """The job's error code once it is done (0: none); from any thread, any number of times."""
+        if self._error is None:
+            self._kernels.pool_wait(self._pool, self._state.data_ptr())
+            with self._lock:
+                if self._error is None:
+                    self._error = int(self._state[self.JOB_ERROR])
+                    self._on_done(int(self._state[self.JOB_BUSY_NS]) / 1e9)
+                    self._keep_alive = ()
+        return self._error
 
 
 class CpuJob:
     """The pending result [T, H] (x's dtype) of one layer's CPU experts: a view of the executor's
     workspace, to be used before its lane's next `submit`."""
 
-    def __init__(self, parts: list[Future], out: torch.Tensor, native_out: torch.Tensor | None,
-                 native_tokens: torch.Tensor, kernels: ModuleType | None) -> None:
-        self._parts = parts
+    def __init__(self, executor: CpuExpertExecutor, native: _NativeJob | None, torch_part: Future | None,
+                 out: torch.Tensor, native_out: torch.Tensor | None, native_tokens: torch.Tensor) -> None:
+        self._executor = executor
+        self._native = native
+        self._torch_part = torch_part
         self._out = out
         self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
         self._native_tokens = native_tokens
-        self._kernels = kernels
+
+    def wait_native(self) -> int:
+        """The native job's error code once it is done (0: none, or no native job)."""
+        return self._native.wait() if self._native is not None else 0
 
     def result(self) -> torch.Tensor:
         errors, pieces = [], []
-        if self._native_out is not None:
+        if self.wait_native():
+            errors.append(InjectedFault(f"injected CPU executor fault (every {self._executor.fail_every} jobs)"))
+        elif self._native_out is not None:
             pieces.append((self._native_tokens, self._native_out))
-        for part in self._parts:
+        if self._torch_part is not None:
             try:
-                pieces.extend(part.result())
-            except threading.BrokenBarrierError:
-                pass  # a consequence of another thread's error, which is reported instead
+                pieces.extend(self._torch_part.result())
             except Exception as exc:  # noqa: BLE001 - re-raised below for this job only
                 errors.append(exc)
         if errors:
@@ -139,21 +172,22 @@ class CpuJob:
         """out[t] = the sum of the pieces' fp32 rows of token t: in the native kernels where they
         are, as torch's zero_, to() and index_add_ on a decode step's rows wake torch's OpenMP
         threads, which then spin on the cores for milliseconds (see csrc/cpu_experts.c)."""
-        out = self._out
-        if self._kernels is None or out.dtype not in NATIVE_DTYPES or not pieces:
+        out, kernels = self._out, self._executor.kernels
+        if kernels is None or out.dtype not in NATIVE_DTYPES or not pieces:
             total = torch.zeros(out.shape, dtype=torch.float32)
             for tokens, rows in pieces:
                 total.index_add_(0, tokens, rows)
             return out.copy_(total)
         tokens = torch.cat([t for t, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
         rows = torch.cat([r for _, r in pieces]) if len(pieces) > 1 else pieces[0][1]
-        self._kernels.sum_rows(NATIVE_DTYPES[out.dtype], out.data_ptr(), out.shape[0], rows.data_ptr(),
-                               tokens.data_ptr(), rows.shape[0], out.shape[1])
+        kernels.sum_rows(NATIVE_DTYPES[out.dtype], out.data_ptr(), out.shape[0], rows.data_ptr(), tokens.data_ptr(),
+                         rows.shape[0], out.shape[1])
         return out
 
 
 class CpuExpertExecutor:
-    """A pool of `num_threads` threads that run routed experts held in host memory."""
+    """`num_threads` threads of the native kernels' own, and one Python thread for torch
+    experts, that run routed experts held in host memory."""
 
     def __init__(self, num_threads: int, native_max_tokens: int | None = None, use_native: bool = True,
                  whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD) -> None:
@@ -164,12 +198,16 @@ class CpuExpertExecutor:
         self.amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]  # bf16 with 3+ tokens on AMX tiles
         self.native_max_tokens = NATIVE_MAX_TOKENS[self.amx] if native_max_tokens is None else native_max_tokens
         self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
-        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="daop-cpu")
-        self.busy_seconds = 0.0  # thread-seconds spent on expert work (each thread adds its own)
+        self._native_pool = self.kernels.pool_create(num_threads) if self.kernels is not None else 0
+        self._close_native_pool = weakref.finalize(self, self.kernels.pool_destroy, self._native_pool) \
+            if self.kernels is not None else None
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu-torch")
+        self.busy_seconds = 0.0  # thread-seconds spent on expert work
         self._busy_lock = threading.Lock()
-        self.fail_every: int | None = None  # tests only: every n-th job raises in a worker thread
+        self.fail_every: int | None = None  # tests only: every n-th job fails in a worker thread
         self._jobs = 0
         self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
+        self._pending: list[CpuJob | None] = [None] * NUM_LANES  # each lane's last job
 
     @property
     def kernel_name(self) -> str:
@@ -203,32 +241,44 @@ class CpuExpertExecutor:
             f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together"
         )
         assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
+        if self._pending[lane] is not None:
+            self._pending[lane].wait_native()  # its threads may still be using the lane's workspace
         workspace = self._workspaces[lane]
         pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
-        whole_experts = len(native) >= self.whole_experts_from * self.num_threads
         out = workspace.buffer("out", (tokens, hidden), x.dtype)
-        act = native_out = None
-        if native:  # the kernels write every element of these
-            native_rows = native[-1].act_row + native[-1].count
-            act = workspace.buffer("act", (native_rows, w2.shape[2]), x.dtype)
-            native_out = workspace.buffer("native_out", (native_rows, hidden), torch.float32)
-        barrier = threading.Barrier(self.num_threads) if native and not whole_experts else None
-        # Row counters, gate/up and down of each expert, which the threads claim rows from.
-        claims = workspace.buffer("claims", (len(native), 2), torch.int64).zero_() if barrier else None
-        shared_experts = iter(native)  # whole experts: each thread takes the next one left
         self._jobs += 1
         inject = self.fail_every is not None and self._jobs % self.fail_every == 0
-        parts = []
-        for part in range(self.num_threads):
-            if whole_experts:
-                run_native = functools.partial(self._whole_experts, shared_experts, native_out)
-            elif native:
-                run_native = functools.partial(self._expert_slices, barrier, claims, native, native_out)
-            else:
-                run_native = None
-            parts.append(self._pool.submit(self._run_part, run_native, barrier, by_torch if part == 0 else [], pairs,
-                                           x, w13, w2, act, inject and part == 0))
-        return CpuJob(parts, out, native_out, pairs.native_tokens, self.kernels)
+        native_job = native_out = None
+        if native:
+            native_job, native_out = self._post_native(workspace, native, pairs, x, w13, w2, inject)
+        torch_part = None
+        if by_torch or (inject and native_job is None):
+            torch_part = self._torch_thread.submit(self._run_torch, native_job, by_torch, pairs, x, w13, w2,
+                                                   inject and native_job is None)
+        job = CpuJob(self, native_job, torch_part, out, native_out, pairs.native_tokens)
+        self._pending[lane] = job
+        return job
+
+    def _post_native(self, workspace, native, pairs, x, w13, w2, fail) -> tuple[_NativeJob, torch.Tensor]:
+        """Lay the native experts out in the workspace and start them on the native threads;
+        returns the job and the rows its weighted outputs go to."""
+        hidden, inter, item = x.shape[1], w2.shape[2], x.element_size()
+        rows = native[-1].act_row + native[-1].count
+        act = workspace.buffer("act", (rows, inter), x.dtype)  # the kernels write every element of these two
+        native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
+        state = workspace.buffer("state", (1, _NativeJob.JOB_CLAIMS + 2 * len(native)), torch.int64)[0].zero_()
+        tokens, weights = pairs.tokens.data_ptr(), pairs.weights.data_ptr()
+        plan = torch.tensor([[w13.data_ptr() + work.expert * w13.stride(0) * item,
+                              w2.data_ptr() + work.expert * w2.stride(0) * item,
+                              tokens + 8 * work.start, work.count, act.data_ptr() + work.act_row * inter * item,
+                              native_out.data_ptr() + work.act_row * hidden * 4, weights + 4 * work.start]
+                             for work in native], dtype=torch.int64)
+        whole_experts = len(native) >= self.whole_experts_from * self.num_threads
+        self.kernels.pool_post(self._native_pool, NATIVE_DTYPES[x.dtype], inter, hidden, x.data_ptr(), hidden,
+                               plan.data_ptr(), len(native), int(whole_experts), int(fail), state.data_ptr())
+        job = _NativeJob(self.kernels, self._native_pool, state, (plan, x, pairs, act, native_out, w13, w2),
+                         self._add_busy)
+        return job, native_out
 
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
                                                                              list[_ExpertWork]]:
@@ -258,63 +308,32 @@ class CpuExpertExecutor:
                 by_torch.append(work)
         return _Pairs(tokens, weights, torch.tensor(native_tokens, dtype=torch.int64)), native, by_torch
 
-    def _run_part(self, run_native, barrier, torch_share, pairs, x, w13, w2, act, inject_fault=False) -> list:
-        """One thread's share: its part of the native work, then (first thread) the torch
-        experts, whose weighted outputs go back as (tokens, values) for the caller to add."""
+    def _run_torch(self, native_job, by_torch, pairs, x, w13, w2, inject_fault) -> list:
+        """The torch experts, one after another, after the native job (both at once would
+        oversubscribe the cores); their weighted outputs go back as (tokens, values)."""
+        if native_job is not None:
+            native_job.wait()
         start = time.perf_counter()
         try:
             if inject_fault:
                 raise InjectedFault(f"injected CPU executor fault (every {self.fail_every} jobs)")
-            if run_native is not None:
-                run_native(pairs, x, w13, w2, act)
             results = []
-            for work in torch_share:
+            for work in by_torch:
                 tokens, weights = pairs.of(work)
                 results.append((tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
                                 * weights[:, None]))
             return results
-        except threading.BrokenBarrierError:
-            raise
-        except BaseException:
-            if barrier is not None:
-                barrier.abort()
-            raise
         finally:
-            with self._busy_lock:
-                self.busy_seconds += time.perf_counter() - start
+            self._add_busy(time.perf_counter() - start)
 
-    def _expert_slices(self, barrier, claims, native, native_out, pairs, x, w13, w2, act) -> None:
-        """Rows of every expert's gate/up, then columns of every down projection, claimed from
-        the experts' counters."""
-        counters = claims.data_ptr()
-        for k, work in enumerate(native):
-            self._gate_up(work, pairs, x, w13, act, counters + 16 * k)
-        barrier.wait()  # the down projection needs every row of the activations
-        for k, work in enumerate(native):
-            self._down(work, pairs, w2, act, native_out, counters + 16 * k + 8)
-
-    def _whole_experts(self, shared_experts, native_out, pairs, x, w13, w2, act) -> None:
-        """Whole experts, taken in turn from the list the threads share."""
-        for work in shared_experts:
-            self._gate_up(work, pairs, x, w13, act)
-            self._down(work, pairs, w2, act, native_out)
-
-    # Addresses by arithmetic rather than indexing: a tensor view per expert and thread costs
-    # microseconds, and steps of DeepSeek or Qwen-MoE have dozens of experts. `claim`: the address
-    # of the counter the threads claim rows from, or 0 for all rows.
-    def _gate_up(self, work, pairs, x, w13, act, claim=0) -> None:
-        hidden, inter, item = x.shape[1], w13.shape[1] // 2, x.element_size()
-        self.kernels.gate_up_act(NATIVE_DTYPES[x.dtype], w13.data_ptr() + work.expert * w13.stride(0) * item, inter,
-                                  hidden, x.data_ptr(), hidden, pairs.tokens.data_ptr() + 8 * work.start, work.count,
-                                  act.data_ptr() + work.act_row * inter * item, inter, claim)
-
-    def _down(self, work, pairs, w2, act, native_out, claim=0) -> None:
-        """Into the expert's own rows of `native_out` (those of its activations)."""
-        hidden, inter, item = w2.shape[1], w2.shape[2], act.element_size()
-        self.kernels.down_weighted(NATIVE_DTYPES[act.dtype], w2.data_ptr() + work.expert * w2.stride(0) * item,
-                                    inter, hidden, act.data_ptr() + work.act_row * inter * item, inter,
-                                    pairs.weights.data_ptr() + 4 * work.start, work.count,
-                                    native_out.data_ptr() + work.act_row * hidden * 4, hidden, claim)
+    def _add_busy(self, seconds: float) -> None:
+        with self._busy_lock:
+            self.busy_seconds += seconds
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        for job in self._pending:
+            if job is not None:
+                job.wait_native()
+        self._torch_thread.shutdown(wait=True)
+        if self._close_native_pool is not None:
+            self._close_native_pool()

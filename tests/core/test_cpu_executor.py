@@ -1,6 +1,10 @@
 """The CPU expert executor against a float64 reference: native and torch paths, thread counts,
 sizes that are not multiples of the vector width; errors in a worker thread."""
 
+import ctypes
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,33 +70,16 @@ def test_native_kernels_are_built_here():
     assert set(kernels.isa()) == {"avx512f", "avx512_bf16", "amx_bf16"}
 
 
-class FailingOnce:
-    """Wraps the native kernels; the first gate_up_act call raises, as a fault in a worker would."""
-
-    def __init__(self, kernels):
-        self.kernels = kernels
-        self.failed = False
-
-    def __getattr__(self, name):
-        return getattr(self.kernels, name)
-
-    def gate_up_act(self, *args):
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("injected fault")
-        return self.kernels.gate_up_act(*args)
-
-
+@pytest.mark.parametrize("native_max_tokens", [64, 0], ids=["native-threads", "torch-thread"])
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_worker_error_fails_that_call_and_executor_keeps_serving(threads):
-    if native_kernels() is None:
-        pytest.skip("needs the C extension (daop_vllm._cpu_experts) to inject a fault into its path")
-    executor = CpuExpertExecutor(threads, native_max_tokens=64)
-    executor.kernels = FailingOnce(executor.kernels)
+def test_worker_error_fails_that_call_and_executor_keeps_serving(threads, native_max_tokens):
+    executor = CpuExpertExecutor(threads, native_max_tokens=native_max_tokens)
     args = case(4, 8, 2, 64, 32, torch.float32)
     try:
-        with pytest.raises(RuntimeError, match="injected fault"):
+        executor.fail_every = 1
+        with pytest.raises(RuntimeError, match="injected CPU executor fault"):
             executor.submit(*args).result()
+        executor.fail_every = None
         got = executor.submit(*args).result()
         want = reference(*args)
         assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
@@ -201,4 +188,48 @@ def test_amx_activation_matches_reference_far_from_zero():
         assert torch.isfinite(got).all()
         assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
     finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_jobs_of_two_lanes_in_flight_at_once(threads):
+    """A layer's own job and the next layer's pre-computation are both in flight: each lane's result
+    is its own, whichever is collected first; one job's experts shared by the threads, the other's
+    taken whole."""
+    executor = CpuExpertExecutor(threads, native_max_tokens=64)
+    shared = case(3, 4, 2, 64, 96, torch.bfloat16, seed=1)
+    whole = case(6, 32, 4, 64, 32, torch.bfloat16, seed=2)
+    try:
+        for _ in range(20):
+            first = executor.submit(*shared, lane=0)
+            second = executor.submit(*whole, lane=1)
+            for job, args in ((second, whole), (first, shared)):
+                want = reference(*args)
+                assert (job.result().double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
+    finally:
+        executor.shutdown()
+
+
+def test_native_jobs_run_while_the_caller_holds_the_gil():
+    """The native threads never take the GIL: with the interpreter's switch interval raised far past
+    the wait, a job still finishes while the caller runs pure Python (threads that needed the GIL
+    between kernel calls would wait for the caller's switch interval)."""
+    if native_kernels() is None:
+        pytest.skip("needs the C extension (daop_vllm._cpu_experts)")
+    executor = CpuExpertExecutor(2, native_max_tokens=64)
+    args = case(2, 16, 2, 64, 64, torch.float32, seed=4)
+    previous = sys.getswitchinterval()
+    try:
+        job = executor.submit(*args)
+        done_count = ctypes.c_int64.from_address(job._native._state.data_ptr())  # read without releasing the GIL
+        sys.setswitchinterval(1000.0)
+        deadline, done = time.monotonic() + 30, False
+        while not done and time.monotonic() < deadline:
+            done = done_count.value == executor.num_threads
+        sys.setswitchinterval(previous)
+        assert done, "the native job made no progress while the caller held the GIL"
+        want = reference(*args)
+        assert (job.result().double() - want).abs().max().item() <= TOLERANCE[torch.float32] * want.abs().max().item()
+    finally:
+        sys.setswitchinterval(previous)
         executor.shutdown()
