@@ -108,9 +108,8 @@ DEFINE_DOTS_BF16(8)
  * R memory streams at once, each prefetched a few lines ahead, each x piece loaded once for all
  * rows. Decode needs this to keep enough reads in flight to run at the memory's bandwidth (the
  * prefetch: 4-8% faster at one token on our development machine; 8 and 16 lines ahead were no
- * better). With fewer than 12 dot products a
- * row gets two accumulators (even and odd pieces), so that the chains of vdpbf16ps do not bound
- * the loop. dots[r * G + t] = w[r] . x[t]. */
+ * better). With fewer than 12 dot products a row gets two accumulators (even and odd pieces), so
+ * that the chains of vdpbf16ps do not bound the loop. dots[r * G + t] = w[r] . x[t]. */
 enum { ROWS_PREFETCH_LINES = 4 };
 #define DEFINE_ROWS_BF16(R, G)                                                                           \
     __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void rows_bf16_##R##x##G(              \
@@ -326,7 +325,7 @@ enum { AMX_GROUPS = 4 };
 __attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const uint16_t *w, int64_t stride,
                                                                    const uint16_t *packed, int64_t len, int groups,
                                                                    float c[][16][16]) {
-    const uint16_t *p1 = packed + len * AMX_TOKENS, *p2 = p1 + len * AMX_TOKENS, *p3 = p2 + len * AMX_TOKENS;
+    const int64_t group = len * AMX_TOKENS; /* elements from one group's packed tokens to the next */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -336,15 +335,15 @@ __attribute__((target("amx-tile,amx-bf16"))) static void amx_block(const uint16_
         _tile_loadd(5, packed + k * AMX_TOKENS, 64);
         _tile_dpbf16ps(0, 4, 5);
         if (groups > 1) {
-            _tile_loadd(6, p1 + k * AMX_TOKENS, 64);
+            _tile_loadd(6, packed + group + k * AMX_TOKENS, 64);
             _tile_dpbf16ps(1, 4, 6);
         }
         if (groups > 2) {
-            _tile_loadd(7, p2 + k * AMX_TOKENS, 64);
+            _tile_loadd(7, packed + 2 * group + k * AMX_TOKENS, 64);
             _tile_dpbf16ps(2, 4, 7);
         }
         if (groups > 3) {
-            _tile_loadd(5, p3 + k * AMX_TOKENS, 64);
+            _tile_loadd(5, packed + 3 * group + k * AMX_TOKENS, 64);
             _tile_dpbf16ps(3, 4, 5);
         }
     }
@@ -399,6 +398,12 @@ __attribute__((target("avx512f,avx512bw"))) static void silu_mul_block(float gat
 
 static inline int group_size(int64_t n, int64_t t0) { return (int)(n - t0 < AMX_TOKENS ? n - t0 : AMX_TOKENS); }
 
+/* How many groups of 16 tokens, from token t0 on, go through amx_block at once. */
+static inline int groups_from(int64_t n, int64_t t0) {
+    int64_t groups = (n - t0 + AMX_TOKENS - 1) / AMX_TOKENS;
+    return (int)(groups < AMX_GROUPS ? groups : AMX_GROUPS);
+}
+
 /* gate_up_act's rows [i0, i1) in blocks of 16 on AMX for all n tokens, against the packed tokens;
  * returns the first row it did not do. */
 static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint16_t *packed, int64_t n,
@@ -409,8 +414,7 @@ static int64_t gate_up_amx(const uint16_t *w13, int64_t I, int64_t H, const uint
     for (; i + AMX_ROWS <= i1; i += AMX_ROWS)
         for (int64_t t0 = 0; t0 < n; t0 += AMX_GROUPS * AMX_TOKENS) {
             const uint16_t *groups_packed = packed + t0 * H;
-            int groups = (int)((n - t0 + AMX_TOKENS - 1) / AMX_TOKENS);
-            groups = groups < AMX_GROUPS ? groups : AMX_GROUPS;
+            int groups = groups_from(n, t0);
             amx_block(w13 + i * H, H, groups_packed, H, groups, gate);
             amx_block(w13 + (I + i) * H, H, groups_packed, H, groups, up);
             for (int g = 0; g < groups; g++) {
@@ -431,8 +435,7 @@ static int64_t down_amx(const uint16_t *w2, int64_t I, const uint16_t *packed, i
     int64_t h = h0;
     for (; h + AMX_ROWS <= h1; h += AMX_ROWS)
         for (int64_t t0 = 0; t0 < n; t0 += AMX_GROUPS * AMX_TOKENS) {
-            int groups = (int)((n - t0 + AMX_TOKENS - 1) / AMX_TOKENS);
-            groups = groups < AMX_GROUPS ? groups : AMX_GROUPS;
+            int groups = groups_from(n, t0);
             amx_block(w2 + h * I, I, packed + t0 * I, I, groups, c);
             for (int g = 0; g < groups; g++)
                 for (int t = 0; t < group_size(n, t0 + g * AMX_TOKENS); t++) {
@@ -456,11 +459,11 @@ static inline const void *element(const void *base, int dtype, int64_t offset) {
     return (const char *)base + offset * (int64_t)dtype_size(dtype);
 }
 
-static inline void store_element(int dtype, void *act, int64_t at, float value) {
+static inline void store_element(int dtype, void *base, int64_t at, float value) {
     if (dtype == DT_BF16)
-        ((uint16_t *)act)[at] = f32_to_bf16(value);
+        ((uint16_t *)base)[at] = f32_to_bf16(value);
     else
-        ((float *)act)[at] = value;
+        ((float *)base)[at] = value;
 }
 
 /* The rows a thread computes in one call: all of [0, rows), or, given `next` (a counter that the

@@ -93,6 +93,9 @@ class _Pairs:
 class InjectedFault(RuntimeError):
     """The test-only fault of `CpuExpertExecutor.fail_every`."""
 
+    def __init__(self, every: int | None) -> None:
+        super().__init__(f"injected CPU executor fault (every {every} jobs)")
+
 
 class _Workspace:
     """Buffers of one lane, reused across calls; reallocated only when they must grow."""
@@ -114,8 +117,7 @@ class _NativeJob:
     """A job on the native kernels' threads: its plan of experts (addresses, see csrc/cpu_pool.c)
     and state block, and every tensor whose memory the threads use, kept alive until it is done."""
 
-    PLAN_WORDS = 7  # w13, w2, tokens, count, activations, outputs, weights
-    JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS = 3, 4, 5  # words of the state block
+    JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS = 3, 4, 5  # words of the state block (JOB_* in cpu_pool.c)
 
     def __init__(self, kernels: ModuleType, pool: int, state: torch.Tensor, keep_alive: tuple,
                  on_done: Callable[[float], None]) -> None:
@@ -156,7 +158,7 @@ class CpuJob:
     def result(self) -> torch.Tensor:
         errors, pieces = [], []
         if self.wait_native():
-            errors.append(InjectedFault(f"injected CPU executor fault (every {self._executor.fail_every} jobs)"))
+            errors.append(InjectedFault(self._executor.fail_every))
         elif self._native_out is not None:
             pieces.append((self._native_tokens, self._native_out))
         if self._torch_part is not None:
@@ -268,7 +270,7 @@ class CpuExpertExecutor:
         native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
         state = workspace.buffer("state", (1, _NativeJob.JOB_CLAIMS + 2 * len(native)), torch.int64)[0].zero_()
         tokens, weights = pairs.tokens.data_ptr(), pairs.weights.data_ptr()
-        plan = torch.tensor([[w13.data_ptr() + work.expert * w13.stride(0) * item,
+        plan = torch.tensor([[w13.data_ptr() + work.expert * w13.stride(0) * item,  # PLAN_* in cpu_pool.c
                               w2.data_ptr() + work.expert * w2.stride(0) * item,
                               tokens + 8 * work.start, work.count, act.data_ptr() + work.act_row * inter * item,
                               native_out.data_ptr() + work.act_row * hidden * 4, weights + 4 * work.start]
@@ -316,7 +318,7 @@ class CpuExpertExecutor:
         start = time.perf_counter()
         try:
             if inject_fault:
-                raise InjectedFault(f"injected CPU executor fault (every {self.fail_every} jobs)")
+                raise InjectedFault(self.fail_every)
             results = []
             for work in by_torch:
                 tokens, weights = pairs.of(work)
