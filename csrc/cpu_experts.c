@@ -278,6 +278,9 @@ __attribute__((target("avx512f"))) static void pack_pairs(const uint16_t *const 
     }
 }
 
+/* Tokens in the group of 16 that starts at token t0. */
+static inline int group_size(int64_t n, int64_t t0) { return (int)(n - t0 < AMX_TOKENS ? n - t0 : AMX_TOKENS); }
+
 /* All n tokens in the tile layout, group g of 16 at g * len * AMX_TOKENS; token t is the row at
  * rows + (tok ? tok[t] : t) * ld. NULL if the buffer cannot grow. */
 static const uint16_t *pack_tokens(const uint16_t *rows, int64_t ld, const int64_t *tok, int64_t n, int64_t len) {
@@ -290,7 +293,7 @@ static const uint16_t *pack_tokens(const uint16_t *rows, int64_t ld, const int64
     }
     for (int64_t g = 0; g < groups; g++) {
         const uint16_t *vecs[AMX_TOKENS];
-        int size = (int)(n - g * AMX_TOKENS < AMX_TOKENS ? n - g * AMX_TOKENS : AMX_TOKENS);
+        int size = group_size(n, g * AMX_TOKENS);
         for (int t = 0; t < size; t++) {
             int64_t token = g * AMX_TOKENS + t;
             vecs[t] = rows + (tok ? tok[token] : token) * ld;
@@ -395,8 +398,6 @@ __attribute__((target("avx512f,avx512bw"))) static void silu_mul_block(float gat
     for (int t = 0; t < n; t++)
         for (int r = 0; r < AMX_ROWS; r++) act[t * ldact + r] = y[r][t];
 }
-
-static inline int group_size(int64_t n, int64_t t0) { return (int)(n - t0 < AMX_TOKENS ? n - t0 : AMX_TOKENS); }
 
 /* How many groups of 16 tokens, from token t0 on, go through amx_block at once. */
 static inline int groups_from(int64_t n, int64_t t0) {
@@ -516,9 +517,11 @@ static void gate_up_rows(int dtype, const void *w13, int64_t I, int64_t H, const
     }
 }
 
-/* act[t, i] for the rows of `claims`, t < n; w13 rows of length H, x rows at tok[t] * ldx. */
-static void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx,
-                        const int64_t *tok, int64_t n, void *act, int64_t ldact, row_claims claims) {
+/* act[t, i] for all I rows, or the pieces claimed from `next`, t < n; w13 rows of length H, x
+ * rows at tok[t] * ldx. */
+void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx, const int64_t *tok,
+                 int64_t n, void *act, int64_t ldact, int64_t *next) {
+    row_claims claims = claims_of(next, I, 2 * H * (int64_t)dtype_size(dtype));
     const void *vecs[MAX_GROUP];
     int64_t i0, i1;
 #ifdef DAOP_X86
@@ -560,9 +563,11 @@ static void down_rows(int dtype, const void *w2, int64_t I, const void *const *v
     }
 }
 
-/* out[t, h] = weight[t] * (w2[h] . act[t]) for the columns of `claims`, t < n. */
-static void down_weighted(int dtype, const void *w2, int64_t I, const void *act, int64_t ldact, const float *weight,
-                          int64_t n, float *out, int64_t ldout, row_claims claims) {
+/* out[t, h] = weight[t] * (w2[h] . act[t]) for all H columns, or the pieces claimed from `next`,
+ * t < n. */
+void down_weighted(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact,
+                   const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next) {
+    row_claims claims = claims_of(next, H, I * (int64_t)dtype_size(dtype));
     const void *vecs[MAX_GROUP];
     int64_t h0, h1;
 #ifdef DAOP_X86
@@ -580,16 +585,6 @@ static void down_weighted(int dtype, const void *w2, int64_t I, const void *act,
             down_rows(dtype, w2, I, vecs, g, weight + t0, out + t0 * ldout, ldout, h, h1);
         }
     }
-}
-
-void daop_gate_up(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx, const int64_t *tok,
-                  int64_t n, void *act, int64_t ldact, int64_t *next) {
-    gate_up_act(dtype, w13, I, H, x, ldx, tok, n, act, ldact, claims_of(next, I, 2 * H * (int64_t)dtype_size(dtype)));
-}
-
-void daop_down(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact, const float *weight,
-               int64_t n, float *out, int64_t ldout, int64_t *next) {
-    down_weighted(dtype, w2, I, act, ldact, weight, n, out, ldout, claims_of(next, H, I * (int64_t)dtype_size(dtype)));
 }
 
 /* out[t] = the sum of rows[r] over the r < n with tok[r] == t, for every t < T (zero where there

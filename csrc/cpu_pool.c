@@ -74,14 +74,14 @@ static void barrier_wait(int64_t *arrived, int n) {
 
 static void gate_up(const pool_job *job, int64_t e, int64_t *next) {
     const int64_t *p = job->plan + e * PLAN_WORDS;
-    daop_gate_up(job->dtype, (const void *)p[PLAN_W13], job->I, job->H, job->x, job->ldx, (const int64_t *)p[PLAN_TOK],
-                 p[PLAN_COUNT], (void *)p[PLAN_ACT], job->I, next);
+    gate_up_act(job->dtype, (const void *)p[PLAN_W13], job->I, job->H, job->x, job->ldx, (const int64_t *)p[PLAN_TOK],
+                p[PLAN_COUNT], (void *)p[PLAN_ACT], job->I, next);
 }
 
 static void down(const pool_job *job, int64_t e, int64_t *next) {
     const int64_t *p = job->plan + e * PLAN_WORDS;
-    daop_down(job->dtype, (const void *)p[PLAN_W2], job->I, job->H, (const void *)p[PLAN_ACT], job->I,
-              (const float *)p[PLAN_WEIGHT], p[PLAN_COUNT], (float *)p[PLAN_OUT], job->H, next);
+    down_weighted(job->dtype, (const void *)p[PLAN_W2], job->I, job->H, (const void *)p[PLAN_ACT], job->I,
+                  (const float *)p[PLAN_WEIGHT], p[PLAN_COUNT], (float *)p[PLAN_OUT], job->H, next);
 }
 
 static void run_share(const pool_job *job, int me, int num_threads) {

@@ -8,11 +8,11 @@
 
 /* act[t] = silu(gate) * up of tokens tok[t] of x, t < n: all I rows, or (next: a counter that
  * the threads of a job share, zero at first) the pieces of them this call claims. */
-void daop_gate_up(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx, const int64_t *tok,
-                  int64_t n, void *act, int64_t ldact, int64_t *next);
+void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x, int64_t ldx, const int64_t *tok,
+                 int64_t n, void *act, int64_t ldact, int64_t *next);
 /* out[t] = weight[t] * (w2 act[t]), t < n: all H columns, or the pieces claimed from next. */
-void daop_down(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact, const float *weight,
-               int64_t n, float *out, int64_t ldout, int64_t *next);
+void down_weighted(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact,
+                   const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next);
 
 PyObject *py_pool_create(PyObject *self, PyObject *args);
 PyObject *py_pool_post(PyObject *self, PyObject *args);
