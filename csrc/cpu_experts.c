@@ -149,7 +149,7 @@ enum { ROWS_PREFETCH_LINES = 4 };
     }
 DEFINE_ROWS_BF16(16, 1)
 DEFINE_ROWS_BF16(8, 2)
-DEFINE_ROWS_BF16(4, 3)
+DEFINE_ROWS_BF16(8, 3)
 DEFINE_ROWS_BF16(4, 4)
 
 #define DEFINE_DOTS_F32(G)                                                                               \
@@ -214,9 +214,10 @@ static void dots(int dtype, const void *row, const void *const *vecs, int n, int
 /* The multi-row pass: up to 4 tokens against as many rows at once as the 32 vector registers hold
  * accumulators for. More streams read faster: on our development machine (2 threads, relative to
  * a streaming read of 16 sequential streams per thread) 16 rows of one token ran at 0.90-0.96,
- * 8 rows at 0.86-0.91, 4 rows at 0.80-0.84. */
+ * 8 rows at 0.86-0.91, 4 rows at 0.80-0.84; three tokens on 8 rows at 0.84 where 4 rows ran at
+ * 0.80 (the path of CPUs without AMX; four tokens on 6 rows were no faster than on 4). */
 enum { MAX_ROWS = 16, MAX_ROWS_TOKENS = 4 };
-static inline int rows_for(int n) { return n == 1 ? 16 : n == 2 ? 8 : 4; }
+static inline int rows_for(int n) { return n == 1 ? 16 : n <= 3 ? 8 : 4; }
 
 /* dots[r * n + t] = w[r] . x[t] for r < rows_for(n), t < n <= MAX_ROWS_TOKENS: the multi-row
  * kernel where it applies, else one pass per row. */
@@ -227,7 +228,7 @@ static void dots_rows(int dtype, const void *const *w, const void *const *x, int
         switch (n) {
         case 1: rows_bf16_16x1(wr, xr, len, out); return;
         case 2: rows_bf16_8x2(wr, xr, len, out); return;
-        case 3: rows_bf16_4x3(wr, xr, len, out); return;
+        case 3: rows_bf16_8x3(wr, xr, len, out); return;
         case 4: rows_bf16_4x4(wr, xr, len, out); return;
         }
     }
