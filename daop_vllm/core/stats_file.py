@@ -34,12 +34,24 @@ class StatsFile:
             os.replace(tmp, self.path)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self.write()
+        while not self._stop.wait(self._interval_s) and self._write_unless_removed():
+            pass
 
     def close(self) -> None:
         if self._stop.is_set():
             return
         self._stop.set()
         self._thread.join()
-        self.write()
+        self._write_unless_removed()
+
+    def _write_unless_removed(self) -> bool:
+        """`write()`, unless the file's directory has been removed meanwhile (the temporary one
+        the front end gives for its /metrics goes when the front end exits, which may be before
+        the worker's last write): then False, and nothing written."""
+        try:
+            self.write()
+        except FileNotFoundError:
+            if self.path.parent.is_dir():
+                raise
+            return False
+        return True

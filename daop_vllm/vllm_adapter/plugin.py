@@ -76,8 +76,11 @@ def _check_options_before_engine_start() -> None:
 
 def _serve_metrics(engine_args, options) -> None:
     """`daop_*` metrics on this process's Prometheus registry (vLLM's /metrics), read from the
-    stats file the worker writes; without a `stats_path` option, a temporary one is given."""
+    stats file the worker writes; without a `stats_path` option, a temporary one is given, in a
+    directory removed when this process exits."""
+    import atexit
     import json
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -87,7 +90,9 @@ def _serve_metrics(engine_args, options) -> None:
     if stats_path is None:
         raw = engine_args.model_loader_extra_config
         extra = dict(json.loads(raw) if isinstance(raw, str) and raw else raw or {})
-        stats_path = extra["stats_path"] = str(Path(tempfile.mkdtemp(prefix="daop-metrics-")) / "stats.json")
+        directory = tempfile.mkdtemp(prefix="daop-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        stats_path = extra["stats_path"] = str(Path(directory) / "stats.json")
         engine_args.model_loader_extra_config = extra
     expose_metrics(stats_path)
 

@@ -3,6 +3,7 @@
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -116,7 +117,7 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_path):
     """/metrics carries the worker's daop_* counters (no stats_path given: a temporary one is
-    used); injected CPU executor faults are recovered inside the layer - every answer stays the
+    used, and removed when the server exits); injected CPU executor faults are recovered inside the layer - every answer stays the
     stock one - counted, and logged once; `daop-vllm stats` renders the worker's file."""
     import subprocess
     import sys
@@ -130,6 +131,10 @@ def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_p
         time.sleep(2.5)  # the worker rewrites its stats file every second
         with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as response:
             metrics = response.read().decode()
+        stats_file = Path(log_path.read_text().split("stats_path:    ")[1].split()[0])
+        shown = subprocess.run([sys.executable, "-m", "daop_vllm.cli", "stats", str(stats_file)],
+                               capture_output=True, text=True)
+    assert not stats_file.parent.exists(), "the temporary stats directory goes with the server"
     assert completions == stock_completions
     cpu = metric_values(metrics, "daop_cpu_expert_tokens_total")
     assert set(cpu) == {f'{{layer="{i}"}}' for i in range(4)} and all(v > 0 for v in cpu.values())
@@ -139,8 +144,5 @@ def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_p
     assert metric_values(metrics, "daop_cpu_busy_seconds_total")[""] > 0
     log = log_path.read_text()
     assert log.count("recomputed on the fallback path") == 1
-    stats_file = log.split("stats_path:    ")[1].split()[0]
-    shown = subprocess.run([sys.executable, "-m", "daop_vllm.cli", "stats", stats_file], capture_output=True,
-                           text=True)
     assert shown.returncode == 0 and "realloc auto" in shown.stdout
     assert [line.split()[0] for line in shown.stdout.splitlines()[3:]] == ["0", "1", "2", "3", "all"]
