@@ -2,8 +2,10 @@
 sizes that are not multiples of the vector width; errors in a worker thread."""
 
 import ctypes
+import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,4 +235,30 @@ def test_native_jobs_run_while_the_caller_holds_the_gil():
         assert (job.result().double() - want).abs().max().item() <= TOLERANCE[torch.float32] * want.abs().max().item()
     finally:
         sys.setswitchinterval(previous)
+        executor.shutdown()
+
+
+def _process_cpu_seconds_of_threads() -> float:
+    """utime + stime of every thread of this process, from /proc."""
+    ticks = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the whole line
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_native_threads_sleep_once_no_job_comes():
+    """Between jobs the native threads spin for the next one only briefly (0.2 ms), then sleep: an
+    idle executor takes no CPU time (threads that kept spinning would take 0.3 s each here)."""
+    if native_kernels() is None or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs the C extension and Linux's /proc")
+    executor = CpuExpertExecutor(2, native_max_tokens=64)
+    try:
+        args = case(3, 8, 2, 64, 64, torch.float32, seed=5)
+        executor.submit(*args).result()
+        time.sleep(0.05)  # torch's own OpenMP threads, too, stop spinning within this
+        before = _process_cpu_seconds_of_threads()
+        time.sleep(0.3)
+        assert _process_cpu_seconds_of_threads() - before < 0.05
+    finally:
         executor.shutdown()
