@@ -224,7 +224,7 @@ def test_native_jobs_run_while_the_caller_holds_the_gil():
     previous = sys.getswitchinterval()
     try:
         job = executor.submit(*args)
-        done_count = ctypes.c_int64.from_address(job._native._state.data_ptr())  # read without releasing the GIL
+        done_count = ctypes.c_int64.from_buffer(job._native._state)  # read without releasing the GIL
         sys.setswitchinterval(1000.0)
         deadline, done = time.monotonic() + 30, False
         while not done and time.monotonic() < deadline:
