@@ -657,7 +657,7 @@ __attribute__((target("avx512f"))) static uint64_t read_words_avx512(const uint6
 }
 #endif
 
-static uint64_t read_words(const uint64_t *p, int64_t words) {
+uint64_t read_words(const uint64_t *p, int64_t words) {
 #ifdef DAOP_X86
     if (has_avx512f) return read_words_avx512(p, words);
 #endif
@@ -671,17 +671,6 @@ static uint64_t read_words(const uint64_t *p, int64_t words) {
     }
     for (; i < words; i++) a += p[i];
     return a + b + c + d;
-}
-
-static PyObject *py_read_sum(PyObject *self, PyObject *args) {
-    unsigned long long ptr;
-    long long nbytes;
-    if (!PyArg_ParseTuple(args, "KL", &ptr, &nbytes)) return NULL;
-    uint64_t sum;
-    Py_BEGIN_ALLOW_THREADS
-    sum = read_words((const uint64_t *)ptr, nbytes / 8);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromUnsignedLongLong(sum);
 }
 
 static PyObject *py_isa(PyObject *self, PyObject *args) {
@@ -712,7 +701,9 @@ static PyMethodDef methods[] = {
     {"sum_rows", py_sum_rows, METH_VARARGS,
      "sum_rows(dtype, out, T, rows, tok, n, width): out[t] = sum of the fp32 rows[r] with tok[r] == t, t < T "
      "(contiguous rows of width elements; out in dtype)"},
-    {"read_sum", py_read_sum, METH_VARARGS, "read_sum(ptr, nbytes): sum of 64-bit words (bandwidth baseline)"},
+    {"pool_read", py_pool_read, METH_VARARGS,
+     "pool_read(pool, ptr, nbytes, state): start a streaming read of the buffer, a share per thread (bandwidth "
+     "baseline); the sum of its 64-bit words goes to the state block's word 1"},
     {"isa", py_isa, METH_NOARGS, "which vector paths this CPU runs"},
     {"set_amx_min_tokens", py_set_amx_min_tokens, METH_VARARGS,
      "set_amx_min_tokens(n): bf16 calls with n or more tokens per expert use AMX where present (0: never); "

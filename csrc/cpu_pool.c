@@ -9,7 +9,8 @@
  * (JOB_CLAIMS + 2 words per expert). Every thread of the pool runs every job, in the order
  * posted: either the threads share each expert (rows claimed piece by piece from the expert's
  * counters, all gate/up projections, a barrier, all down projections) or they take whole experts
- * from one counter.
+ * from one counter. The benchmark's streaming read runs as a job of such threads too (a share of
+ * the buffer per thread), so that its calls cost what the experts' do.
  */
 #include "cpu_pool.h"
 
@@ -24,7 +25,7 @@ enum { JOB_DONE, JOB_NEXT_EXPERT, JOB_BARRIER, JOB_ERROR, JOB_BUSY_NS, JOB_CLAIM
 enum { JOB_INJECTED_FAULT = 1 };
 
 typedef struct {
-    int dtype, whole_experts, fail;
+    int dtype, whole_experts, fail, read; /* read: the bandwidth baseline's job, x's ldx bytes */
     int64_t I, H, ldx, num_experts;
     const void *x;
     const int64_t *plan;
@@ -98,8 +99,20 @@ static void down(const pool_job *job, int64_t e, int64_t *next) {
                   (const float *)p[PLAN_WEIGHT], p[PLAN_COUNT], (float *)p[PLAN_OUT], job->H, next);
 }
 
+/* A read job: thread `me` reads its share of the buffer; the sum goes to JOB_NEXT_EXPERT (so that
+ * the reads cannot be left out). */
+static void read_share(const pool_job *job, int me, int num_threads) {
+    int64_t words = job->ldx / 8, per = words / num_threads, start = me * per;
+    uint64_t sum = read_words((const uint64_t *)job->x + start, me == num_threads - 1 ? words - start : per);
+    __atomic_add_fetch((uint64_t *)&job->state[JOB_NEXT_EXPERT], sum, __ATOMIC_RELAXED);
+}
+
 static void run_share(const pool_job *job, int me, int num_threads) {
     int64_t *state = job->state;
+    if (job->read) {
+        read_share(job, me, num_threads);
+        return;
+    }
     if (job->fail && me == 0) __atomic_store_n(&state[JOB_ERROR], JOB_INJECTED_FAULT, __ATOMIC_RELAXED);
     if (job->whole_experts) {
         int64_t e;
@@ -222,8 +235,19 @@ PyObject *py_pool_post(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KiLLKLKLiiK", &handle, &job.dtype, &I, &H, &x, &ldx, &plan, &num_experts,
                           &job.whole_experts, &job.fail, &state))
         return NULL;
-    job.I = I, job.H = H, job.ldx = ldx, job.num_experts = num_experts;
+    job.I = I, job.H = H, job.ldx = ldx, job.num_experts = num_experts, job.read = 0;
     job.x = (const void *)x, job.plan = (const int64_t *)plan, job.state = (int64_t *)state;
+    Py_BEGIN_ALLOW_THREADS
+    pool_post((pool *)handle, &job);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject *py_pool_read(PyObject *self, PyObject *args) {
+    unsigned long long handle, x, state;
+    long long nbytes;
+    if (!PyArg_ParseTuple(args, "KKLK", &handle, &x, &nbytes, &state)) return NULL;
+    pool_job job = {.read = 1, .x = (const void *)x, .ldx = nbytes, .state = (int64_t *)state};
     Py_BEGIN_ALLOW_THREADS
     pool_post((pool *)handle, &job);
     Py_END_ALLOW_THREADS

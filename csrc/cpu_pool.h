@@ -14,8 +14,12 @@ void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x
 void down_weighted(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact,
                    const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next);
 
+/* Sum of a buffer's 64-bit words, read as fast as the CPU reads memory: the bandwidth baseline. */
+uint64_t read_words(const uint64_t *p, int64_t words);
+
 PyObject *py_pool_create(PyObject *self, PyObject *args);
 PyObject *py_pool_post(PyObject *self, PyObject *args);
+PyObject *py_pool_read(PyObject *self, PyObject *args);
 PyObject *py_pool_wait(PyObject *self, PyObject *args);
 PyObject *py_pool_destroy(PyObject *self, PyObject *args);
 

@@ -9,9 +9,9 @@ falls on all three alike; ratios are medians of the ratios within a pass.
 
 from __future__ import annotations
 
+import array
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ MAX_ROTATED_EXPERTS = 512
 # so the passes sleep this long, untimed, after every block of calls.
 OPENMP_SPIN_SECONDS = 0.02
 STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
+STATE_WORDS, READ_SUM_WORD = 5, 1  # a pool job's state block (JOB_CLAIMS words in cpu_pool.c), and its read sum
 
 
 def last_level_cache_bytes() -> int:
@@ -46,29 +47,35 @@ def last_level_cache_bytes() -> int:
 
 
 class StreamRead:
-    """Reads `chunk_bytes` of a buffer of at least `total_bytes` per call, split between
-    `threads` threads, at rotating offsets: the machine's streaming read, in the same shape as
-    one expert call, so that it can take turns with the calls it is the baseline of."""
+    """Reads `chunk_bytes` of a buffer of at least `total_bytes` per call, a share per thread, at
+    rotating offsets: the machine's streaming read, in the same shape as one expert call, so that
+    it can take turns with the calls it is the baseline of. Its threads are the native kernels'
+    own kind (a pool of `threads` of them): a call costs what an expert call costs to start and
+    wait for (~10 us; Python's thread pool took ~100, which flattered small experts)."""
 
     def __init__(self, total_bytes: int, chunk_bytes: int, threads: int) -> None:
         self.kernels = native_kernels()
         self.chunks = max(1, -(-total_bytes // chunk_bytes))
         self.buffer = torch.ones(self.chunks * chunk_bytes // 8, dtype=torch.int64)
         self.chunk_words = chunk_bytes // 8
-        self.threads = threads
-        self.pool = ThreadPoolExecutor(threads)
-
-    def _read(self, start: int, words: int) -> int:
-        part = self.buffer[start : start + words]
-        return self.kernels.read_sum(part.data_ptr(), words * 8) if self.kernels else int(part.sum())
+        self.pool = self.kernels.pool_create(threads) if self.kernels else None
+        self.last_sum = 0
 
     def __call__(self, call: int) -> None:
         base = (call % self.chunks) * self.chunk_words
-        share = self.chunk_words // self.threads
-        list(self.pool.map(lambda t: self._read(base + t * share, share), range(self.threads)))
+        if self.pool is None:
+            self.last_sum = int(self.buffer[base : base + self.chunk_words].sum())
+            return
+        state = array.array("q", bytes(8 * STATE_WORDS))
+        address = self.buffer.data_ptr() + 8 * base
+        self.kernels.pool_read(self.pool, address, 8 * self.chunk_words, state.buffer_info()[0])
+        self.kernels.pool_wait(self.pool, state.buffer_info()[0])
+        self.last_sum = state[READ_SUM_WORD]
 
     def close(self) -> None:
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.kernels.pool_destroy(self.pool)
+            self.pool = None
 
 
 def _experts(shape: MoEShape, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The CPU expert executor against a float64 reference: native and torch paths, thread counts,
 sizes that are not multiples of the vector width; errors in a worker thread."""
 
+import array
 import ctypes
 import os
 import sys
@@ -132,15 +133,24 @@ def test_rows_claimed_piece_by_piece_match_reference(dtype, threads, tokens, hid
         executor.shutdown()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("words", [1, 7, 128, 1000, 4099])
-def test_streaming_read_sums_every_word(words):
-    """The bandwidth baseline reads the whole buffer (its sixteen prefetched streams and the
-    words past them), not a part of it."""
+def test_streaming_read_sums_every_word(words, threads):
+    """The bandwidth baseline, a job of the native threads, reads the whole buffer (each thread's
+    share, its sixteen prefetched streams and the words past them), not a part of it."""
     kernels = native_kernels()
     if kernels is None:
         pytest.skip("needs the C extension (daop_vllm._cpu_experts)")
     buffer = torch.arange(1, words + 1, dtype=torch.int64)
-    assert kernels.read_sum(buffer.data_ptr(), 8 * words) == words * (words + 1) // 2
+    pool = kernels.pool_create(threads)
+    try:
+        for _ in range(2):  # the state block is the caller's: a second job starts from a fresh one
+            state = array.array("q", bytes(8 * 5))
+            kernels.pool_read(pool, buffer.data_ptr(), 8 * words, state.buffer_info()[0])
+            kernels.pool_wait(pool, state.buffer_info()[0])
+            assert state[1] == words * (words + 1) // 2 and state[0] == threads  # the sum; threads done
+    finally:
+        kernels.pool_destroy(pool)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
