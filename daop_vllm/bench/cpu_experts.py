@@ -51,7 +51,7 @@ class StreamRead:
     rotating offsets: the machine's streaming read, in the same shape as one expert call, so that
     it can take turns with the calls it is the baseline of. Its threads are the native kernels'
     own kind (a pool of `threads` of them): a call costs what an expert call costs to start and
-    wait for (~10 us; Python's thread pool took ~100, which flattered small experts)."""
+    wait for (~6 us; Python's thread pool took ~100, which flattered small experts)."""
 
     def __init__(self, total_bytes: int, chunk_bytes: int, threads: int) -> None:
         self.kernels = native_kernels()

@@ -274,7 +274,8 @@ class CpuExpertExecutor:
         rows = native[-1].act_row + native[-1].count
         act = workspace.buffer("act", (rows, inter), x.dtype)  # the kernels write every element of these two
         native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
-        # The plan and state as arrays, not tensors: a call costs 2-3 us less per tensor not made.
+        # The plan and state as arrays, not tensors made from lists (~7 us each): with the pairs
+        # the same way (_plan), a tiny expert's call took 74 us instead of 141.
         state = array.array("q", bytes(8 * (_NativeJob.JOB_CLAIMS + 2 * len(native))))
         tokens, weights = pairs.tokens.data_ptr(), pairs.weights.data_ptr()
         w13_base, w13_stride, w2_base, w2_stride = w13.data_ptr(), w13.stride(0) * item, w2.data_ptr(), w2.stride(0) * item

@@ -12,9 +12,13 @@ def test_rewrites_the_report_and_stops_quietly_once_its_directory_is_removed(tmp
     directory = tmp_path / "metrics"
     directory.mkdir()
     calls = []
-    stats = StatsFile(directory / "stats.json", lambda: {"calls": len(calls.append(1) or calls)}, interval_s=0.01)
-    first = json.loads((directory / "stats.json").read_text())
-    assert first["calls"] == 1
+
+    def report():
+        calls.append(1)
+        return {"calls": len(calls)}
+
+    stats = StatsFile(directory / "stats.json", report, interval_s=0.01)
+    assert json.loads((directory / "stats.json").read_text())["calls"] == 1
     shutil.rmtree(directory)  # what the front end's exit does to the temporary directory
     stats._thread.join(timeout=5)
     assert not stats._thread.is_alive(), "the timer thread stops when the directory is gone"

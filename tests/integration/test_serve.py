@@ -117,8 +117,9 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_path):
     """/metrics carries the worker's daop_* counters (no stats_path given: a temporary one is
-    used, and removed when the server exits); injected CPU executor faults are recovered inside the layer - every answer stays the
-    stock one - counted, and logged once; `daop-vllm stats` renders the worker's file."""
+    used, and removed when the server exits); injected CPU executor faults are recovered inside
+    the layer - every answer stays the stock one - counted, and logged once; `daop-vllm stats`
+    renders the worker's file."""
     import subprocess
     import sys
     import urllib.request
