@@ -326,6 +326,12 @@ class CpuExpertExecutor:
         oversubscribe the cores); their weighted outputs go back as (tokens, values)."""
         if native_job is not None:
             native_job.wait()
+        if torch.get_num_threads() == 1 < self.num_threads:
+            # vLLM's GPU worker sets torch's threads to 1 for serving (set_torch_threads_for_runtime:
+            # its own CPU ops are small), which a thread that starts using torch afterwards
+            # inherits; these matmuls are the executor's prefill-sized work. Threads that already
+            # use torch (the caller's) keep their count; ones that start later get this one.
+            torch.set_num_threads(self.num_threads)
         start = time.perf_counter()
         try:
             if inject_fault:

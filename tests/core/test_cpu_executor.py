@@ -272,3 +272,21 @@ def test_native_threads_sleep_once_no_job_comes():
         assert _process_cpu_seconds_of_threads() - before < 0.05
     finally:
         executor.shutdown()
+
+
+def test_torch_experts_use_the_executors_threads_where_torch_was_set_to_one():
+    """vLLM's GPU worker sets torch's threads to 1 for serving; the executor's torch thread, which
+    starts using torch after that, still runs its matmuls (prefill-sized experts) on its own
+    thread count, and the caller's thread keeps its 1."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    executor = CpuExpertExecutor(2, native_max_tokens=0)  # every expert on the torch path
+    try:
+        args = case(9, 8, 2, 96, 40, torch.float32)
+        got, want = executor.submit(*args).result(), reference(*args)
+        assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.float32] * want.abs().max().item()
+        assert executor._torch_thread.submit(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        executor.shutdown()
+        torch.set_num_threads(previous)
