@@ -94,11 +94,12 @@ def test_worker_error_fails_that_call_and_executor_keeps_serving(threads, native
 @pytest.mark.parametrize(
     "tokens, experts, top_k, hidden, inter",
     [(16, 2, 2, 96, 64), (9, 4, 2, 64, 40), (5, 1, 1, 256, 96), (3, 4, 1, 128, 32), (3, 1, 1, 76, 38),
-     (37, 2, 2, 64, 96), (70, 1, 1, 96, 64)],
+     (4, 1, 1, 64, 96), (2, 1, 1, 96, 64), (37, 2, 2, 64, 96), (70, 1, 1, 96, 64)],
 )
 def test_amx_and_avx512_paths_match_reference(amx_min_tokens, tokens, experts, top_k, hidden, inter):
-    """bf16 experts with 1-70 tokens each, on AMX tiles or AVX-512 alone (three tokens: 8 rows at
-    once, and the rows past the last 8 one by one); hidden and intermediate
+    """bf16 experts with 1-70 tokens each, on AMX tiles (up to four tokens in the narrow token
+    tiles) or AVX-512 alone (three tokens: 8 rows at once, and the rows past the last 8 one by
+    one); hidden and intermediate
     sizes that are (AMX) and are not (the AVX-512 rest) multiples of the tile's 32 elements; on
     AMX, one to five groups of 16 tokens (four meet each weight tile at once), the last one short."""
     kernels = native_kernels()
