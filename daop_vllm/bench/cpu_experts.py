@@ -9,7 +9,6 @@ falls on all three alike; ratios are medians of the ratios within a pass.
 
 from __future__ import annotations
 
-import array
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +17,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from daop_vllm.core.cpu_executor import CpuExpertExecutor, physical_core_count
+from daop_vllm.core.cpu_executor import (
+    JOB_NEXT_EXPERT,
+    CpuExpertExecutor,
+    job_state,
+    physical_core_count,
+)
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
 from daop_vllm.core.model_shapes import MoEShape
@@ -30,7 +34,6 @@ MAX_ROTATED_EXPERTS = 512
 # so the passes sleep this long, untimed, after every block of calls.
 OPENMP_SPIN_SECONDS = 0.02
 STEPS_PER_PASS_PER_LAYER = 8  # decode steps: each layer's routing comes back this often per pass
-STATE_WORDS, READ_SUM_WORD = 5, 1  # a pool job's state block (JOB_CLAIMS words in cpu_pool.c), and its read sum
 
 
 def last_level_cache_bytes() -> int:
@@ -66,11 +69,11 @@ class StreamRead:
         if self.pool is None:
             self.last_sum = int(self.buffer[base : base + self.chunk_words].sum())
             return
-        state = array.array("q", bytes(8 * STATE_WORDS))
+        state = job_state()
         address = self.buffer.data_ptr() + 8 * base
         self.kernels.pool_read(self.pool, address, 8 * self.chunk_words, state.buffer_info()[0])
         self.kernels.pool_wait(self.pool, state.buffer_info()[0])
-        self.last_sum = state[READ_SUM_WORD]
+        self.last_sum = state[JOB_NEXT_EXPERT]  # where a read job's sum goes
 
     def close(self) -> None:
         if self.pool is not None:

@@ -91,6 +91,17 @@ class _Pairs:
         return self.tokens[rows], self.weights[rows]
 
 
+# Words of a native job's state block (JOB_* in csrc/cpu_pool.c): threads done, the counter of
+# whole experts (a read job's sum), the barrier, the error, busy nanoseconds; then two claim
+# counters per expert.
+JOB_DONE, JOB_NEXT_EXPERT, JOB_BARRIER, JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS = range(6)
+
+
+def job_state(num_experts: int = 0) -> array.array:
+    """A zeroed state block for a native job of `num_experts` experts (a read job has none)."""
+    return array.array("q", bytes(8 * (JOB_CLAIMS + 2 * num_experts)))
+
+
 def _tensor_of(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on `values`' memory: 2 us, where torch.tensor of a list takes 7."""
     return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
@@ -123,8 +134,6 @@ class _NativeJob:
     """A job on the native kernels' threads: its plan of experts (addresses, see csrc/cpu_pool.c)
     and state block, and every tensor whose memory the threads use, kept alive until it is done."""
 
-    JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS = 3, 4, 5  # words of the state block (JOB_* in cpu_pool.c)
-
     def __init__(self, kernels: ModuleType, pool: int, state: array.array, keep_alive: tuple,
                  on_done: Callable[[float], None]) -> None:
         self._kernels, self._pool, self._state, self._keep_alive = kernels, pool, state, keep_alive
@@ -138,8 +147,8 @@ class _NativeJob:
             self._kernels.pool_wait(self._pool, self._state.buffer_info()[0])
             with self._lock:
                 if self._error is None:
-                    self._error = int(self._state[self.JOB_ERROR])
-                    self._on_done(int(self._state[self.JOB_BUSY_NS]) / 1e9)
+                    self._error = self._state[JOB_ERROR]
+                    self._on_done(self._state[JOB_BUSY_NS] / 1e9)
                     self._keep_alive = ()
         return self._error
 
@@ -276,7 +285,7 @@ class CpuExpertExecutor:
         native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
         # The plan and state as arrays, not tensors made from lists (~7 us each): with the pairs
         # the same way (_plan), a tiny expert's call took 74 us instead of 141.
-        state = array.array("q", bytes(8 * (_NativeJob.JOB_CLAIMS + 2 * len(native))))
+        state = job_state(len(native))
         tokens, weights = pairs.tokens.data_ptr(), pairs.weights.data_ptr()
         w13_base, w13_stride, w2_base, w2_stride = w13.data_ptr(), w13.stride(0) * item, w2.data_ptr(), w2.stride(0) * item
         act_base, out_base = act.data_ptr(), native_out.data_ptr()

@@ -1,7 +1,6 @@
 """The CPU expert executor against a float64 reference: native and torch paths, thread counts,
 sizes that are not multiples of the vector width; errors in a worker thread."""
 
-import array
 import ctypes
 import os
 import sys
@@ -12,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daop_vllm.core.cpu_executor import CpuExpertExecutor
+from daop_vllm.core.cpu_executor import (
+    JOB_DONE,
+    JOB_NEXT_EXPERT,
+    CpuExpertExecutor,
+    job_state,
+)
 from daop_vllm.core.cpu_kernels import native_kernels
 
 
@@ -146,10 +150,10 @@ def test_streaming_read_sums_every_word(words, threads):
     pool = kernels.pool_create(threads)
     try:
         for _ in range(2):  # the state block is the caller's: a second job starts from a fresh one
-            state = array.array("q", bytes(8 * 5))
+            state = job_state()
             kernels.pool_read(pool, buffer.data_ptr(), 8 * words, state.buffer_info()[0])
             kernels.pool_wait(pool, state.buffer_info()[0])
-            assert state[1] == words * (words + 1) // 2 and state[0] == threads  # the sum; threads done
+            assert state[JOB_NEXT_EXPERT] == words * (words + 1) // 2 and state[JOB_DONE] == threads
     finally:
         kernels.pool_destroy(pool)
 
