@@ -7,11 +7,12 @@ import tempfile
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.traces import TraceSequence, read_traces
 
 
-def record_prompt_traces(model: Path, prompts_file: Path) -> Path:
+def record_prompt_traces(model: Path, prompts_file: Path) -> list[TraceSequence]:
     """Run every prompt's prefill through vLLM (`load_format="daop"`, all experts resident,
-    trace recording on) and return the trace file."""
+    trace recording on) and return the recorded sequences."""
     try:
         prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
     except OSError as exc:
@@ -21,9 +22,10 @@ def record_prompt_traces(model: Path, prompts_file: Path) -> Path:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    trace = Path(tempfile.mkdtemp(prefix="daop-calibrate-")) / "prompts.jsonl"
-    llm = LLM(model=str(model), load_format="daop", enforce_eager=True, gpu_memory_utilization=0.5,
-              model_loader_extra_config={"resident_fraction": 1, "trace_path": str(trace)})
-    llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=True)  # the prefill is what counts
-    llm.llm_engine.engine_core.shutdown()  # the engine writes the requests still open
-    return trace
+    with tempfile.TemporaryDirectory(prefix="daop-calibrate-") as directory:
+        trace = Path(directory) / "prompts.jsonl"
+        llm = LLM(model=str(model), load_format="daop", enforce_eager=True, gpu_memory_utilization=0.5,
+                  model_loader_extra_config={"resident_fraction": 1, "trace_path": str(trace)})
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=True)  # the prefill is what counts
+        llm.llm_engine.engine_core.shutdown()  # the engine writes the requests still open
+        return list(read_traces(trace))

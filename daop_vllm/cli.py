@@ -383,10 +383,9 @@ def _calibrate(args: argparse.Namespace) -> None:
             raise DaopConfigError("calibrate --model needs --prompts FILE (one prompt per line)")
         from daop_vllm.calibration import record_prompt_traces
 
-        traces = [record_prompt_traces(args.model, args.prompts)]
+        seqs = record_prompt_traces(args.model, args.prompts)
     else:
-        traces = args.trace
-    seqs = [seq for path in traces for seq in read_traces(path)]
+        seqs = [seq for path in args.trace for seq in read_traces(path)]
     shapes = {(s.num_layers, s.num_experts) for s in seqs}
     if len(shapes) != 1:
         raise DaopConfigError(f"the traces mix model shapes {sorted(shapes)}; calibrate one model at a time")
