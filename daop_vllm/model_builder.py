@@ -66,7 +66,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int, corpus: list[str] | None = N
     return wrapped
 
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe", "deepseek_v2")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe", "deepseek_v2", "deepseek_v3")
 
 
 def family_config(family: str, shape: TinyMixtralShape, init_std: float):
@@ -123,6 +123,20 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
                                 topk_method="group_limited_greedy" if grouped else "greedy",
                                 n_group=4 if grouped else 1, topk_group=2 if grouped else 1, norm_topk_prob=False,
                                 routed_scaling_factor=1.0, **common), DeepseekV2ForCausalLM
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        # DeepSeek-V3's routing as its config.json gives it (transformers' config names neither
+        # topk_method nor scoring_func; vLLM reads both): sigmoid scores plus a per-expert bias for
+        # the choice, top-k within the best 2 of 4 groups, renormalised, scaled by 2.5; its query
+        # LoRA; otherwise the attention and layout of the V2 model above
+        del common["intermediate_size"]
+        return DeepseekV3Config(n_routed_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
+                                intermediate_size=2 * shape.intermediate_size, n_shared_experts=1,
+                                first_k_dense_replace=1, q_lora_rank=shape.hidden_size, kv_lora_rank=512,
+                                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=4, topk_group=2,
+                                topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                                routed_scaling_factor=2.5, **common), DeepseekV3ForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -144,6 +158,9 @@ def build_tiny_mixtral(
     config, model_class = family_config(family, shape, init_std)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
+    for module in model.modules():  # DeepSeek-V3's router bias: zeros when built, learned in real checkpoints
+        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+            module.e_score_correction_bias.normal_(0, init_std)
     model.save_pretrained(str(out), safe_serialization=True)
     if family == "phimoe":  # transformers saves "PhimoeForCausalLM"; real checkpoints and vLLM say:
         config_path = out / "config.json"

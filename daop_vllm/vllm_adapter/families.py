@@ -21,12 +21,14 @@ class MoEFamily:
     top_k_attr: str
     gate_attr: str = "gate"  # the router's module, beside the experts in the MoE block
     dense_layers_attr: str | None = None  # config attribute: how many dense MLP layers come first
+    moe_layer_step_attr: str | None = None  # config attribute: after those, every n-th layer is MoE
 
     def shape(self, hf_config: Any) -> tuple[int, int, int]:
         """(MoE layers, routed experts per layer, top-k)."""
         dense = getattr(hf_config, self.dense_layers_attr, 0) if self.dense_layers_attr else 0
+        step = getattr(hf_config, self.moe_layer_step_attr, 1) if self.moe_layer_step_attr else 1
         return (
-            hf_config.num_hidden_layers - dense,
+            sum(1 for layer in range(dense, hf_config.num_hidden_layers) if layer % step == 0),
             getattr(hf_config, self.num_experts_attr),
             getattr(hf_config, self.top_k_attr),
         )
@@ -73,12 +75,18 @@ SUPPORTED_FAMILIES = {
         ),
         # DeepSeek-V2 (and -Lite): grouped top-k routing, shared experts kept on the device by vLLM's
         # own module, MLA attention, and dense MLPs in the first layers
-        MoEFamily(
-            architecture="DeepseekV2ForCausalLM",
-            model_module="vllm.model_executor.models.deepseek_v2",
-            num_experts_attr="n_routed_experts",
-            top_k_attr="num_experts_per_tok",
-            dense_layers_attr="first_k_dense_replace",
+        *(
+            MoEFamily(
+                architecture=architecture,
+                model_module="vllm.model_executor.models.deepseek_v2",
+                num_experts_attr="n_routed_experts",
+                top_k_attr="num_experts_per_tok",
+                dense_layers_attr="first_k_dense_replace",
+                moe_layer_step_attr="moe_layer_freq",
+            )
+            # DeepSeek-V3 (and its fine-tunes, e.g. Kimi-K2): the same module, routing by sigmoid
+            # scores with a per-expert bias on the choice
+            for architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
         ),
     )
 }

@@ -67,12 +67,18 @@ def prompt_logprobs(llm, prompts: list[list[int]]) -> list[list[float]]:
             for prompt, output in zip(prompts, outputs)]
 
 
-def transformers_logprobs(model: str, prompts: list[list[int]], dtype) -> list[list[float]]:
-    """The same log-probabilities from `transformers`' implementation of the model."""
+def transformers_logprobs(model: str, prompts: list[list[int]], dtype,
+                          without_router_bias: bool = False) -> list[list[float]]:
+    """The same log-probabilities from `transformers`' implementation of the model (optionally
+    with DeepSeek-V3's router bias zeroed)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    if without_router_bias:
+        for module in reference.modules():
+            if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+                module.e_score_correction_bias.zero_()
     result = []
     for prompt in prompts:
         with torch.no_grad():

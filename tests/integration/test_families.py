@@ -2,12 +2,15 @@
 exact mode equal to the stock engine's greedy output at every fraction, predicting modes run."""
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
 from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
+from daop_vllm.vllm_adapter.families import SUPPORTED_FAMILIES
 
 from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
+
 
 @dataclass(frozen=True)
 class Family:
@@ -39,6 +42,10 @@ FAMILIES = {
     # DeepSeek-V2: top-4 of 16 within the best 2 of 4 groups, two shared experts, a dense first
     # layer, MLA attention; fp32 needs vLLM's reference CPU MLA kernels (the AMX ones are bf16-only)
     "deepseek_v2": Family(small(16, 4), "grouped softmax (2 of 4 groups) top-4", dense_layers=1,
+                          engine_args={"attention_config": {"backend": "CPU_MLA"}}),
+    # DeepSeek-V3: sigmoid scores plus a per-expert bias for the choice (random here, so that it
+    # changes which experts are chosen), 2 of 4 groups, renormalised and scaled by 2.5
+    "deepseek_v3": Family(small(16, 4), "grouped sigmoid (2 of 4 groups) top-4", dense_layers=1,
                           engine_args={"attention_config": {"backend": "CPU_MLA"}}),
 }
 
@@ -84,3 +91,13 @@ def test_predicting_modes_run(family_model):
         assert totals["degraded"] > 0
     finally:
         close_llm(llm)
+
+
+@pytest.mark.parametrize("architecture", ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
+def test_deepseek_moe_layers_after_the_dense_ones_every_moe_layer_freq(architecture):
+    """vLLM builds experts in layer i when i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    family = SUPPORTED_FAMILIES[architecture]
+    config = SimpleNamespace(num_hidden_layers=8, first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4)
+    assert family.shape(config) == (7, 16, 4)
+    config.moe_layer_freq = 3  # layers 3 and 6
+    assert family.shape(config) == (2, 16, 4)
