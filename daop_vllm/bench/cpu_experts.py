@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from daop_vllm.core.cpu_executor import (
+    GROUP_MIN_EXPERTS_PER_THREAD,
     JOB_NEXT_EXPERT,
     CpuExpertExecutor,
     job_state,
@@ -192,14 +193,14 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
                  seed: int = 0) -> dict[str, Any]:
     """Decode steps' CPU work as the engine hands it over: `batch` tokens, each routed to top-k
     of the layer's E experts (uniformly at random), every expert in host memory, layers taken in
-    turn so that the weights come from memory. The executor as it runs (threads take whole
-    experts once there are enough of them) against the same executor slicing every expert
-    between all threads, and the streaming read, in the same passes."""
+    turn so that the weights come from memory. The executor's threads taking whole experts in
+    turn against the same threads slicing every expert between them, and the streaming read,
+    in the same passes; `executor_takes` is the way the executor chooses for the step."""
     llc = last_level_cache_bytes()
     expert_bytes = shape.expert_bytes(torch.tensor([], dtype=dtype).element_size())
     layers = max(1, min(MAX_ROTATED_EXPERTS // shape.num_experts, -(-4 * llc // (shape.num_experts * expert_bytes))))
     w13, w2 = _experts(shape, layers * shape.num_experts, dtype)
-    executors = {"whole": CpuExpertExecutor(threads),
+    executors = {"whole": CpuExpertExecutor(threads, whole_experts_from=0),
                  "sliced": CpuExpertExecutor(threads, whole_experts_from=w13.shape[0] + 1)}
     gen = torch.Generator().manual_seed(seed)
     result: dict[str, Any] = {"model_shape": shape.name, "dtype": str(dtype).removeprefix("torch."),
@@ -222,7 +223,8 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
             row[f"{name}_ms"] = 1e3 * s
             row[f"{name}_gbps"] = step_bytes / s / 1e9
         row["whole_over_sliced"] = _speed_ratio(times, "whole", "sliced")
-        row["whole_over_stream"] = _speed_ratio(times, "whole", "stream")
+        row["executor_takes"] = "whole" if distinct >= GROUP_MIN_EXPERTS_PER_THREAD * threads else "sliced"
+        row["executor_over_stream"] = _speed_ratio(times, row["executor_takes"], "stream")
         result["per_batch"][str(batch)] = row
     for executor in executors.values():
         executor.shutdown()

@@ -5,15 +5,15 @@ waits. Two paths, chosen per expert by how many tokens it got:
 
 - native (decode-sized and short prefills: up to `native_max_tokens` tokens, fp32/bf16, when the
   C extension is built): a job for the extension's own threads (csrc/cpu_pool.c), which never
-  take the GIL, so the job runs from start to end whatever the caller does meanwhile. Few
-  experts (fewer than `GROUP_MIN_EXPERTS_PER_THREAD` per thread: Mixtral's 2-8 large ones): the
-  threads share each expert's gate/up rows, wait at a barrier, then share the output columns of
-  each down projection; they claim rows piece by piece from a counter per expert and phase, so
-  that a thread the machine slows down does less. Many experts (Qwen-MoE's and DeepSeek's dozens
-  of small ones): the threads take whole experts in turn, no barrier. Either way each weight byte
-  is read once per call (this path runs at memory bandwidth), and each expert's weighted outputs
-  go to rows of their own (no two threads add into one element), which are added by token into
-  the result at the end.
+  take the GIL, so the job runs from start to end whatever the caller does meanwhile. Fewer than
+  `GROUP_MIN_EXPERTS_PER_THREAD` experts per thread (Mixtral's 2-8 large ones, the small ones
+  of DeepSeek or Qwen-MoE at small batches): the threads share each expert's gate/up rows, wait
+  at a barrier, then share the output columns of each down projection; they claim rows piece by
+  piece from a counter per expert and phase, so that a thread the machine slows down does less.
+  More experts (large batches of the small ones): the threads take whole experts in turn, no
+  barrier. Either way each weight byte is read once per call (this path runs at memory
+  bandwidth), and each expert's weighted outputs go to rows of their own (no two threads add into
+  one element), which are added by token into the result at the end.
 - torch (more tokens, other dtypes, or no extension): one Python thread runs these experts one
   after another with torch matmuls, which spread over the cores themselves (oneDNN/AMX where
   available), after the native job (running both at once would oversubscribe the cores).
@@ -46,9 +46,11 @@ from daop_vllm.core.expert_math import expert_mlp
 # from 3 tokens.
 NATIVE_MAX_TOKENS = {True: 64, False: 4}  # by: the CPU has AMX
 # With at least this many native experts per thread, threads take whole experts instead of a
-# slice of every expert. Decode-sized experts cost their weight bytes, the same for all of an
-# engine's experts, so handing them out in turn balances the threads.
-GROUP_MIN_EXPERTS_PER_THREAD = 2
+# slice of every expert. Whole experts save the barrier and the claims, but the thread that gets
+# the last one can finish up to an expert's time after the others: on 2 threads (DeepSeek-V2-Lite,
+# Qwen3-30B-A3B, OLMoE decode steps; medians of three runs) whole experts were 0.88-0.99x of
+# slicing at 3-11 experts per thread and 0.97-1.03x from 12 to 40.
+GROUP_MIN_EXPERTS_PER_THREAD = 16
 # Workspace lanes: the layer's own CPU work, and pre-computations for even and odd layers
 # (at layer i, layer i's pre-computed results and layer i+1's pre-computation are both in flight).
 NUM_LANES = 3

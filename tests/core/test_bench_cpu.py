@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_cpu_experts_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -29,3 +31,5 @@ def test_bench_cpu_experts_json(tmp_path):
     assert one["distinct_experts"] == 2 and 2 < eight["distinct_experts"] <= 8  # tiny-mixtral routes top-2 of 8
     for row in (one, eight):
         assert all(row[key] > 0 for key in ("whole_ms", "sliced_ms", "whole_gbps", "sliced_gbps", "stream_gbps"))
+        assert row["executor_takes"] == "sliced"  # a handful of experts per thread
+        assert row["executor_over_stream"] == pytest.approx(row["sliced_gbps"] / row["stream_gbps"])  # one pass

@@ -50,12 +50,14 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize(
     "tokens, experts, top_k, hidden, inter",
     [(1, 8, 2, 64, 128), (2, 8, 2, 100, 70), (3, 4, 2, 33, 17), (9, 8, 2, 96, 40), (40, 16, 4, 48, 24),
-     (8, 64, 8, 64, 40)],  # the last: dozens of small experts, which threads take whole
+     (8, 64, 8, 64, 40)],  # the last: dozens of small experts
 )
 @pytest.mark.parametrize("native_max_tokens", [0, 2, 64], ids=["torch", "mixed", "native"])
-def test_matches_float64_reference(dtype, threads, tokens, experts, top_k, hidden, inter, native_max_tokens):
+@pytest.mark.parametrize("whole_experts_from", [0, 10**6], ids=["whole", "sliced"])
+def test_matches_float64_reference(dtype, threads, tokens, experts, top_k, hidden, inter, native_max_tokens,
+                                   whole_experts_from):
     args = case(tokens, experts, top_k, hidden, inter, dtype)
-    executor = CpuExpertExecutor(threads, native_max_tokens=native_max_tokens)
+    executor = CpuExpertExecutor(threads, native_max_tokens=native_max_tokens, whole_experts_from=whole_experts_from)
     try:
         got = executor.submit(*args).result()
         want = reference(*args)
