@@ -302,9 +302,10 @@ class Simulator:
             self.engine.layers[layer].cache.fill(list(cache))
 
     def _end_step(self) -> None:
-        swaps_before = self.engine.stats.totals()["swaps"]
+        swaps = self.engine.stats.values["swaps"]  # per layer, updated in place
+        swaps_before = sum(swaps)
         self.engine.end_step()
-        self.result.pcie_bytes += (self.engine.stats.totals()["swaps"] - swaps_before) * self.expert_bytes
+        self.result.pcie_bytes += (sum(swaps) - swaps_before) * self.expert_bytes
 
     def run(self, sequences: list[TraceSequence]) -> dict[str, float | None]:
         """Continuous batching of `batch` sequences: a sequence's prompt is one step, then it
