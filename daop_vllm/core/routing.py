@@ -37,18 +37,23 @@ class SoftmaxTopK:
 class CustomRouting:
     """A model's own routing function, vLLM's `custom_routing_function` signature
     `(hidden_states, gating_output, topk, renormalize) -> (weights, ids)` (Phi-3.5-MoE's
-    sparsemixer, DeepSeek-V2's grouped top-k). Such functions read only the row count of
-    `hidden_states`, so the logits stand in for it. `scores` (for degradation's substitutes) ranks by softmax."""
+    sparsemixer, DeepSeek's grouped top-k). Such functions read only the row count of
+    `hidden_states`, so the logits stand in for it. `scores` (degradation's substitutes and
+    their weights) are the function's own: softmax, or sigmoid (DeepSeek-V3; its bias, which
+    only steers the choice, is left out)."""
 
     function: object
     top_k: int
     renormalize: bool = False
     name: str | None = None  # for reports; default: the function's own name
+    scoring_func: str = "softmax"
 
     def __str__(self) -> str:
         return f"{self.name or getattr(self.function, '__name__', 'custom')} top-{self.top_k}"
 
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.scoring_func == "sigmoid":
+            return torch.sigmoid(router_logits.float())
         return torch.softmax(router_logits, dim=-1, dtype=torch.float32)
 
     def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

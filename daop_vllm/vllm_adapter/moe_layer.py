@@ -172,13 +172,12 @@ def _routing(kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[RoutingFunctio
             grouped_topk,
         )
 
-        groups, kept = kwargs["num_expert_group"], kwargs["topk_group"]
-        function = functools.partial(grouped_topk, num_expert_group=groups, topk_group=kept,
-                                     scoring_func=kwargs.get("scoring_func", "softmax"),
+        groups, kept, scoring = kwargs["num_expert_group"], kwargs["topk_group"], kwargs.get("scoring_func", "softmax")
+        function = functools.partial(grouped_topk, num_expert_group=groups, topk_group=kept, scoring_func=scoring,
                                      routed_scaling_factor=weight_scale,
                                      e_score_correction_bias=kwargs.get("e_score_correction_bias"))
-        name = f"grouped {kwargs.get('scoring_func', 'softmax')} ({kept} of {groups} groups)"
-        return CustomRouting(function, top_k, renormalize, name), shared_output_scale
+        name = f"grouped {scoring} ({kept} of {groups} groups)"
+        return CustomRouting(function, top_k, renormalize, name, scoring), shared_output_scale
     if weight_scale != 1.0 or kwargs.get("scoring_func", "softmax") != "softmax":
         raise DaopConfigError(
             f"this model's MoE layers route with scoring_func={kwargs.get('scoring_func')!r} and "

@@ -133,6 +133,7 @@ def test_v3_routing_is_vllms_with_the_bias_on_the_choice():
     assert torch.equal(ids, want_ids.long()) and torch.equal(weights, want_weights)
     unbiased, _ = _deepseek_routing(renormalize=True, scoring_func="sigmoid", routed_scaling_factor=2.5)
     assert str(route) == "grouped sigmoid (2 of 4 groups) top-4"
+    torch.testing.assert_close(route.scores(logits), logits.sigmoid())  # degradation's substitutes and weights
     assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, unbiased(logits)[1])) > 10
 
 
