@@ -159,7 +159,7 @@ def test_auto_hysteresis_stops_ping_pong():
     for hysteresis in (1.0, 0.0):
         resident, count = [0, 1], 0
         for step in range(40):
-            wobble = 1.5 if step % 2 else -1.5
+            wobble = 2.0 if step % 2 else -2.0  # a 4-token swing: 1.3x the copy without the margin
             demand = torch.tensor([20.0, 20.0 + wobble, 20.0 - wobble, 0.0])
             for hot, cold in auto_swaps(demand, resident, saving, copy, hysteresis):
                 resident = [hot if e == cold else e for e in resident]
