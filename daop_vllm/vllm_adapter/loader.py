@@ -38,6 +38,7 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     front-end process before the engine starts, and again in the worker."""
     model_config = vllm_config.model_config
     family = model_family(model_config)
+    check_unquantized(model_config)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
     options.check_model(num_layers, num_experts)
     if options.profile:
@@ -51,6 +52,18 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
         )
     cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
     check_cuda_graph_mode(cudagraph_mode.name if cudagraph_mode is not None else "NONE")
+
+
+def check_unquantized(model_config: ModelConfig) -> None:
+    """DAOP's device kernels and CPU executor take bf16/fp16/fp32 experts only."""
+    if model_config.quantization is None:
+        return
+    if getattr(model_config.hf_config, "quantization_config", None) is not None:
+        source, remedy = "its config.json's quantization_config", "serve a bf16, fp16 or fp32 checkpoint"
+    else:
+        source, remedy = "--quantization", "leave --quantization out"
+    raise DaopConfigError(f"load_format 'daop' serves unquantized checkpoints only, and {source} makes this model "
+                          f"{model_config.quantization}: {remedy}")
 
 
 def check_cuda_graph_mode(mode: str) -> None:

@@ -152,7 +152,7 @@ _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_
             "scoring_func", "routed_scaling_factor", "e_score_correction_bias", "apply_routed_scale_to_output",
             "router_logits_dtype"}
 # Arguments whose value does not change what the layer computes on one device.
-# (quant_config is checked on its own; parallel sizes are checked to be 1 before the model is built)
+# (quantization and parallel sizes are refused before the model is built: loader.check_engine_config)
 _IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
 
 
@@ -196,8 +196,6 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
     defaults = _factory_defaults()
 
     def daop_moe_factory(**kwargs: Any) -> DaopMoELayer:
-        if kwargs.get("quant_config") is not None:
-            raise DaopConfigError("load_format 'daop' supports unquantized checkpoints only; remove --quantization")
         for name, value in kwargs.items():
             if name not in _HANDLED | _IGNORED and not _is_default(value, defaults.get(name)):
                 raise DaopConfigError(

@@ -1,6 +1,7 @@
 """Wrong input fails with DaopConfigError naming what was wrong, before any weight loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -32,10 +33,10 @@ def unsupported_moe(tmp_path_factory) -> str:
     return str(path)
 
 
-def expect_config_error(model: str, extra, *words: str) -> None:
+def expect_config_error(model: str, extra, *words: str, **engine_args) -> None:
     with pytest.raises(DaopConfigError) as info:
         make_llm(model, load_format="daop", model_loader_extra_config=extra, enforce_eager=True,
-                 skip_tokenizer_init=True)
+                 skip_tokenizer_init=True, **engine_args)
     message = str(info.value)
     assert "\n" not in message
     for word in words:
@@ -72,6 +73,29 @@ def test_dense_model_is_not_moe(dense_model):
 def test_unsupported_moe_architecture(unsupported_moe):
     expect_config_error(unsupported_moe, {}, "GraniteMoeForCausalLM is not supported", "MixtralForCausalLM",
                         "Qwen3MoeForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tiny_mixtral, tmp_path_factory) -> str:
+    """tiny_mixtral's config with DeepSeek-V3's quantization_config (the weights are not read)."""
+    path = tmp_path_factory.mktemp("fp8")
+    config = json.loads((Path(tiny_mixtral) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_quantized_checkpoint_is_refused_before_the_engine_starts(fp8_checkpoint):
+    """vLLM's CPU platform accepts fp8 configs: without this check the worker failed building the
+    model, and the caller got "Engine core initialization failed"."""
+    expect_config_error(fp8_checkpoint, {}, "unquantized checkpoints only", "fp8", "quantization_config",
+                        dtype="bfloat16")  # fp8 checkpoints compute in bf16
+
+
+def test_quantization_flag_is_refused(tiny_mixtral):
+    expect_config_error(tiny_mixtral, {}, "unquantized checkpoints only", "fp8", "leave --quantization out",
+                        quantization="fp8", dtype="bfloat16")
 
 
 def test_loader_in_the_worker_checks_too():
