@@ -108,14 +108,15 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
         # defaults leave them out, and vLLM then runs with uninitialised biases (only token 0).
         return PhimoeConfig(num_local_experts=shape.num_experts, attention_bias=True, lm_head_bias=True,
                             pad_token_id=0, **common), PhimoeForCausalLM
+    # DeepSeek: top-k within the best 2 of 4 expert groups where the shape allows it (V3 ranks
+    # groups by their two best experts)
+    grouped = shape.num_experts % 4 == 0 and shape.num_experts >= 8 and shape.top_k <= shape.num_experts // 2
     if family == "deepseek_v2":
         from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
         # DeepSeek-V2-Lite's attention (MLA without a query projection, latent 512 + rope 64: the
         # only head size vLLM's CPU MLA kernels take), one dense layer first, two shared experts
         del common["intermediate_size"]
-        # top-k within the best 2 of 4 expert groups where the shape allows it
-        grouped = shape.num_experts % 4 == 0 and shape.top_k <= shape.num_experts // 2
         return DeepseekV2Config(n_routed_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
                                 intermediate_size=2 * shape.intermediate_size, n_shared_experts=2,
                                 first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -128,13 +129,14 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
 
         # DeepSeek-V3's routing as its config.json gives it (transformers' config names neither
         # topk_method nor scoring_func; vLLM reads both): sigmoid scores plus a per-expert bias for
-        # the choice, top-k within the best 2 of 4 groups, renormalised, scaled by 2.5; its query
-        # LoRA; otherwise the attention and layout of the V2 model above
+        # the choice, grouped as above, renormalised, scaled by 2.5; its query LoRA; otherwise the
+        # attention and layout of the V2 model above
         del common["intermediate_size"]
         return DeepseekV3Config(n_routed_experts=shape.num_experts, moe_intermediate_size=shape.intermediate_size,
                                 intermediate_size=2 * shape.intermediate_size, n_shared_experts=1,
                                 first_k_dense_replace=1, q_lora_rank=shape.hidden_size, kv_lora_rank=512,
-                                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=4, topk_group=2,
+                                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                n_group=4 if grouped else 1, topk_group=2 if grouped else 1,
                                 topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
                                 routed_scaling_factor=2.5, **common), DeepseekV3ForCausalLM
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
