@@ -144,7 +144,7 @@ def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w
     lru = [OrderedDict((e, None) for e in experts) for experts in placement]
     # the prompts: one prefill step of each sequence's prompt rows, so re-allocation has counts
     for index, seq in enumerate(seqs):
-        tokens = len(seq.prefill[0])
+        tokens = min(len(rows) for rows in seq.prefill)  # a real trace's layers may hold a few rows less
         engine.begin_step(StepBatch((f"seq{index}",), (tokens,), (True,), (True,), (steps,)))
         for layer_index, layer in enumerate(engine.layers):
             ids = torch.tensor(seq.prefill[layer_index][:tokens], dtype=torch.int64)

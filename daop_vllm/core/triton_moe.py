@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+# fp32 experts multiply in fp32: Triton's default for fp32 dots on tensor cores is TF32, which on
+# the H200 was 1e-3 off the reference at unit scale (bf16/fp16 dots ignore this setting).
+FP32_DOT: tl.constexpr = tl.constexpr("ieee")
 
 @triton.jit
 def _resident_moe_kernel(
@@ -56,8 +59,8 @@ def _resident_moe_kernel(
                              mask=w_mask, other=0.0)  # [BH, BI]
             w_up = tl.load(w13 + (offs_i[None, :] + I) * stride_w13n + offs_h[:, None] * stride_w13h,
                            mask=w_mask, other=0.0)  # [BH, BI]
-            gate = tl.dot(x, w_gate, gate)
-            up = tl.dot(x, w_up, up)
+            gate = tl.dot(x, w_gate, gate, input_precision=FP32_DOT)
+            up = tl.dot(x, w_up, up, input_precision=FP32_DOT)
         act = gate * tl.sigmoid(gate) * up * weight[:, None]  # [M, BI], routing weight applied
         act = act.to(w2_ptr.dtype.element_ty)
 
@@ -67,7 +70,7 @@ def _resident_moe_kernel(
             mask_h = offs_h < H
             w_down = tl.load(w2 + offs_i[:, None] * stride_w2i + offs_h[None, :] * stride_w2h,
                              mask=mask_i[:, None] & mask_h[None, :], other=0.0)  # [BI, BH]
-            part = tl.dot(act, w_down)  # [M, BH]
+            part = tl.dot(act, w_down, input_precision=FP32_DOT)  # [M, BH]
             tl.atomic_add(out_ptr + token[:, None] * stride_ot + offs_h[None, :] * stride_oh, part,
                           mask=valid[:, None] & mask_h[None, :])
 
