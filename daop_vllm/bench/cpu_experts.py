@@ -18,11 +18,11 @@ import torch
 from tqdm import tqdm
 
 from daop_vllm.core.cpu_executor import (
-    GROUP_MIN_EXPERTS_PER_THREAD,
     JOB_NEXT_EXPERT,
     CpuExpertExecutor,
     job_state,
     physical_core_count,
+    takes_whole_experts,
 )
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
@@ -223,7 +223,7 @@ def decode_steps(shape: MoEShape, threads: int, batches: list[int], repeats: int
             row[f"{name}_ms"] = 1e3 * s
             row[f"{name}_gbps"] = step_bytes / s / 1e9
         row["whole_over_sliced"] = _speed_ratio(times, "whole", "sliced")
-        row["executor_takes"] = "whole" if distinct >= GROUP_MIN_EXPERTS_PER_THREAD * threads else "sliced"
+        row["executor_takes"] = "whole" if takes_whole_experts(distinct, threads) else "sliced"
         row["executor_over_stream"] = _speed_ratio(times, row["executor_takes"], "stream")
         result["per_batch"][str(batch)] = row
     for executor in executors.values():

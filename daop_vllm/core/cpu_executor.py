@@ -51,6 +51,14 @@ NATIVE_MAX_TOKENS = {True: 64, False: 4}  # by: the CPU has AMX
 # Qwen3-30B-A3B, OLMoE decode steps; medians of three runs) whole experts were 0.88-0.99x of
 # slicing at 3-11 experts per thread and 0.97-1.03x from 12 to 40.
 GROUP_MIN_EXPERTS_PER_THREAD = 16
+
+
+def takes_whole_experts(num_experts: float, num_threads: int,
+                        whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD) -> bool:
+    """Whether a native job's threads take whole experts in turn (else they slice every expert)."""
+    return num_experts >= whole_experts_from * num_threads
+
+
 # Workspace lanes: the layer's own CPU work, and pre-computations for even and odd layers
 # (at layer i, layer i's pre-computed results and layer i+1's pre-computation are both in flight).
 NUM_LANES = 3
@@ -296,7 +304,7 @@ class CpuExpertExecutor:
             plan.extend((w13_base + work.expert * w13_stride, w2_base + work.expert * w2_stride, tokens + 8 * work.start,
                          work.count, act_base + work.act_row * inter * item, out_base + work.act_row * hidden * 4,
                          weights + 4 * work.start))
-        whole_experts = len(native) >= self.whole_experts_from * self.num_threads
+        whole_experts = takes_whole_experts(len(native), self.num_threads, self.whole_experts_from)
         self.kernels.pool_post(self._native_pool, NATIVE_DTYPES[x.dtype], inter, hidden, x.data_ptr(), hidden,
                                plan.buffer_info()[0], len(native), int(whole_experts), int(fail),
                                state.buffer_info()[0])

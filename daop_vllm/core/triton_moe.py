@@ -20,6 +20,7 @@ import triton.language as tl
 # the H200 was 1e-3 off the reference at unit scale (bf16/fp16 dots ignore this setting).
 FP32_DOT: tl.constexpr = tl.constexpr("ieee")
 
+
 @triton.jit
 def _resident_moe_kernel(
     # pointers
