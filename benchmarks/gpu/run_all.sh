@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU machine, in one device call (about 8 minutes):
-#   here:  mkdir -p .gpu && cp ../shared/traces/mixtral-8x7b-vllm.jsonl.gz .gpu/
-#   there: bash benchmarks/gpu/run_all.sh        (run with carry [".gpu"]; results land in $OUT)
+# What needs the GPU machine, in sections that each fit one device call (10 minutes) with room:
+#   bash benchmarks/gpu/run_all.sh tests       # the CUDA tests                      (~2 min)
+#   bash benchmarks/gpu/run_all.sh kernel      # check_kernel.py                     (~3 min)
+#   bash benchmarks/gpu/run_all.sh lifecycle   # engine_lifecycle.py, real-size      (~3 min)
+#   bash benchmarks/gpu/run_all.sh policies    # policies.py on the Mixtral trace    (~5 min)
+#   bash benchmarks/gpu/run_all.sh             # tests, kernel and lifecycle (one call)
+# policies reads the trace from .gpu/ (git-ignored), copied here before the call and carried:
+#   mkdir -p .gpu && cp ../shared/traces/mixtral-8x7b-vllm.jsonl.gz .gpu/     (carry [".gpu"])
 # The machine has torch and Triton but no vLLM; the C extension is built in place when a
-# compiler is there (else the CPU executor runs on torch, and the JSON says so).
+# compiler is there (else the CPU executor runs on torch, and the JSON says so). Results land in $OUT.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/daop-gpu-out}
 mkdir -p "$OUT"
+sections=${*:-tests kernel lifecycle}
 python setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || echo "C extension not built (see build_ext.log)"
+rm -rf build
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if python -c "import pytest" 2>/dev/null; then
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/core/test_moe.py tests/core/test_realloc.py \
-    tests/core/test_triton_kernel.py tests/core/test_prediction.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -3
-fi
-timeout 150 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -20
-timeout 300 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
-  --out "$OUT/gpu_policies.json" 2>&1 | tail -45
+status=0
+for section in $sections; do
+  echo "== $section"
+  case $section in
+    tests)
+      timeout 240 python -m pytest -q -p no:cacheprovider tests/core/test_moe.py tests/core/test_realloc.py \
+        tests/core/test_triton_kernel.py tests/core/test_prediction.py tests/core/test_cuda_path.py \
+        tests/core/test_device_budget.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
+    kernel)
+      timeout 240 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -20 ;;
+    lifecycle)
+      timeout 300 python benchmarks/gpu/engine_lifecycle.py --out "$OUT/gpu_engine_lifecycle.json" 2>&1 \
+        | tee "$OUT/gpu_engine_lifecycle.log" | tail -40 ;;
+    policies)
+      timeout 420 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
+        --out "$OUT/gpu_policies.json" 2>&1 | tail -45 ;;
+    *) echo "unknown section '$section': accepted tests, kernel, lifecycle, policies"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+exit $status

@@ -64,6 +64,13 @@ def takes_whole_experts(num_experts: float, num_threads: int,
 NUM_LANES = 3
 
 
+def default_cpu_threads(device_type: str) -> int:
+    """The executor's threads when `cpu_threads` is not given: every physical core, but one left
+    to the thread that launches the device's work where there is a device (the executor's
+    threads spin while they wait for work, and a launch queued behind them stalls the GPU)."""
+    return max(1, physical_core_count() - (1 if device_type == "cuda" else 0))
+
+
 def physical_core_count() -> int:
     """Physical cores usable by this process (logical CPUs when that cannot be told)."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -114,7 +121,7 @@ def job_state(num_experts: int = 0) -> array.array:
 
 def _tensor_of(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on `values`' memory: 2 us, where torch.tensor of a list takes 7."""
-    return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
+    return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype, device="cpu")
 
 
 class InjectedFault(RuntimeError):
@@ -125,17 +132,20 @@ class InjectedFault(RuntimeError):
 
 
 class _Workspace:
-    """Buffers of one lane, reused across calls; reallocated only when they must grow."""
+    """Buffers of one lane, reused across calls; reallocated only when they must grow. The
+    result buffer is pinned when it is copied to a CUDA device."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin_result: bool = False) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pin_result = pin_result
 
     def buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         buffer = self._buffers.get(name)
         needed = shape[0] * shape[1]
         if buffer is None or buffer.dtype != dtype or buffer.numel() < needed:
             grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else 0
-            buffer = torch.empty(max(needed, grown), dtype=dtype)
+            buffer = torch.empty(max(needed, grown), dtype=dtype, device="cpu",
+                                 pin_memory=self._pin_result and name == "out")
             self._buffers[name] = buffer
         return buffer[:needed].view(shape)
 
@@ -175,10 +185,27 @@ class CpuJob:
         self._out = out
         self._native_out = native_out  # a row per native pair, weighted, for the tokens native_tokens
         self._native_tokens = native_tokens
+        self._released: object | None = None  # an event: the copy of the result that reads the workspace
 
     def wait_native(self) -> int:
         """The native job's error code once it is done (0: none, or no native job)."""
         return self._native.wait() if self._native is not None else 0
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is this job's result buffer (the lane's workspace)."""
+        return tensor.data_ptr() == self._out.data_ptr()
+
+    def release_after(self, event: object) -> None:
+        """An asynchronous copy reads the result until `event` completes: the lane's next
+        job must not overwrite it before."""
+        self._released = event
+
+    def wait_released(self) -> None:
+        """Until the lane's workspace is free: the native threads and any copy of the result done."""
+        self.wait_native()
+        if self._released is not None:
+            self._released.synchronize()
+            self._released = None
 
     def result(self) -> torch.Tensor:
         errors, pieces = [], []
@@ -201,7 +228,7 @@ class CpuJob:
         threads, which then spin on the cores for milliseconds (see csrc/cpu_experts.c)."""
         out, kernels = self._out, self._executor.kernels
         if kernels is None or out.dtype not in NATIVE_DTYPES or not pieces:
-            total = torch.zeros(out.shape, dtype=torch.float32)
+            total = torch.zeros(out.shape, dtype=torch.float32, device="cpu")
             for tokens, rows in pieces:
                 total.index_add_(0, tokens, rows)
             return out.copy_(total)
@@ -217,7 +244,10 @@ class CpuExpertExecutor:
     experts, that run routed experts held in host memory."""
 
     def __init__(self, num_threads: int, native_max_tokens: int | None = None, use_native: bool = True,
-                 whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD) -> None:
+                 whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD, pin_memory: bool = False,
+                 fail_every: int | None = None) -> None:
+        """`pin_memory`: results go to a CUDA device (pinned result buffers); `fail_every`:
+        tests only, every n-th job fails in a worker thread."""
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
@@ -231,9 +261,9 @@ class CpuExpertExecutor:
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu-torch")
         self.busy_seconds = 0.0  # thread-seconds spent on expert work
         self._busy_lock = threading.Lock()
-        self.fail_every: int | None = None  # tests only: every n-th job fails in a worker thread
-        self._jobs = 0
-        self._workspaces = [_Workspace() for _ in range(NUM_LANES)]
+        self.fail_every = fail_every
+        self.jobs_submitted = 0
+        self._workspaces = [_Workspace(pin_memory) for _ in range(NUM_LANES)]
         self._pending: list[CpuJob | None] = [None] * NUM_LANES  # each lane's last job
 
     @property
@@ -269,12 +299,12 @@ class CpuExpertExecutor:
         )
         assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
         if self._pending[lane] is not None:
-            self._pending[lane].wait_native()  # its threads may still be using the lane's workspace
+            self._pending[lane].wait_released()  # its threads or its result's copy may still use the workspace
         workspace = self._workspaces[lane]
         pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
         out = workspace.buffer("out", (tokens, hidden), x.dtype)
-        self._jobs += 1
-        inject = self.fail_every is not None and self._jobs % self.fail_every == 0
+        self.jobs_submitted += 1
+        inject = self.fail_every is not None and self.jobs_submitted % self.fail_every == 0
         native_job = native_out = None
         if native:
             native_job, native_out = self._post_native(workspace, native, pairs, x, w13, w2, inject)

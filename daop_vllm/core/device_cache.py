@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from daop_vllm.core.expert_store import HostExpertStore
+
+
+class SlotTablePublisher:
+    """Copies the host's slot table to the device without stalling the host: through two pinned
+    buffers in turn, each copy queued on the current stream (so after the slot copies queued
+    before it) and a buffer rewritten only once its last copy has completed."""
+
+    def __init__(self, num_experts: int, pin_memory: bool = True, new_event: Callable[[], object] | None = None) -> None:
+        self._buffers = [torch.empty(num_experts, dtype=torch.int64, device="cpu", pin_memory=pin_memory)
+                         for _ in range(2)]
+        self._copied: list[object | None] = [None, None]  # the event after each buffer's last copy
+        self._new_event = new_event or torch.cuda.Event
+        self._next = 0
+
+    def publish(self, table: torch.Tensor, target: torch.Tensor) -> None:
+        index, self._next = self._next, 1 - self._next
+        if self._copied[index] is not None:
+            self._copied[index].synchronize()
+        self._buffers[index].copy_(table)
+        target.copy_(self._buffers[index], non_blocking=True)
+        event = self._new_event()
+        event.record()
+        self._copied[index] = event
 
 
 class DeviceExpertCache:
@@ -20,6 +43,8 @@ class DeviceExpertCache:
     computes it from then on), the incoming one is copied on a side stream from pinned memory
     and enters the table at the first `finish_swaps` after its copy completed. Tables change
     only in `start_swap`, `finish_swaps` and `fill`, which the engine calls between steps.
+    Every host-side tensor is created on the CPU explicitly: vLLM builds the model under
+    `with torch.device(<accelerator>)`.
     """
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device) -> None:
@@ -36,8 +61,9 @@ class DeviceExpertCache:
             self.w2 = torch.empty((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
-        self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool)  # on the host
-        self.host_slot_table = torch.arange(store.num_experts)  # host store index, or -1 if resident
+        self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
+        self.host_slot_table = torch.arange(store.num_experts, device="cpu")  # host store index, or -1 if resident
+        self._publisher = SlotTablePublisher(store.num_experts) if device.type == "cuda" else None
         self._incoming: list[tuple[int, int, torch.cuda.Event]] = []  # (slot, expert, copy done)
 
     @property
@@ -90,6 +116,10 @@ class DeviceExpertCache:
             self.w2[slot].copy_(self.store.w2[incoming], non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+        # The slots were allocated on the current stream: if they are freed while the copy runs,
+        # the allocator must not hand their memory out before the side stream is done with it.
+        self.w13.record_stream(stream)
+        self.w2.record_stream(stream)
         self._incoming.append((slot, incoming, done))
 
     def finish_swaps(self, wait: bool = False) -> int:
@@ -106,10 +136,13 @@ class DeviceExpertCache:
 
     def _publish(self) -> None:
         """Rebuild the device and host tables from the slot assignment."""
-        table = torch.full((self.store.num_experts,), -1, dtype=torch.int64)
+        table = torch.full((self.store.num_experts,), -1, dtype=torch.int64, device="cpu")
         for slot, expert in enumerate(self._expert_in_slot):
             if expert is not None:
                 table[expert] = expert if self.shares_host_memory else slot
-        self.slot_of_expert.copy_(table)
+        if self._publisher is not None:
+            self._publisher.publish(table, self.slot_of_expert)
+        else:
+            self.slot_of_expert.copy_(table)
         self.is_resident = table >= 0
-        self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts))
+        self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts, device="cpu"))

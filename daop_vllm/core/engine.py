@@ -4,7 +4,9 @@ the counters. No vLLM here; the adapter builds one engine per model."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
+from daop_vllm.core.host_staging import HostStaging
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.realloc import (
@@ -43,7 +46,13 @@ class DaopEngine:
         swap_threshold: float = 1.05,
         hardware: Hardware | None = None,
         max_swap_bytes_per_step: int | None = None,
+        budget_asked: dict[str, Any] | None = None,
+        fail_every: int | None = None,
     ) -> None:
+        """`budget_asked`: the budget option as the user gave it ({} or None: auto), for the
+        report; `fail_every`: tests only, every n-th CPU job fails (see CpuExpertExecutor).
+        Every host tensor is made on the CPU explicitly, so the engine may be built under
+        `with torch.device(<accelerator>)`, as vLLM builds models."""
         if realloc not in REALLOC_POLICIES:
             raise ValueError(f"realloc must be one of {REALLOC_POLICIES}, got {realloc!r}")
         self.device = device
@@ -55,10 +64,11 @@ class DaopEngine:
         self.swap_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.requests = RequestTracker(0, 0)
         self.device_forward, self.device_path = pick_device_forward(device)
-        self.executor = CpuExpertExecutor(cpu_threads)
+        self.executor = CpuExpertExecutor(cpu_threads, pin_memory=device.type == "cuda", fail_every=fail_every)
+        self.staging = HostStaging(device)
         self.stats = DaopStats()
         self.layers: list[DaopMoE] = []
-        self.budget_asked: dict[str, Any] = {}  # the budget option as the user gave it; {} = auto
+        self.budget_asked = dict(budget_asked or {})
         self.stats_file: StatsFile | None = None
         self.trace_writer: TraceWriter | None = None
         self.trace_model = ""
@@ -76,7 +86,7 @@ class DaopEngine:
         store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
         cache = DeviceExpertCache(store, 0, self.device)
         layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats,
-                        self.requests)
+                        self.requests, self.staging)
         self.layers.append(layer)
         self.stats.add_layer()
         self.requests.num_layers, self.requests.num_experts = len(self.layers), num_experts
@@ -126,11 +136,32 @@ class DaopEngine:
             raise ValueError(f"placement has {len(resident)} layers, the model {len(self.layers)}")
         for layer, experts in zip(self.layers, resident):
             if layer.cache.num_slots != len(experts):
+                layer.cache.finish_swaps(wait=True)  # no copy may still write into slots about to be freed
                 layer.cache = DeviceExpertCache(layer.store, len(experts), self.device)
             layer.cache.fill(experts)
         self._link_layers()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def slot_bytes_added(self, resident: list[list[int]]) -> int:
+        """Device bytes `place(resident)` would allocate beyond the slots held now (0 where
+        device and host share memory)."""
+        if self.device.type == "cpu":
+            return 0
+        grown = sum(max(0, len(experts) - layer.cache.num_slots) for layer, experts in zip(self.layers, resident))
+        return grown * self.expert_bytes
+
+    @contextlib.contextmanager
+    def dummy_run(self) -> Iterator[None]:
+        """vLLM's dummy and profile runs (no engine step): their outputs are thrown away, so
+        the layers skip their CPU experts (at 25% resident on Mixtral a profile run of 8k rows
+        would give the CPU ~12k pairs per layer) and count nothing; device work still runs,
+        so that the profile sees its memory."""
+        self.requests.dummy_run = True
+        try:
+            yield
+        finally:
+            self.requests.dummy_run = False
 
     def begin_step(self, batch: StepBatch) -> None:
         """Called before each engine step's forward with the step's rows per request."""
@@ -218,6 +249,9 @@ class DaopEngine:
             "device_path": self.device_path,
             "routing": str(self.layers[0].route) if self.layers else None,
             "cpu_threads": self.executor.num_threads,
+            "cpu_jobs": self.executor.jobs_submitted,
+            "host_expert_bytes": sum(layer.store.host_bytes for layer in self.layers),
+            "host_expert_bytes_pinned": sum(layer.store.host_bytes for layer in self.layers if layer.store.pinned),
             "cpu_busy_seconds": round(self.executor.busy_seconds, 6),
             "budget": {
                 "asked": dict(self.budget_asked) or {"auto": True},

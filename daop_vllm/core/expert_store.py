@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+
+def pin_in_place(tensor: torch.Tensor) -> None:
+    """Page-lock `tensor`'s memory for the CUDA driver, at its exact size, until the tensor is
+    freed. `torch.empty(..., pin_memory=True)` goes through torch's caching host allocator,
+    which rounds each allocation up to a power of two: Mixtral's w13 of one layer (1.75 GiB)
+    took 2 GiB, ~96 GiB pinned for 84 GiB of experts."""
+    cudart = torch.cuda.cudart()
+    nbytes = tensor.numel() * tensor.element_size()
+    status = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(status) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of expert weights failed ({status})")
+    weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, tensor.data_ptr())
 
 
 class HostExpertStore:
@@ -22,8 +37,12 @@ class HostExpertStore:
     ) -> None:
         shape13 = (num_experts, 2 * intermediate_size, hidden_size)
         shape2 = (num_experts, hidden_size, intermediate_size)
-        self.w13 = torch.empty(shape13, dtype=dtype, device="cpu", pin_memory=pin_memory)
-        self.w2 = torch.empty(shape2, dtype=dtype, device="cpu", pin_memory=pin_memory)
+        self.w13 = torch.empty(shape13, dtype=dtype, device="cpu")
+        self.w2 = torch.empty(shape2, dtype=dtype, device="cpu")
+        self.pinned = pin_memory
+        if pin_memory:
+            pin_in_place(self.w13)
+            pin_in_place(self.w2)
 
     @property
     def num_experts(self) -> int:
@@ -33,3 +52,8 @@ class HostExpertStore:
     def expert_bytes(self) -> int:
         """Bytes of one expert (w1, w3 and w2)."""
         return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the store holds: its tensors' own bytes (allocated at that size)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.w13, self.w2))

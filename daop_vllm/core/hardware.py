@@ -113,10 +113,11 @@ def _field_names() -> str:
 
 
 def measure_hardware(device: torch.device, nbytes: int = 256 << 20) -> Hardware:
-    """Measure PCIe, device and CPU streaming rates with `nbytes` copies (median of 3)."""
+    """Measure PCIe, device and CPU streaming rates with `nbytes` copies (median of 3). Every
+    tensor names its device: vLLM's loader runs under `with torch.device(<accelerator>)`."""
     if device.type != "cuda":
         return HARDWARE_PRESETS[CPU_ONLY_STAND_IN]
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
     on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
     copy = torch.empty_like(on_device)
 

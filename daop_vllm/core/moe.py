@@ -14,6 +14,7 @@ from daop_vllm.core.device_path import ExpertsForward
 from daop_vllm.core.expert_math import routed_experts_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
+from daop_vllm.core.host_staging import HostStaging
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
@@ -43,6 +44,7 @@ class DaopMoE:
         executor: CpuExpertExecutor,
         stats: DaopStats,
         requests: RequestTracker,
+        staging: HostStaging | None = None,
     ) -> None:
         self.layer = layer
         self.store = store
@@ -52,6 +54,7 @@ class DaopMoE:
         self.executor = executor
         self.stats = stats
         self.requests = requests
+        self.staging = staging or HostStaging(cache.device)
         self.router_logits: RouterLogits | None = None  # this layer's gate, for the layer before
         self.fidelity = Fidelity()
         self.predicted = False  # decode rows may be routed / pre-computed from a prediction
@@ -61,6 +64,8 @@ class DaopMoE:
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
         topk_weights, topk_ids = self.route(router_logits)
+        if self.requests.dummy_run:
+            return self._resident_only(x, topk_ids, topk_weights)
         own_ids, own_weights = topk_ids.cpu(), topk_weights.cpu()
         decode_rows = self._decode_rows(x.shape[0])
         prediction = self._take_prediction(x.shape[0])
@@ -75,7 +80,7 @@ class DaopMoE:
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
         x_host = None
         if cpu_now or (next_prediction is not None and next_prediction.pair_rows.numel()):
-            x_host = x.cpu()
+            x_host = self.staging.to_host(x)
         own_job = None
         if cpu_now:
             own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13,
@@ -91,9 +96,15 @@ class DaopMoE:
             out = torch.zeros_like(x)
         cpu_out = self._cpu_result(own_job, job_ids, weights, prediction, match, x, x_host)
         if cpu_out is not None:
-            out += cpu_out.to(out.device, non_blocking=True)
+            out += self.staging.to_device(cpu_out, own_job)
         self._count(own_ids, own_weights, on_cpu, prediction, match, degraded)
         return out
+
+    def _resident_only(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The resident experts' share alone, for vLLM's dummy runs (DaopEngine.dummy_run)."""
+        if self.cache.num_slots == 0:
+            return torch.zeros_like(x)
+        return self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert)
 
     def _take_prediction(self, num_rows: int) -> Prediction | None:
         """The prediction the layer before made for this step, if any."""
@@ -139,7 +150,7 @@ class DaopMoE:
         logits = target.router_logits(x[decode_rows.to(x.device)])
         raw_weights, raw_ids = target.route(logits)
         raw_ids, raw_weights = raw_ids.cpu(), raw_weights.cpu()
-        ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool)
+        ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool, device="cpu")
         if target.fidelity.mode == "daop" and target.fidelity.degrades:
             ids, weights, degraded = degrade(raw_ids, raw_weights, target.route.scores(logits).cpu(),
                                              target.cache.is_resident)
@@ -155,7 +166,7 @@ class DaopMoE:
         if prediction.pair_rows.numel():
             pairs = prediction.pair_rows.numel()
             prediction.job = self.executor.submit(
-                x_host[prediction.pair_rows], prediction.pair_experts[:, None], torch.ones(pairs, 1),
+                x_host[prediction.pair_rows], prediction.pair_experts[:, None], torch.ones(pairs, 1, device="cpu"),
                 target.store.w13, target.store.w2, target.cache.host_slot_table, lane=_precompute_lane(target.layer),
             )
         target._pending = prediction
@@ -182,11 +193,12 @@ class DaopMoE:
             results = prediction.job.result()[used].float()
         except Exception as exc:  # noqa: BLE001 - as above
             self._recovered(exc)
-            inputs = (x_host if x_host is not None else x.cpu())[rows]
+            inputs = (x_host if x_host is not None else self.staging.to_host(x))[rows]
             experts = prediction.pair_experts[used][:, None]
-            results = routed_experts_forward(inputs, experts, torch.ones(experts.shape), self.store.w13, self.store.w2,
+            results = routed_experts_forward(inputs, experts, torch.ones(experts.shape, device="cpu"), self.store.w13,
+                                             self.store.w2,
                                              self.cache.host_slot_table).float()
-        precomputed = torch.zeros(x.shape, dtype=torch.float32)
+        precomputed = torch.zeros(x.shape, dtype=torch.float32, device="cpu")
         precomputed.index_add_(0, rows, results * match.weights[used, None])
         return precomputed.to(x.dtype) if out is None else (out.float() + precomputed).to(x.dtype)
 

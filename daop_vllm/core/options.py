@@ -51,6 +51,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "test_cpu_fault_every": (lambda v: _is_int(v) and v >= 1,
                              "an integer n >= 1 (tests only: every n-th CPU expert job fails, to exercise recovery)"),
     "swap_threshold": (lambda v: _is_number(v) and v > 0, "a number > 0 (a swap needs count[hot] > it * count[cold])"),
+    "kv_reserve_tokens": (lambda v: _is_int(v) and v >= 1,
+                          "an integer number of tokens >= 1 (the auto budget keeps KV cache for max_num_seqs "
+                          "sequences of this many tokens before it gives device memory to experts)"),
     "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
     "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
 }
@@ -75,6 +78,7 @@ class DaopOptions:
     hardware: str = "auto"
     max_swap_bytes_per_step: int = DEFAULT_MAX_SWAP_BYTES_PER_STEP
     test_cpu_fault_every: int | None = None
+    kv_reserve_tokens: int | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -109,6 +113,11 @@ class DaopOptions:
                 f"set at most one of {', '.join(BUDGET_KEYS)} (none: as many experts as fit)"
             )
         budget_key = budgets[0] if budgets else None
+        if budget_key is not None and "kv_reserve_tokens" in raw:
+            raise DaopConfigError(
+                f"daop option 'kv_reserve_tokens' applies to the auto budget only, and {budget_key!r} sets the budget; "
+                "drop one of them"
+            )
         mode = raw.get("mode", "exact")
         knobs = [k for k in PREDICTION_KEYS if k in raw]
         if mode == "exact" and knobs:
@@ -141,6 +150,7 @@ class DaopOptions:
             hardware=raw.get("hardware", "auto"),
             max_swap_bytes_per_step=raw.get("max_swap_bytes_per_step", DEFAULT_MAX_SWAP_BYTES_PER_STEP),
             test_cpu_fault_every=raw.get("test_cpu_fault_every"),
+            kv_reserve_tokens=raw.get("kv_reserve_tokens"),
         )
 
     @property

@@ -29,8 +29,9 @@ class RequestTracker:
         self.remaining: dict[str, int] = {}  # req -> tokens it may still generate (its max_tokens left)
         self.batch: StepBatch | None = None
         self.step = 0  # counts begin_step calls: what a row's pre-computed results are keyed by
-        self._row_request = torch.empty(0, dtype=torch.int64)
-        self._row_prefill = torch.empty(0, dtype=torch.bool)
+        self.dummy_run = False  # inside vLLM's dummy or profile run (DaopEngine.dummy_run)
+        self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
+        self._row_prefill = torch.empty(0, dtype=torch.bool, device="cpu")
 
     def __len__(self) -> int:
         return len(self.prefill_counts)
@@ -42,11 +43,11 @@ class RequestTracker:
             self.remaining[req_id] = remaining
         for req_id, prefill in zip(batch.req_ids, batch.prefill):
             if req_id not in self.prefill_counts:
-                self.prefill_counts[req_id] = torch.zeros(self.num_layers, self.num_experts)
-                self.decode_counts[req_id] = torch.zeros(self.num_layers, self.num_experts)
+                self.prefill_counts[req_id] = torch.zeros(self.num_layers, self.num_experts, device="cpu")
+                self.decode_counts[req_id] = torch.zeros(self.num_layers, self.num_experts, device="cpu")
             elif not prefill:
                 self.decode_counts[req_id].mul_(self.decode_decay)
-        self._row_request = torch.empty(0, dtype=torch.int64)
+        self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
 
     def row_phases(self, total_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(request index per row, prefill flag per row) for this step, or None outside vLLM
@@ -67,9 +68,10 @@ class RequestTracker:
         row_request, _ = phases
         real = row_request >= 0
         # [requests, E] tokens per expert of each request's rows, in one scatter
-        counts = torch.zeros(len(self.batch.req_ids), self.num_experts)
+        counts = torch.zeros(len(self.batch.req_ids), self.num_experts, device="cpu")
         requests = row_request[real][:, None].expand(-1, topk_ids.shape[1])
-        counts.index_put_((requests.flatten(), topk_ids[real].flatten()), torch.ones(requests.numel()), accumulate=True)
+        counts.index_put_((requests.flatten(), topk_ids[real].flatten()), torch.ones(requests.numel(), device="cpu"),
+                           accumulate=True)
         for index, req_id in enumerate(self.batch.req_ids):
             phase = "prefill" if self.batch.prefill[index] else "decode"
             (self.prefill_counts if phase == "prefill" else self.decode_counts)[req_id][layer] += counts[index]
@@ -85,7 +87,7 @@ class RequestTracker:
         """[L, E] (token, expert) work expected from the requests in flight until they finish:
         each request's per-token expert shares (prompt counts, plus its decayed decode counts
         weighted by DECODE_WEIGHT) times the tokens it may still generate (1 when unknown)."""
-        demand = torch.zeros(self.num_layers, self.num_experts)
+        demand = torch.zeros(self.num_layers, self.num_experts, device="cpu")
         for req_id, prefill in self.prefill_counts.items():
             counts = prefill + DECODE_WEIGHT * self.decode_counts[req_id]
             shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-9)

@@ -46,7 +46,9 @@ def _resident_moe_kernel(
         weight = tl.load(pair_weight_ptr + pair, mask=valid, other=0.0)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = offs_i < I
-        w13 = w13_ptr + slot * stride_w13s
+        # int64: a slot's offset passes 2^31 elements for large experts (DeepSeek-V3's w13 slot
+        # holds 29.4M, so from slot 74 on), where Triton would multiply int32 strides in int32.
+        w13 = w13_ptr + slot.to(tl.int64) * stride_w13s
 
         gate = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
@@ -65,7 +67,7 @@ def _resident_moe_kernel(
         act = gate * tl.sigmoid(gate) * up * weight[:, None]  # [M, BI], routing weight applied
         act = act.to(w2_ptr.dtype.element_ty)
 
-        w2 = w2_ptr + slot * stride_w2s
+        w2 = w2_ptr + slot.to(tl.int64) * stride_w2s
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
@@ -80,7 +82,8 @@ def group_pairs_by_slot(
     topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the (token, k) pairs by slot, each slot's run padded to a multiple of `block_m`,
-    without a host sync (the grid is sized for the worst case).
+    without a host sync: every shape here follows from the arguments' shapes alone (the grid is
+    sized for the worst case), so no op reads a value back (no bincount, no boolean indexing).
 
     Returns pair_of_row [R] (pair index, or P for padding) and slot_of_block [R / block_m]
     (-1 for blocks past the end), R = cdiv(P, block_m) * block_m + num_slots * block_m.
@@ -90,17 +93,20 @@ def group_pairs_by_slot(
     slots = slot_of_expert[topk_ids.flatten()]  # [P], -1 for host experts
     order = torch.argsort(slots, stable=True)
     sorted_slots = slots[order]
-    counts = torch.bincount(slots + 1, minlength=num_slots + 1)[1:]  # [S]
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, slots + 1, torch.ones_like(slots))
+    counts = counts[1:]  # [S] pairs per slot
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded  # [S]
     start = torch.cumsum(counts, 0) - counts + (pairs - counts.sum())  # [S], host pairs sort first
     num_rows = triton.cdiv(pairs, block_m) * block_m + num_slots * block_m
-    pair_of_row = torch.full((num_rows,), pairs, dtype=torch.int32, device=device)
     resident = sorted_slots >= 0
     slot_idx = sorted_slots.clamp(min=0)
     rank = torch.arange(pairs, device=device) - start[slot_idx]
-    row = torch.where(resident, padded_start[slot_idx] + rank, num_rows)  # host pairs: dropped below
-    pair_of_row.scatter_(0, row[resident], order[resident].to(torch.int32))
+    row = torch.where(resident, padded_start[slot_idx] + rank, num_rows)  # host pairs: a spare row, cut below
+    pair_of_row = torch.full((num_rows + 1,), pairs, dtype=torch.int32, device=device)
+    pair_of_row.scatter_(0, row, order.to(torch.int32))
+    pair_of_row = pair_of_row[:num_rows]
     block_end = torch.cumsum(padded, 0) // block_m  # [S]
     blocks = torch.arange(num_rows // block_m, device=device)
     slot_of_block = torch.searchsorted(block_end, blocks, right=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from daop_vllm.core.device_budget import DeviceMemory, check_slot_growth
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.options import DaopOptions
 from daop_vllm.core.placement import plan_for_options
@@ -28,9 +30,16 @@ def reset_counters(model: nn.Module) -> None:
     _engine(model).stats.reset()
 
 
-def place_fraction(model: nn.Module, fraction: float) -> list[list[int]]:
-    """Re-place the experts as `resident_fraction=fraction` would at load (index ranking)."""
+def place_fraction(model: nn.Module, fraction: float, gpu_memory_utilization: float) -> list[list[int]]:
+    """Re-place the experts as `resident_fraction=fraction` would at load (index ranking);
+    refused (DaopConfigError) where the slots it adds do not fit in the device memory left."""
     engine = _engine(model)
     options = DaopOptions.parse({"resident_fraction": fraction})
-    engine.place(plan_for_options(options, len(engine.layers), engine.num_experts, engine.expert_bytes, None))
+    resident = plan_for_options(options, len(engine.layers), engine.num_experts, engine.expert_bytes, None)
+    added = engine.slot_bytes_added(resident)
+    if added:  # vLLM sized its KV cache at start: new slots must fit in what it left
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(engine.device)
+        check_slot_growth(added, DeviceMemory(free, total, gpu_memory_utilization))
+    engine.place(resident)
     return engine.resident_experts()

@@ -12,8 +12,16 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-from daop_vllm.core.cpu_executor import physical_core_count
+from daop_vllm.core.cpu_executor import default_cpu_threads
+from daop_vllm.core.device_budget import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    AutoBudget,
+    DeviceMemory,
+    KvReserve,
+    activation_peak_bytes,
+)
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import load_hardware, measure_hardware
@@ -24,9 +32,6 @@ from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
 
 logger = init_logger("vllm.daop")
-
-# Device memory kept free beside the experts in auto mode, for activations and workspaces.
-_AUTO_HEADROOM_BYTES = 1 << 30
 
 
 def model_family(model_config: ModelConfig) -> MoEFamily:
@@ -52,6 +57,20 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
         )
     cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
     check_cuda_graph_mode(cudagraph_mode.name if cudagraph_mode is not None else "NONE")
+    check_v1_model_runner(vllm_config.use_v2_model_runner)
+
+
+def check_v1_model_runner(uses_v2: bool) -> None:
+    """DAOP learns each step's requests from hooks on vLLM's V1 model runner: under the V2 one
+    it would run without them (no predictions, no re-allocation, no phase counters). The plugin
+    asks for V1 (VLLM_USE_V2_MODEL_RUNNER=0), but some settings override that (a
+    watermark_config, HiSparse attention), and a worker may not have inherited the variable."""
+    if uses_v2:
+        raise DaopConfigError(
+            "load_format 'daop' needs vLLM's V1 model runner, and this engine would use the V2 one "
+            "(VLLM_USE_V2_MODEL_RUNNER=1, or a setting that requires V2 such as watermark_config); "
+            "set VLLM_USE_V2_MODEL_RUNNER=0 and drop such settings"
+        )
 
 
 def check_unquantized(model_config: ModelConfig) -> None:
@@ -109,15 +128,16 @@ class DaopModelLoader(BaseModelLoader):
         self._checkpoint_loader.download_model(model_config)
 
     def create_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        # vLLM calls this under `with torch.device(<accelerator>)`; the engine names the device of
+        # every tensor it makes, and the hardware measurement its own.
         check_engine_config(self.options, vllm_config)
         device = torch.device(vllm_config.device_config.device)
-        threads = self.options.cpu_threads or physical_core_count()
+        threads = self.options.cpu_threads or default_cpu_threads(device.type)
         hardware = measure_hardware(device) if self.options.hardware == "auto" else load_hardware(self.options.hardware)
         engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
                             swap_threshold=self.options.swap_threshold, hardware=hardware,
-                            max_swap_bytes_per_step=self.options.max_swap_bytes_per_step)
-        engine.budget_asked = self.options.budget_asked
-        engine.executor.fail_every = self.options.test_cpu_fault_every
+                            max_swap_bytes_per_step=self.options.max_swap_bytes_per_step,
+                            budget_asked=self.options.budget_asked, fail_every=self.options.test_cpu_fault_every)
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
         model.daop_engine = engine
@@ -144,6 +164,9 @@ class DaopModelLoader(BaseModelLoader):
         asked = ", ".join(f"{k}={v}" for k, v in self.options.budget_asked.items()) or (
             "auto (all experts that fit in device memory)"
         )
+        if self.options.kv_reserve_tokens:
+            asked += f", kv_reserve_tokens={self.options.kv_reserve_tokens}" + (
+                "" if engine.device.type == "cuda" else " (no effect here: device and host share one memory)")
         lines = [
             "daop: load format ready",
             f"  mode:          {self._mode_report(engine)}",
@@ -153,7 +176,10 @@ class DaopModelLoader(BaseModelLoader):
             f"slots per layer {budget['slots_per_layer']}",
             *(f"  layer {i:3d} resident: {layer['resident']}" for i, layer in enumerate(report["layers"])),
             f"  device path:   {engine.device_path}",
-            f"  CPU executor:  {engine.executor.num_threads} threads, {engine.executor.kernel_name}",
+            f"  CPU executor:  {engine.executor.num_threads} threads{self._threads_reason(engine)}, "
+            f"{engine.executor.kernel_name}",
+            f"  host experts:  {report['host_expert_bytes'] / 2**30:.2f} GiB"
+            f"{' pinned' if report['host_expert_bytes_pinned'] else ''}",
             f"  realloc:       {self._realloc_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}",
             *([f"  TEST ONLY:     every {self.options.test_cpu_fault_every}th CPU expert job fails "
@@ -162,6 +188,13 @@ class DaopModelLoader(BaseModelLoader):
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)
+
+    def _threads_reason(self, engine: DaopEngine) -> str:
+        if self.options.cpu_threads:
+            return " (cpu_threads)"
+        if engine.device.type == "cuda":
+            return " (physical cores - 1: one is left to the thread that launches the GPU's work)"
+        return " (physical cores)"
 
     @staticmethod
     def _realloc_report(engine: DaopEngine) -> str:
@@ -189,18 +222,32 @@ class DaopModelLoader(BaseModelLoader):
         """Device bytes left for experts in auto mode; None where device and host share memory."""
         if engine.device.type != "cuda" or self._vllm_config is None:
             return None
-        cfg = self._vllm_config
-        free, total = torch.cuda.mem_get_info(engine.device)
-        allowed = cfg.cache_config.gpu_memory_utilization * total - (total - free)
-        text = cfg.model_config.hf_text_config
-        element = engine.layers[0].store.w13.element_size()
-        if getattr(text, "kv_lora_rank", None):  # MLA (DeepSeek-V2) caches one latent per token and layer
-            kv_bytes_per_token = text.num_hidden_layers * (text.kv_lora_rank + text.qk_rope_head_dim) * element
-        else:
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
-        kv_reserve = cfg.cache_config.kv_cache_memory_bytes or kv_bytes_per_token * cfg.model_config.max_model_len
-        available = int(max(0, allowed - kv_reserve - _AUTO_HEADROOM_BYTES))
-        logger.info("daop: auto budget: %.2f GiB of device memory for experts (KV reserve %.2f GiB)",
-                    available / 2**30, kv_reserve / 2**30)
-        return available
+        budget = auto_budget(self._vllm_config, self.options.kv_reserve_tokens, engine.device)
+        logger.info("daop: auto budget: %s", budget.explain())
+        return budget.expert_bytes
+
+
+def kv_bytes_per_token(vllm_config: VllmConfig) -> int:
+    """KV cache bytes one token takes over all layers, in the cache's dtype."""
+    text = vllm_config.model_config.hf_text_config
+    element = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, vllm_config.model_config).itemsize
+    if getattr(text, "kv_lora_rank", None):  # MLA (DeepSeek-V2/V3) caches one latent per token and layer
+        return text.num_hidden_layers * (text.kv_lora_rank + text.qk_rope_head_dim) * element
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
+
+
+def auto_budget(vllm_config: VllmConfig, kv_reserve_tokens: int | None, device: torch.device) -> AutoBudget:
+    """The auto budget from vLLM's settings and the device's free memory, measured after the
+    allocator's cache is returned (the checkpoint's staging buffers would count as used)."""
+    model, scheduler, cache = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.cache_config
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    memory = DeviceMemory(free, total, cache.gpu_memory_utilization)
+    tokens = kv_reserve_tokens or min(model.max_model_len, DEFAULT_KV_RESERVE_TOKENS)
+    kv = KvReserve(scheduler.max_num_seqs, tokens, kv_bytes_per_token(vllm_config), model.max_model_len,
+                   explicit_bytes=cache.kv_cache_memory_bytes or None)
+    text = model.hf_text_config
+    activations = activation_peak_bytes(scheduler.max_num_batched_tokens, text.hidden_size, model.dtype.itemsize,
+                                        scheduler.max_num_seqs, model.get_vocab_size())
+    return AutoBudget.compute(memory, kv, activations)

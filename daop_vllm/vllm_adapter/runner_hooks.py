@@ -5,7 +5,8 @@ V1 runner internals used (checked against 0.32 by the plugin's version gate):
 `_prepare_inputs(scheduler_output, num_scheduled_tokens)`, `input_batch.req_ids`,
 `input_batch.num_computed_tokens_cpu`, `input_batch.num_prompt_tokens`,
 `scheduler_output.preempted_req_ids`, `_model_forward`, `_on_request_state_removed`,
-`requests[req_id].sampling_params.max_tokens` and `.output_token_ids`.
+`requests[req_id].sampling_params.max_tokens` and `.output_token_ids`, `_dummy_run` (profile,
+warm-up and capture runs, outside engine steps).
 """
 
 from __future__ import annotations
@@ -58,10 +59,21 @@ def install_runner_hooks() -> None:
             engine.drop_request(req_id)
         return on_removed(self, req_id, req_state)
 
+    dummy_run = GPUModelRunner._dummy_run
+
+    @functools.wraps(dummy_run)
+    def _dummy_run(self, *args, **kwargs):
+        engine = engine_of_runner(self)
+        if engine is None:
+            return dummy_run(self, *args, **kwargs)
+        with engine.dummy_run():
+            return dummy_run(self, *args, **kwargs)
+
     _prepare_inputs._daop_hooked = True  # type: ignore[attr-defined]
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
+    GPUModelRunner._dummy_run = _dummy_run
 
 
 def step_batch(input_batch, num_scheduled_tokens, requests) -> StepBatch:

@@ -19,4 +19,5 @@ class DaopWorkerExtension:
 
     def daop_place_fraction(self, fraction: float) -> list[list[int]]:
         """Re-place the experts as `resident_fraction=fraction` would at load."""
-        return place_fraction(self.model_runner.get_model(), fraction)
+        return place_fraction(self.model_runner.get_model(), fraction,
+                              self.vllm_config.cache_config.gpu_memory_utilization)

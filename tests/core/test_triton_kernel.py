@@ -91,3 +91,42 @@ def test_grouping_pads_each_slot_to_whole_blocks():
     assert pair_of_row[4:8].tolist() == [3, 6, pairs, pairs]  # expert 2: pairs (1,1), (3,0)
     assert slot_of_block.tolist() == [0, 1, -1, -1]
     assert (pair_of_row[8:] == pairs).all()
+
+
+def test_grouping_reads_nothing_back_from_the_device():
+    """The launcher's grouping never syncs: on meta tensors (shapes without data) any op that
+    reads a value back - bincount's min/max, boolean-mask indexing's nonzero, .item() - raises."""
+    topk_ids = torch.empty(5, 2, dtype=torch.int64, device="meta")
+    slot_of_expert = torch.empty(8, dtype=torch.int64, device="meta")
+    pair_of_row, slot_of_block = group_pairs_by_slot(topk_ids, slot_of_expert, num_slots=3, block_m=4)
+    assert pair_of_row.shape == (12 + 3 * 4,) and slot_of_block.shape == (6,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: checks the launch for host syncs")
+def test_launch_does_not_sync_on_cuda():
+    args = make_case(9, 8, 2, 64, 48, [1, 4, 6])
+    resident_experts_forward_triton(*args)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        resident_experts_forward_triton(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_slot_offsets_past_two_to_the_31_elements():
+    """Slots 2^31 elements apart or more (DeepSeek-V3's w13 slots are 29.4M elements: slot 74 on):
+    the kernel's slot offsets are int64. The slots are a view, with that stride, over a buffer
+    of which only the used slots' pages are ever touched (the rest is never committed)."""
+    tokens, experts, hidden, intermediate = 3, 4, 32, 32
+    x, topk_ids, topk_weights, w13_small, w2, _ = make_case(tokens, experts, 2, hidden, intermediate, [0, 1, 2, 3])
+    stride = 2**30 + 2**20  # fits int32; slot 2 starts past 2^31
+    buffer = torch.empty(2 * stride + w13_small[0].numel(), dtype=w13_small.dtype, device=DEVICE)
+    w13 = buffer.as_strided((3, 2 * intermediate, hidden), (stride, hidden, 1))
+    w13[2].copy_(w13_small[2])
+    slot_of_expert = torch.tensor([-1, -1, 2, -1], device=DEVICE)  # only expert 2 resident, in slot 2
+    w2_slots = torch.zeros(3, hidden, intermediate, dtype=w2.dtype, device=DEVICE)
+    w2_slots[2] = w2[2]
+    topk_ids[:, 0] = 2
+    got = resident_experts_forward_triton(x, topk_ids, topk_weights, w13, w2_slots, slot_of_expert)
+    want = routed_experts_forward(x, topk_ids, topk_weights, w13, w2_slots, slot_of_expert)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -34,10 +34,14 @@ def test_eager_matches_stock(tiny_mixtral, stock_ids, fraction):
 
 def test_compiled_matches_stock(tiny_mixtral, stock_ids):
     """One compiled engine (compiling costs most of a minute on CPU), started at 0.25 through the
-    option, then re-placed: the DAOP op is opaque to the compiled graph, so placement can change."""
+    option, then re-placed: the DAOP op is opaque to the compiled graph, so placement can change.
+    Its warm-up runs vLLM's profile run, outside engine steps: no CPU expert work there."""
     llm = make_llm(tiny_mixtral, enforce_eager=False, load_format="daop",
                    model_loader_extra_config={"resident_fraction": 0.25})
     try:
+        started = llm.collective_rpc("daop_report")[0]
+        # the warm-up's profile run (max_num_batched_tokens rows) ran no CPU experts and counted nothing
+        assert started["cpu_jobs"] == 0 and started["totals"]["cpu_expert_tokens"] == 0, started["totals"]
         for fraction, ids, report in runs_at_fractions(llm, [0.25, 1, 0.5, 0]):
             assert ids == stock_ids, f"compiled, fraction {fraction}"
             check_counters(report, fraction)
