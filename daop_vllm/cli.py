@@ -136,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve_load.add_argument("--json", action="store_true", help="print one JSON object")
     serve_load.add_argument("--out", type=Path, help="also write the JSON here")
 
+    layer = bench_commands.add_parser("layer", help="the DAOP op per MoE layer against its expert kernels called directly")
+    layer.add_argument("--rounds", type=int, default=7, help="rounds over every setting; medians are reported")
+    layer.add_argument("--steps", type=int, default=50, help="engine steps per setting and round")
+    layer.add_argument("--threads", type=int, default=1, help="CPU executor threads")
+    layer.add_argument("--json", action="store_true", help="print one JSON object")
+    layer.add_argument("--out", type=Path, help="also write the JSON here")
+
+    vllm_serve = bench_commands.add_parser("vllm-serve", help="vLLM's `vllm bench serve` against stock and daop "
+                                           "servers, each started and measured in turn")
+    vllm_serve.add_argument("--model", type=Path, default=Path("models/bench-mixtral-8x512"),
+                            help="a Mixtral checkpoint (8 layers, hidden 512, intermediate 1792, random weights: "
+                                 "built here when missing)")
+    vllm_serve.add_argument("--rounds", type=int, default=3, help="rounds over the settings; medians are reported")
+    vllm_serve.add_argument("--settings", nargs="+", default=None,
+                            help="default: all (stock, exact-1.0, exact-0.5, exact-0.25, daop-0.25)")
+    vllm_serve.add_argument("--json", action="store_true", help="print one JSON object")
+    vllm_serve.add_argument("--out", type=Path, help="also write the JSON here")
+
     bench_sim = bench_commands.add_parser("simulate", help="the simulator's evidence: paper check, fraction and batch sweeps")
     bench_sim.add_argument("--mixtral-trace", type=Path, default=Path("../shared/traces/mixtral-8x7b-vllm.jsonl.gz"))
     bench_sim.add_argument("--deepseek-trace", type=Path,
@@ -299,6 +317,44 @@ def _bench_serve(args: argparse.Namespace) -> None:
               f"-> {r['rss_end_mib']:.0f} MiB")
 
 
+def _bench_layer(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.layer import BATCHES, FRACTIONS, MODES, run
+
+    with tqdm(total=args.rounds * len(BATCHES) * len(FRACTIONS) * len(MODES), desc="bench layer", unit="setting",
+              disable=args.json) as progress:
+        result = run(args.rounds, args.steps, args.threads, progress)
+    if _emit_json(result, args, None):
+        return
+    for row in result["rows"]:
+        print(f"batch {row['batch']:3d}, fraction {row['fraction']:.2f}, {row['mode']:>5}: DAOP op {row['daop_us']:8.1f} us, "
+              f"kernels direct {row['direct_us']:8.1f} us ({row['daop_over_direct']:.2f}x, machinery "
+              f"{100 * row['machinery_share']:.0f}%)")
+
+
+def _bench_vllm_serve(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.vllm_bench_serve import SETTINGS, run
+    from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
+
+    settings = args.settings or list(SETTINGS)
+    unknown = [name for name in settings if name not in SETTINGS]
+    if unknown or "stock" not in settings:
+        raise DaopConfigError(f"--settings takes {', '.join(SETTINGS)} and must include stock; got {settings}")
+    if not (args.model / "config.json").exists():
+        build_tiny_mixtral(args.model, TinyMixtralShape(num_layers=8, hidden_size=512, intermediate_size=1792))
+    with tqdm(total=args.rounds * len(settings), desc="bench vllm-serve", unit="server", disable=args.json) as progress:
+        result = run(str(args.model), args.rounds, settings, progress)
+    if _emit_json(result, args, None):
+        return
+    for name, row in result["settings"].items():
+        print(f"{name:>10}: {row['output_tokens_per_s_median']:.1f} output tok/s ({row['over_stock_median']:.2f}x stock; "
+              f"rounds {row['over_stock_per_round']}), TPOT {row['median_tpot_ms_median']:.1f} ms, answered "
+              f"{row['answered']}")
+
+
 def _bench_simulate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -433,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
             _bench_serve(args)
         elif args.command == "bench" and args.bench == "simulate":
             _bench_simulate(args)
+        elif args.command == "bench" and args.bench == "layer":
+            _bench_layer(args)
+        elif args.command == "bench" and args.bench == "vllm-serve":
+            _bench_vllm_serve(args)
         elif args.command == "bench":
             _bench_cpu_experts(args)
         elif args.command == "eval":

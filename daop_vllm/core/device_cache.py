@@ -63,6 +63,7 @@ class DeviceExpertCache:
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
         self.host_slot_table = torch.arange(store.num_experts, device="cpu")  # host store index, or -1 if resident
+        self.holds_every_expert = False
         self._publisher = SlotTablePublisher(store.num_experts) if device.type == "cuda" else None
         self._incoming: list[tuple[int, int, torch.cuda.Event]] = []  # (slot, expert, copy done)
 
@@ -145,4 +146,5 @@ class DeviceExpertCache:
         else:
             self.slot_of_expert.copy_(table)
         self.is_resident = table >= 0
+        self.holds_every_expert = bool(self.is_resident.all())
         self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts, device="cpu"))

@@ -1,5 +1,6 @@
-"""Which implementation runs the resident experts: the Triton kernel on CUDA, the torch
-reference elsewhere (and where Triton is missing)."""
+"""Which implementation runs the resident experts: the Triton kernel on CUDA; where device and
+host are one memory (the CPU) the executor runs them with the others, in one job (DaopMoE), and
+this function only in vLLM's dummy runs; the torch reference where Triton is missing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ ExpertsForward = Callable[..., torch.Tensor]
 
 def pick_device_forward(device: torch.device) -> tuple[ExpertsForward, str]:
     """(function, description for the startup log)."""
+    if device.type == "cpu":
+        return routed_experts_forward, "CPU executor, every expert in one job (device and host are one memory)"
     if device.type != "cuda":
         return routed_experts_forward, f"torch reference on {device} (the Triton kernel needs CUDA)"
     try:

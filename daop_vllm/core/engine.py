@@ -18,7 +18,6 @@ from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
-from daop_vllm.core.host_staging import HostStaging
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.realloc import (
@@ -30,6 +29,8 @@ from daop_vllm.core.realloc import (
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
+from daop_vllm.core.step_counts import add_to_stats
+from daop_vllm.core.transfers import HostTransfers
 from daop_vllm.core.traces import TraceWriter
 
 
@@ -65,7 +66,7 @@ class DaopEngine:
         self.requests = RequestTracker(0, 0)
         self.device_forward, self.device_path = pick_device_forward(device)
         self.executor = CpuExpertExecutor(cpu_threads, pin_memory=device.type == "cuda", fail_every=fail_every)
-        self.staging = HostStaging(device)
+        self.transfers = HostTransfers(device)
         self.stats = DaopStats()
         self.layers: list[DaopMoE] = []
         self.budget_asked = dict(budget_asked or {})
@@ -86,7 +87,7 @@ class DaopEngine:
         store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
         cache = DeviceExpertCache(store, 0, self.device)
         layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats,
-                        self.requests, self.staging)
+                        self.requests, self.transfers)
         self.layers.append(layer)
         self.stats.add_layer()
         self.requests.num_layers, self.requests.num_experts = len(self.layers), num_experts
@@ -170,9 +171,14 @@ class DaopEngine:
         self.requests.begin_step(batch)
 
     def end_step(self) -> None:
-        """Called after the step's forward: re-allocate (swaps start now, and complete while
-        later steps run)."""
+        """Called after the step's forward: the step's counts folded in, then re-allocation
+        (swaps start now, and complete while later steps run)."""
         batch = self.requests.batch
+        executed = self.requests.take_counts()
+        if executed is not None:
+            resident = torch.stack([layer.cache.is_resident for layer in self.layers]).float()
+            add_to_stats(self.stats, list(range(len(self.layers))), executed, resident,
+                         batch.prefill if batch is not None else None)
         if batch is not None and self.realloc != "off":
             budget = [self.max_swap_bytes_per_step]
             if self.realloc == "paper":

@@ -14,10 +14,11 @@ from daop_vllm.core.device_path import ExpertsForward
 from daop_vllm.core.expert_math import routed_experts_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
-from daop_vllm.core.host_staging import HostStaging
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
+from daop_vllm.core.step_counts import add_to_stats
+from daop_vllm.core.transfers import HostTransfers
 
 RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RouterLogits = Callable[[torch.Tensor], torch.Tensor]  # MoE input [T, H] -> router logits [T, E]
@@ -44,7 +45,7 @@ class DaopMoE:
         executor: CpuExpertExecutor,
         stats: DaopStats,
         requests: RequestTracker,
-        staging: HostStaging | None = None,
+        transfers: HostTransfers | None = None,
     ) -> None:
         self.layer = layer
         self.store = store
@@ -54,51 +55,82 @@ class DaopMoE:
         self.executor = executor
         self.stats = stats
         self.requests = requests
-        self.staging = staging or HostStaging(cache.device)
+        self.transfers = transfers or HostTransfers(cache.device)
         self.router_logits: RouterLogits | None = None  # this layer's gate, for the layer before
         self.fidelity = Fidelity()
         self.predicted = False  # decode rows may be routed / pre-computed from a prediction
         self.next_layer: DaopMoE | None = None
-        self._pending: Prediction | None = None  # made by the layer before, for this step
+        self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
         topk_weights, topk_ids = self.route(router_logits)
         if self.requests.dummy_run:
             return self._resident_only(x, topk_ids, topk_weights)
-        own_ids, own_weights = topk_ids.cpu(), topk_weights.cpu()
-        decode_rows = self._decode_rows(x.shape[0])
+        if self._device_only():
+            out = self._every_expert_resident(x, topk_ids, topk_weights)
+            self._count_routing(topk_ids, topk_ids)
+            return out
+        decode_rows = self.requests.decode_rows(x.shape[0])  # None outside engine steps: no prediction then
+        predicting = self._predict_on_device(x, decode_rows)
+        own_scores = self._own_scores_for_degradation(router_logits, decode_rows)
+        on_device = (topk_ids, topk_weights, x, *predicting, *own_scores)
+        own_ids, own_weights, x_host, *rest = self.transfers.to_host(*on_device)  # the layer's one copy to the host
+        next_prediction = self._prediction_from(rest[:len(predicting)], decode_rows, x.shape[0])
         prediction = self._take_prediction(x.shape[0])
-        ids, weights, degraded = self._final_routing(router_logits, own_ids, own_weights, decode_rows, prediction)
+        ids, weights, degraded = self._final_routing(own_ids, own_weights, decode_rows, prediction,
+                                                     rest[len(predicting):])
+        executed_ids, executed_weights = topk_ids, topk_weights
         if ids is not own_ids:  # the device runs the routing this layer really uses
-            topk_ids, topk_weights = ids.to(x.device), weights.to(x.device)
+            executed_ids, executed_weights = self.transfers.to_device(ids, weights)
         on_cpu = ~self.cache.is_resident[ids]  # [T, K]
         match = match_precomputed(prediction, ids, weights) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
-        next_prediction = self._predict_next(x, decode_rows)
-        cpu_now = bool(to_compute.any())
+        one_memory = self.cache.shares_host_memory
+        if one_memory:  # device and host are one memory: every expert in the executor's one job
+            to_compute = to_compute | ~on_cpu
+        job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
-        x_host = None
-        if cpu_now or (next_prediction is not None and next_prediction.pair_rows.numel()):
-            x_host = self.staging.to_host(x)
         own_job = None
-        if cpu_now:
-            own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13,
-                                           self.store.w2, self.cache.host_slot_table, lane=_OWN_LANE)
+        if bool(to_compute.any()):
+            own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table,
+                                           lane=_OWN_LANE)
         if next_prediction is not None:
             self._precompute(next_prediction, x_host)
-        cpu_tokens = int(on_cpu.sum())
-        if ids.numel() - cpu_tokens:
+        if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(
-                x, topk_ids, topk_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
+                x, executed_ids, executed_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
             )
         else:
             out = torch.zeros_like(x)
-        cpu_out = self._cpu_result(own_job, job_ids, weights, prediction, match, x, x_host)
+        cpu_out = self._cpu_result(own_job, job_ids, weights, job_table, prediction, match, x_host)
         if cpu_out is not None:
-            out += self.staging.to_device(cpu_out, own_job)
-        self._count(own_ids, own_weights, on_cpu, prediction, match, degraded)
+            job = own_job if own_job is not None and own_job.owns(cpu_out) else None
+            out += self.transfers.to_device(cpu_out, job=job)[0]  # the layer's one copy back
+        self._count_routing(executed_ids, topk_ids)
+        self._count_predictions(own_ids, own_weights, prediction, match, degraded)
         return out
+
+    def _device_only(self) -> bool:
+        """Whether this step's work is the device's alone: every expert of the layer resident,
+        nothing predicted for it or by it, no trace recorded (traces need the ids on the host)."""
+        return (self.cache.holds_every_expert and not self.predicted and self.next_layer is None
+                and not self.requests.recording)
+
+    def _every_expert_resident(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                               topk_weights: torch.Tensor) -> torch.Tensor:
+        """Every expert resident: the device kernel; where device and host are one memory, the
+        executor's one job (its native kernels are the fastest CPU path; nothing to copy)."""
+        if not self.cache.shares_host_memory:
+            return self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2,
+                                       self.cache.slot_of_expert)
+        job = self.executor.submit(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index,
+                                   lane=_OWN_LANE)
+        try:
+            return job.result().clone()
+        except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
+            self._recovered(exc)
+            return routed_experts_forward(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index)
 
     def _resident_only(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The resident experts' share alone, for vLLM's dummy runs (DaopEngine.dummy_run)."""
@@ -108,21 +140,21 @@ class DaopMoE:
 
     def _take_prediction(self, num_rows: int) -> Prediction | None:
         """The prediction the layer before made for this step, if any."""
-        prediction, self._pending = self._pending, None
-        if prediction is not None and (prediction.step, prediction.num_rows) != (self.requests.step, num_rows):
-            prediction.discard()  # made for another step: never applied to these rows
+        prediction = self.requests.predictions.pop(self.layer, None)
+        if prediction is not None and prediction.num_rows != num_rows:
+            prediction.discard()  # made for other rows: never applied to these
             return None
         return prediction
 
-    def _decode_rows(self, num_rows: int) -> torch.Tensor | None:
-        """This step's generated-token rows, or None outside engine steps (no prediction then)."""
-        phases = self.requests.row_phases(num_rows)
-        if phases is None:
-            return None
-        row_request, row_prefill = phases
-        return ((row_request >= 0) & ~row_prefill).nonzero().squeeze(1)
+    def _own_scores_for_degradation(self, router_logits: torch.Tensor, decode_rows: torch.Tensor | None) -> tuple:
+        """Where this layer degrades its own routing (a predicted layer outside daop mode): its
+        router's probabilities for the decode rows, to go to the host with the routing."""
+        if (not self.predicted or self.fidelity.mode == "daop" or not self.fidelity.degrades
+                or decode_rows is None or decode_rows.numel() == 0):
+            return ()
+        return (self.route.scores(router_logits[self.requests.on_device("decode", decode_rows, router_logits.device)]),)
 
-    def _final_routing(self, router_logits, ids, weights, decode_rows, prediction):
+    def _final_routing(self, ids, weights, decode_rows, prediction, own_scores):
         """The routing this layer runs: its own router, except decode rows of predicted layers
         (routed by the prediction in daop mode; degraded where degradation is on)."""
         degraded = 0
@@ -132,9 +164,8 @@ class DaopMoE:
             ids, weights = ids.clone(), weights.clone()
             ids[prediction.rows], weights[prediction.rows] = prediction.ids, prediction.weights
             degraded = prediction.degraded
-        elif self.fidelity.degrades:
-            scores = self.route.scores(router_logits[decode_rows.to(router_logits.device)]).cpu()
-            new_ids, new_weights, rows = degrade(ids[decode_rows], weights[decode_rows], scores,
+        elif own_scores:
+            new_ids, new_weights, rows = degrade(ids[decode_rows], weights[decode_rows], own_scores[0],
                                                  self.cache.is_resident)
             if bool(rows.any()):
                 ids, weights = ids.clone(), weights.clone()
@@ -142,21 +173,32 @@ class DaopMoE:
                 degraded = int(rows.sum())
         return ids, weights, degraded
 
-    def _predict_next(self, x: torch.Tensor, decode_rows: torch.Tensor | None) -> Prediction | None:
-        """Layer i+1's experts for this step's decode rows, from its router on layer i's input."""
+    def _predict_on_device(self, x: torch.Tensor, decode_rows: torch.Tensor | None) -> tuple:
+        """Layer i+1's routing for this step's decode rows, from its router on layer i's input
+        (on the device; it goes to the host in the layer's one copy): raw ids, raw weights, and
+        the scores where the target degrades them."""
         target = self.next_layer
         if target is None or decode_rows is None or decode_rows.numel() == 0:
-            return None
-        logits = target.router_logits(x[decode_rows.to(x.device)])
+            return ()
+        logits = target.router_logits(x[self.requests.on_device("decode", decode_rows, x.device)])
         raw_weights, raw_ids = target.route(logits)
-        raw_ids, raw_weights = raw_ids.cpu(), raw_weights.cpu()
-        ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool, device="cpu")
         if target.fidelity.mode == "daop" and target.fidelity.degrades:
-            ids, weights, degraded = degrade(raw_ids, raw_weights, target.route.scores(logits).cpu(),
-                                             target.cache.is_resident)
+            return raw_ids, raw_weights, target.route.scores(logits)
+        return raw_ids, raw_weights
+
+    def _prediction_from(self, predicted: list, decode_rows: torch.Tensor | None, num_rows: int) -> Prediction | None:
+        """The prediction for layer i+1 from its routing on the host; its host-resident pairs
+        are the ones to pre-compute."""
+        if not predicted:
+            return None
+        target = self.next_layer
+        raw_ids, raw_weights, *scores = predicted
+        ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool, device="cpu")
+        if scores:
+            ids, weights, degraded = degrade(raw_ids, raw_weights, scores[0], target.cache.is_resident)
         on_cpu = ~target.cache.is_resident[ids]
         pair, k = on_cpu.nonzero(as_tuple=True)
-        return Prediction(self.requests.step, x.shape[0], decode_rows, raw_ids, ids, weights, int(degraded.sum()),
+        return Prediction(self.requests.step, num_rows, decode_rows, raw_ids, ids, weights, int(degraded.sum()),
                           decode_rows[pair], ids[pair, k], None)
 
     def _precompute(self, prediction: Prediction, x_host: torch.Tensor | None) -> None:
@@ -169,9 +211,9 @@ class DaopMoE:
                 x_host[prediction.pair_rows], prediction.pair_experts[:, None], torch.ones(pairs, 1, device="cpu"),
                 target.store.w13, target.store.w2, target.cache.host_slot_table, lane=_precompute_lane(target.layer),
             )
-        target._pending = prediction
+        self.requests.predictions[target.layer] = prediction
 
-    def _cpu_result(self, own_job, job_ids, weights, prediction, match, x, x_host) -> torch.Tensor | None:
+    def _cpu_result(self, own_job, job_ids, weights, job_table, prediction, match, x_host) -> torch.Tensor | None:
         """This layer's CPU share: its own job's output plus the used pre-computed pairs. A job
         that failed is recomputed here on the fallback path (torch, this thread) - a failed
         pre-computation on this layer's true input - so that the step still completes."""
@@ -181,8 +223,7 @@ class DaopMoE:
                 out = own_job.result()
             except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
                 self._recovered(exc)
-                out = routed_experts_forward(x_host, job_ids, weights, self.store.w13, self.store.w2,
-                                             self.cache.host_slot_table)
+                out = routed_experts_forward(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table)
         if prediction is None or prediction.job is None or not bool(match.used.any()):
             if prediction is not None:
                 prediction.discard()
@@ -193,36 +234,36 @@ class DaopMoE:
             results = prediction.job.result()[used].float()
         except Exception as exc:  # noqa: BLE001 - as above
             self._recovered(exc)
-            inputs = (x_host if x_host is not None else self.staging.to_host(x))[rows]
+            inputs = x_host[rows]
             experts = prediction.pair_experts[used][:, None]
             results = routed_experts_forward(inputs, experts, torch.ones(experts.shape, device="cpu"), self.store.w13,
                                              self.store.w2,
                                              self.cache.host_slot_table).float()
-        precomputed = torch.zeros(x.shape, dtype=torch.float32, device="cpu")
+        precomputed = torch.zeros(x_host.shape, dtype=torch.float32, device="cpu")
         precomputed.index_add_(0, rows, results * match.weights[used, None])
-        return precomputed.to(x.dtype) if out is None else (out.float() + precomputed).to(x.dtype)
+        return precomputed.to(x_host.dtype) if out is None else (out.float() + precomputed).to(x_host.dtype)
 
     def _recovered(self, exc: Exception) -> None:
         self.stats.add(self.layer, faults_recovered=1)
         log_fault_once(f"daop: CPU expert job failed in layer {self.layer} ({exc!r}); recomputed on the "
                        "fallback path (counted in faults_recovered; further faults are not logged)")
 
-    def _count(self, own_ids, own_weights, on_cpu, prediction, match, degraded) -> None:
-        cpu_tokens = int(on_cpu.sum())
-        self.stats.add(self.layer, device_expert_tokens=on_cpu.numel() - cpu_tokens, cpu_expert_tokens=cpu_tokens,
-                       degraded=degraded)
+    def _count_routing(self, executed_ids: torch.Tensor, chosen_ids: torch.Tensor) -> None:
+        """The step's counts, on the routing's device; outside engine steps they are folded at
+        once (the engine folds a step's at its end)."""
+        self.requests.count(self.layer, executed_ids, chosen_ids)
+        if self.requests.batch is None:
+            executed = self.requests.take_counts()
+            add_to_stats(self.stats, [self.layer], executed[self.layer:self.layer + 1], self.cache.is_resident[None].float(),
+                         None)
+
+    def _count_predictions(self, own_ids, own_weights, prediction, match, degraded) -> None:
+        if degraded:
+            self.stats.add(self.layer, degraded=degraded)
         if prediction is not None:
             used = int(match.used.sum())
             self.stats.add(self.layer, predictions=prediction.raw_ids.numel(),
                            predictions_correct=prediction.correct_predictions(own_ids),
                            precomputed_used=used, precomputed_wasted=match.used.numel() - used)
-        phases = self.requests.row_phases(on_cpu.shape[0])
-        if phases is None:
-            return
-        row_request, row_prefill = phases
-        for phase, rows in (("prefill", row_prefill), ("decode", ~row_prefill & (row_request >= 0))):
-            cpu = int(on_cpu[rows].sum())
-            self.stats.add(self.layer, **{f"{phase}_device_expert_tokens": int(rows.sum()) * on_cpu.shape[1] - cpu,
-                                          f"{phase}_cpu_expert_tokens": cpu})
-        # requests and traces keep what the model's own router chose
-        self.requests.record(self.layer, own_ids, own_weights if self.requests.recording else None)
+        if self.requests.recording:  # traces keep what the model's own router chose, row by row
+            self.requests.record_routes(self.layer, own_ids, own_weights)

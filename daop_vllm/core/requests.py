@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from daop_vllm.core.batch import StepBatch
+from daop_vllm.core.prediction import Prediction
+from daop_vllm.core.step_counts import StepCounts
 
 
 # How much one decayed decode token counts against one prompt token in a request's expected demand:
@@ -15,7 +17,9 @@ DECODE_WEIGHT = 4.0
 class RequestTracker:
     """Per request and layer: expert counts of its prompt (all prefill chunks) and a decayed
     count of its decode. Entries are dropped when a request finishes, is aborted or is
-    preempted (a resumed request starts over)."""
+    preempted (a resumed request starts over). Also the step's plan, shared by its layers:
+    which request and phase each row is, the predictions made for later layers, and the
+    routing counts, folded at the step's end (`take_counts`)."""
 
     def __init__(self, num_layers: int, num_experts: int, decode_decay: float = 0.9) -> None:
         self.num_layers = num_layers
@@ -32,6 +36,9 @@ class RequestTracker:
         self.dummy_run = False  # inside vLLM's dummy or profile run (DaopEngine.dummy_run)
         self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
         self._row_prefill = torch.empty(0, dtype=torch.bool, device="cpu")
+        self._row_request_on: dict[tuple, torch.Tensor] = {}  # the step's row maps on a device (on_device)
+        self.predictions: dict[int, Prediction] = {}  # target layer -> the prediction made for it this step
+        self.counts = StepCounts()
 
     def __len__(self) -> int:
         return len(self.prefill_counts)
@@ -48,6 +55,14 @@ class RequestTracker:
             elif not prefill:
                 self.decode_counts[req_id].mul_(self.decode_decay)
         self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
+        self._start_plan()
+
+    def _start_plan(self) -> None:
+        for prediction in self.predictions.values():
+            prediction.discard()  # made for a layer that did not run
+        self.predictions = {}
+        self._row_request_on = {}
+        self.counts.clear()
 
     def row_phases(self, total_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(request index per row, prefill flag per row) for this step, or None outside vLLM
@@ -59,9 +74,53 @@ class RequestTracker:
             self._row_prefill = self.batch.row_is_prefill(total_rows)
         return self._row_request, self._row_prefill
 
+    def decode_rows(self, total_rows: int) -> torch.Tensor | None:
+        """This step's generated-token rows [D] (host), or None outside engine steps."""
+        phases = self.row_phases(total_rows)
+        if phases is None:
+            return None
+        row_request, row_prefill = phases
+        return ((row_request >= 0) & ~row_prefill).nonzero().squeeze(1)
+
+    def on_device(self, name: str, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A row map of this step (`name`: which one) on `device`, copied once per step."""
+        key = (name, device, rows.numel())
+        cached = self._row_request_on.get(key)
+        if cached is None:
+            host = rows.pin_memory() if device.type == "cuda" else rows
+            cached = self._row_request_on[key] = host.to(device, non_blocking=True)
+        return cached
+
+    def count(self, layer: int, executed: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Add layer `layer`'s routing [T, K] (the executed and the router's own, on the
+        routing's device) to the step's counts, without reading anything back."""
+        total_rows = executed.shape[0]
+        num_requests = len(self.batch.req_ids) if self.batch is not None else 0
+        key = ("count_rows", executed.device, total_rows)
+        rows = self._row_request_on.get(key)
+        if rows is None:
+            phases = self.row_phases(total_rows)
+            host = (torch.where(phases[0] >= 0, phases[0], num_requests) if phases is not None
+                    else torch.full((total_rows,), num_requests, dtype=torch.int64, device="cpu"))
+            rows = self.on_device("count_rows", host, executed.device)
+        self.counts.add(layer, rows, executed, chosen, (self.num_layers, num_requests, self.num_experts))
+
+    def take_counts(self) -> torch.Tensor | None:
+        """The step's executed counts [L, R+1, E] (host), after adding each request's chosen
+        counts to its prompt or decode counts; None when no layer counted."""
+        taken = self.counts.take()
+        if taken is None:
+            return None
+        executed, chosen = taken
+        if self.batch is not None:
+            for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
+                (self.prefill_counts if prefill else self.decode_counts)[req_id] += chosen[:, index]
+        return executed
+
     def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None = None) -> None:
-        """Count layer `layer`'s routing [T, K] (host tensors) into each row's request, and
-        keep the rows themselves when recording traces."""
+        """Count layer `layer`'s routing [T, K] (host tensors) into each row's request at once,
+        and keep the rows themselves when recording traces (the simulator's and tests' path; a
+        layer's forward counts through `count`)."""
         phases = self.row_phases(topk_ids.shape[0])
         if phases is None:
             return
@@ -72,16 +131,24 @@ class RequestTracker:
         requests = row_request[real][:, None].expand(-1, topk_ids.shape[1])
         counts.index_put_((requests.flatten(), topk_ids[real].flatten()), torch.ones(requests.numel(), device="cpu"),
                            accumulate=True)
-        for index, req_id in enumerate(self.batch.req_ids):
-            phase = "prefill" if self.batch.prefill[index] else "decode"
-            (self.prefill_counts if phase == "prefill" else self.decode_counts)[req_id][layer] += counts[index]
-            if self.recording and topk_weights is not None:
-                rows = row_request == index
-                routes = self.routes.setdefault(req_id, {p: [([], []) for _ in range(self.num_layers)]
-                                                         for p in ("prefill", "decode")})
-                ids, weights = routes[phase][layer]
-                ids.extend(topk_ids[rows].tolist())
-                weights.extend(topk_weights[rows].tolist())
+        for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
+            (self.prefill_counts if prefill else self.decode_counts)[req_id][layer] += counts[index]
+        if topk_weights is not None:
+            self.record_routes(layer, topk_ids, topk_weights)
+
+    def record_routes(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Keep each request's rows of layer `layer`'s routing (host tensors), for its trace."""
+        phases = self.row_phases(topk_ids.shape[0])
+        if phases is None or not self.recording:
+            return
+        row_request, _ = phases
+        for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
+            rows = row_request == index
+            routes = self.routes.setdefault(req_id, {p: [([], []) for _ in range(self.num_layers)]
+                                                     for p in ("prefill", "decode")})
+            ids, weights = routes["prefill" if prefill else "decode"][layer]
+            ids.extend(topk_ids[rows].tolist())
+            weights.extend(topk_weights[rows].tolist())
 
     def expected_demand(self, top_k: int) -> torch.Tensor:
         """[L, E] (token, expert) work expected from the requests in flight until they finish:
@@ -96,6 +163,7 @@ class RequestTracker:
 
     def end_step(self) -> None:
         self.batch = None
+        self._start_plan()
 
     def drop(self, req_id: str) -> dict[str, list[tuple[list, list]]] | None:
         """Forget a request; returns its recorded routes, if any."""

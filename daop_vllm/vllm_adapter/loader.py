@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 from torch import nn
-from vllm.config import ModelConfig, VllmConfig
+from vllm.config import CompilationConfig, CUDAGraphMode, ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import DefaultModelLoader
@@ -55,8 +55,9 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
         raise DaopConfigError(
             f"load_format 'daop' runs on one device: {', '.join(sizes)} must be 1, got {sizes}"
         )
-    cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
-    check_cuda_graph_mode(cudagraph_mode.name if cudagraph_mode is not None else "NONE")
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    check_cuda_graph_mode(mode.name if mode is not None else "NONE", compilation.splitting_ops)
     check_v1_model_runner(vllm_config.use_v2_model_runner)
 
 
@@ -85,14 +86,44 @@ def check_unquantized(model_config: ModelConfig) -> None:
                           f"{model_config.quantization}: {remedy}")
 
 
-def check_cuda_graph_mode(mode: str) -> None:
-    """CUDA graphs would capture the DAOP op's device work but not its CPU threads: refuse them."""
-    if mode != "NONE":
+DAOP_OP = "vllm::daop_moe_forward"
+
+
+def prefer_piecewise_cuda_graphs(compilation_config: CompilationConfig, enforce_eager: bool) -> None:
+    """Before vLLM fills its defaults: where the user chose no CUDA-graph mode, PIECEWISE
+    (vLLM's CUDA default, FULL_AND_PIECEWISE, would capture the DAOP op's device work in a full
+    graph, but not its CPU threads). No effect where the platform has no CUDA graphs (CPU)."""
+    if compilation_config.cudagraph_mode is None and not enforce_eager:
+        compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
+def split_at_daop_op(compilation_config: CompilationConfig) -> None:
+    """After vLLM filled its splitting ops (attention, KV-cache updates; only when the user set
+    none): the DAOP op splits the graph too, so that it runs eagerly between captured pieces."""
+    mode = compilation_config.cudagraph_mode
+    if mode is None or not mode.has_piecewise_cudagraphs() or mode.has_full_cudagraphs():
+        return
+    if compilation_config.splitting_ops is None:
+        compilation_config.splitting_ops = []
+    if DAOP_OP not in compilation_config.splitting_ops:
+        compilation_config.splitting_ops.append(DAOP_OP)
+
+
+def check_cuda_graph_mode(mode: str, splitting_ops: list[str] | None) -> None:
+    """Full CUDA graphs would capture the DAOP op's device work but not its CPU threads: refused.
+    Piecewise graphs run it between the captured pieces, when it is one of the splitting ops."""
+    if mode == "NONE" or (mode == "PIECEWISE" and DAOP_OP in (splitting_ops or [])):
+        return
+    if mode == "PIECEWISE":
         raise DaopConfigError(
-            f"load_format 'daop' cannot run under CUDA graphs (cudagraph_mode {mode}): the CPU experts run "
-            "outside the graph; pass --enforce-eager, or keep torch.compile with "
-            "-cc.cudagraph_mode=NONE (LLM(..., compilation_config={'cudagraph_mode': 'NONE'}))"
+            f"load_format 'daop' under piecewise CUDA graphs needs {DAOP_OP} among the splitting ops, and "
+            f"compilation_config.splitting_ops is {splitting_ops}: add it, or leave splitting_ops unset"
         )
+    raise DaopConfigError(
+        f"load_format 'daop' cannot run under full CUDA graphs (cudagraph_mode {mode}): the CPU experts run "
+        "outside any graph; use -cc.cudagraph_mode=PIECEWISE (daop's default: its op runs between the captured "
+        "pieces), -cc.cudagraph_mode=NONE, or --enforce-eager"
+    )
 
 
 def vllm_settings_report(vllm_config: VllmConfig | None) -> list[str]:
@@ -107,7 +138,7 @@ def vllm_settings_report(vllm_config: VllmConfig | None) -> list[str]:
         "worker_extension_cls set to DAOP's (collective_rpc daop_*)" if extension == WORKER_EXTENSION
         else f"worker_extension_cls {extension or '-'} kept (daop_* RPCs unavailable)",
         f"cudagraph_mode {compilation.cudagraph_mode.name if compilation.cudagraph_mode else 'NONE'}"
-        " (daop refuses CUDA graphs)",
+        f" (daop takes NONE or PIECEWISE, {DAOP_OP} among the splitting ops; full graphs refused)",
         f"compilation mode {compilation.mode}",
         "V1 model runner (hooks for per-request state)",
     ]

@@ -60,12 +60,14 @@ def _check_options_before_engine_start() -> None:
         if self.load_format != "daop":
             return original(self, *args, **kwargs)
         from daop_vllm.core.options import DaopOptions
-        from daop_vllm.vllm_adapter.loader import check_engine_config
+        from daop_vllm.vllm_adapter.loader import check_engine_config, prefer_piecewise_cuda_graphs, split_at_daop_op
 
         options = DaopOptions.parse(self.model_loader_extra_config)
         _use_v1_model_runner()
         _serve_metrics(self, options)
+        prefer_piecewise_cuda_graphs(self.compilation_config, self.enforce_eager)
         vllm_config = original(self, *args, **kwargs)
+        split_at_daop_op(vllm_config.compilation_config)
         check_engine_config(options, vllm_config)
         _install_worker_extension(vllm_config)
         return vllm_config

@@ -158,3 +158,30 @@ def test_dummy_runs_skip_the_cpu_experts_and_count_nothing():
     layer.forward(x, logits)  # outside the dummy run: the host experts are computed again
     assert engine.executor.jobs_submitted == 1
     engine.close()
+
+
+@pytest.mark.parametrize("resident, to_host, to_device", [(list(range(E)), 0, 0), ([0, 1, 2, 3], 1, 1)],
+                         ids=["every-expert", "half"])
+def test_transfers_per_layer(resident, to_host, to_device):
+    """Exact mode, in a step: a layer whose experts are all resident copies nothing to the host
+    (no sync); any other makes one packed copy there (input and routing) and one back (the CPU
+    result). On the CPU the calls move no byte; they count what the CUDA path would copy."""
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1)
+    layers = [engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(2)) for _ in range(L)]
+    for layer in layers:
+        layer.store.w13.normal_()
+        layer.store.w2.normal_()
+    engine.place([resident] * L)
+    engine.begin_step(StepBatch(("a", "b"), (3, 1), (True, False), (True, False)))
+    logits = torch.full((4, E), -5.0)
+    logits[:, [3, 6]] = 5.0  # every row: expert 3 (resident in both) and 6 (host-resident at half)
+    for layer in layers:
+        layer.forward(torch.randn(4, H), logits)
+    engine.end_step()
+    transfers = engine.transfers
+    assert (transfers.to_host_calls, transfers.to_device_calls) == (L * to_host, L * to_device)
+    totals = engine.stats.totals()
+    assert totals["device_expert_tokens"] + totals["cpu_expert_tokens"] == L * 4 * 2
+    assert totals["prefill_device_expert_tokens"] + totals["prefill_cpu_expert_tokens"] == L * 3 * 2
+    assert engine.requests.prefill_counts["a"][:, 6].tolist() == [3.0] * L, "the step's counts reach the request"
+    engine.close()

@@ -116,3 +116,20 @@ def test_a_failing_cpu_job_is_recomputed_and_counted(fail_every):
     assert engine.stats.totals()["faults_recovered"] == jobs // fail_every
     assert engine.report()["cpu_busy_seconds"] > 0
     engine.close()
+
+
+@pytest.mark.parametrize("resident", [[0, 1, 2, 3, 4, 5, 6, 7], [2, 5], []], ids=["all", "two", "none"])
+def test_on_the_cpu_every_expert_runs_in_one_executor_job(resident):
+    """Device and host are one memory: resident experts go to the executor's native kernels with
+    the others, one job per layer, never the torch reference; counters still split by residency."""
+    engine = make_engine(cpu_threads=2)
+    engine.place([resident] * L)
+    gen = torch.Generator().manual_seed(11)
+    x, logits = torch.randn(5, H, generator=gen), torch.randn(5, E, generator=gen)
+    for layer in engine.layers:
+        expected, ids = dense_moe(x, logits, layer.store.w13, layer.store.w2)
+        torch.testing.assert_close(layer.forward(x, logits), expected, rtol=1e-5, atol=1e-5)
+        on_device = sum(int(e) in resident for e in ids.flatten())
+        assert engine.stats.layer(layer.layer)["device_expert_tokens"] == on_device
+    assert engine.executor.jobs_submitted == L
+    engine.close()

@@ -109,11 +109,41 @@ def test_loader_in_the_worker_checks_too():
     assert loader.options.budget_value == 2
 
 
-@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "PIECEWISE", "FULL"])
-def test_cuda_graphs_are_refused_naming_the_flags(mode):
-    from daop_vllm.vllm_adapter.loader import check_cuda_graph_mode
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY"])
+def test_full_cuda_graphs_are_refused_naming_the_flags(mode):
+    from daop_vllm.vllm_adapter.loader import DAOP_OP, check_cuda_graph_mode
 
-    check_cuda_graph_mode("NONE")
+    check_cuda_graph_mode("NONE", None)
+    check_cuda_graph_mode("PIECEWISE", ["vllm::unified_attention", DAOP_OP])
     with pytest.raises(DaopConfigError) as info:
-        check_cuda_graph_mode(mode)
-    assert mode in str(info.value) and "--enforce-eager" in str(info.value) and "cudagraph_mode=NONE" in str(info.value)
+        check_cuda_graph_mode(mode, [DAOP_OP])
+    message = str(info.value)
+    assert mode in message and "--enforce-eager" in message and "cudagraph_mode=PIECEWISE" in message
+    with pytest.raises(DaopConfigError, match="among the splitting ops"):
+        check_cuda_graph_mode("PIECEWISE", ["vllm::unified_attention"])
+
+
+def test_cuda_graphs_default_to_piecewise_split_at_the_daop_op():
+    """The compilation config a CUDA machine would get (vLLM's own CompilationConfig and its own
+    splitting-op defaults; nothing here can capture CUDA graphs): with no mode set, PIECEWISE,
+    vLLM's attention ops kept and the DAOP op added; a mode the user set is left to the check."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from daop_vllm.vllm_adapter.loader import DAOP_OP, check_cuda_graph_mode, prefer_piecewise_cuda_graphs, split_at_daop_op
+
+    config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
+    prefer_piecewise_cuda_graphs(config, enforce_eager=False)
+    assert config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    config.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")  # what VllmConfig does
+    split_at_daop_op(config)
+    assert config.splitting_ops_contain_attention() and config.splitting_ops.count(DAOP_OP) == 1
+    check_cuda_graph_mode(config.cudagraph_mode.name, config.splitting_ops)
+    split_at_daop_op(config)
+    assert config.splitting_ops.count(DAOP_OP) == 1, "added once"
+    eager = CompilationConfig()
+    prefer_piecewise_cuda_graphs(eager, enforce_eager=True)
+    assert eager.cudagraph_mode is None
+    full = CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    prefer_piecewise_cuda_graphs(full, enforce_eager=False)
+    split_at_daop_op(full)
+    assert full.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE and not full.splitting_ops

@@ -1,0 +1,102 @@
+"""`daop-vllm bench layer`: what DAOP's machinery costs per MoE layer, on this machine.
+
+The DAOP op (DaopMoE.forward inside an engine step: routing, placement lookups, transfers,
+prediction, counters) against the expert kernels it ends in, called directly on the same
+routing computed beforehand. Tiny experts, so that the difference is the machinery. Settings
+(batch, resident fraction, mode) are interleaved in each round; medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from daop_vllm.core.batch import StepBatch
+from daop_vllm.core.engine import DaopEngine
+from daop_vllm.core.prediction import Fidelity
+from daop_vllm.core.routing import SoftmaxTopK
+
+# Mixtral's layer count (what a step's fixed costs are shared by), tiny experts
+LAYERS, EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 32, 8, 2, 64, 128
+BATCHES = (1, 16, 64)
+FRACTIONS = (1.0, 0.5, 0.0)
+MODES = ("exact", "daop")
+
+
+class LayerCase:
+    """One setting: an engine of LAYERS tiny layers, its placement, and one step's inputs."""
+
+    def __init__(self, batch: int, fraction: float, mode: str, threads: int, seed: int = 0) -> None:
+        fidelity = Fidelity(mode, first_predicted_layer=1 if mode != "exact" else None)
+        self.engine = DaopEngine(torch.device("cpu"), cpu_threads=threads, fidelity=fidelity)
+        gen = torch.Generator().manual_seed(seed)
+        self.gates = []
+        for layer_index in range(LAYERS):
+            layer = self.engine.add_layer(EXPERTS, HIDDEN, INTERMEDIATE, torch.float32, SoftmaxTopK(TOP_K))
+            layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) * 0.1)
+            layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) * 0.1)
+            gate = torch.randn(EXPERTS, HIDDEN, generator=gen)
+            self.gates.append(gate)
+            self.engine.set_router(layer_index, lambda h, gate=gate: h @ gate.t())
+        resident = list(range(int(fraction * EXPERTS)))
+        self.engine.place([resident] * LAYERS)
+        self.x = torch.randn(batch, HIDDEN, generator=gen)
+        self.logits = [self.x @ gate.t() for gate in self.gates]
+        self.routing = [layer.route(logits) for layer, logits in zip(self.engine.layers, self.logits)]
+        # decode rows: what predictions act on
+        self.batch = StepBatch(tuple(f"r{i}" for i in range(batch)), (1,) * batch, (False,) * batch,
+                               (False,) * batch, (64,) * batch)
+        self._every_expert = torch.arange(EXPERTS)
+
+    def daop_step(self) -> None:
+        self.engine.begin_step(self.batch)
+        for layer, logits in zip(self.engine.layers, self.logits):
+            layer.forward(self.x, logits)
+        self.engine.end_step()
+
+    def direct_step(self) -> None:
+        """The same experts through the same kernels, on routing computed beforehand: on the CPU,
+        where device and host are one memory, the executor's one job per layer."""
+        executor = self.engine.executor
+        for layer, (weights, ids) in zip(self.engine.layers, self.routing):
+            executor.submit(self.x, ids, weights, layer.store.w13, layer.store.w2, self._every_expert).result()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _microseconds_per_layer(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps / LAYERS * 1e6
+
+
+def run(rounds: int = 5, steps: int = 50, threads: int = 1, progress=None) -> dict[str, Any]:
+    cases = {(b, f, m): LayerCase(b, f, m, threads) for b in BATCHES for f in FRACTIONS for m in MODES}
+    samples: dict[tuple, dict[str, list[float]]] = {key: {"daop": [], "direct": []} for key in cases}
+    try:
+        for case in cases.values():  # warm-up: workspaces, native threads, torch's first calls
+            case.daop_step()
+            case.direct_step()
+        for _ in range(rounds):
+            for key, case in cases.items():
+                samples[key]["daop"].append(_microseconds_per_layer(case.daop_step, steps))
+                samples[key]["direct"].append(_microseconds_per_layer(case.direct_step, steps))
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        for case in cases.values():
+            case.close()
+    rows = []
+    for (batch, fraction, mode), times in samples.items():
+        daop_us, direct_us = statistics.median(times["daop"]), statistics.median(times["direct"])
+        rows.append({"batch": batch, "fraction": fraction, "mode": mode, "daop_us": round(daop_us, 1),
+                     "direct_us": round(direct_us, 1), "daop_over_direct": round(daop_us / direct_us, 3),
+                     "machinery_share": round(max(0.0, daop_us - direct_us) / daop_us, 3)})
+    return {"shape": {"layers": LAYERS, "experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN,
+                      "intermediate": INTERMEDIATE, "dtype": "fp32"},
+            "threads": threads, "rounds": rounds, "steps_per_round": steps, "rows": rows}
