@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.traces import TraceSequence, read_traces
+from daop_vllm.offline.traces import TraceSequence, read_traces
 
 
 def record_prompt_traces(model: Path, prompts_file: Path) -> list[TraceSequence]:

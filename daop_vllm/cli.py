@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.model_shapes import MODEL_SHAPES, model_shape
+from daop_vllm.offline.model_shapes import MODEL_SHAPES, model_shape
 from daop_vllm.core.prediction import MODES
 from daop_vllm.model_builder import FAMILIES
 from daop_vllm.trained_model import RECIPES
@@ -381,8 +381,8 @@ def _simulate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from daop_vllm.core.hardware import load_hardware
-    from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
-    from daop_vllm.core.traces import read_traces
+    from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
+    from daop_vllm.offline.traces import read_traces
 
     policies = args.policies or list(POLICIES)
     unknown = [p for p in policies if p not in POLICIES]
@@ -431,8 +431,8 @@ def _shape_of_trace(seq):
 def _calibrate(args: argparse.Namespace) -> None:
     import json
 
-    from daop_vllm.core.trace_analysis import calibrate_profile
-    from daop_vllm.core.traces import read_traces
+    from daop_vllm.offline.trace_analysis import calibrate_profile
+    from daop_vllm.offline.traces import read_traces
 
     if args.model is not None:
         if args.prompts is None:
@@ -453,8 +453,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _trace_stats(args: argparse.Namespace) -> None:
     import json
 
-    from daop_vllm.core.trace_analysis import split_sequence, trace_stats
-    from daop_vllm.core.traces import read_traces
+    from daop_vllm.offline.trace_analysis import split_sequence, trace_stats
+    from daop_vllm.offline.traces import read_traces
 
     seqs = [split_sequence(seq, args.split) for seq in read_traces(args.trace)]
     stats = trace_stats(seqs)

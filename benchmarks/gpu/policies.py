@@ -36,18 +36,18 @@ from daop_vllm.core.cpu_executor import physical_core_count  # noqa: E402
 from daop_vllm.core.device_cache import DeviceExpertCache  # noqa: E402
 from daop_vllm.core.engine import DaopEngine  # noqa: E402
 from daop_vllm.core.hardware import load_hardware, measure_hardware  # noqa: E402
-from daop_vllm.core.model_shapes import MoEShape  # noqa: E402
+from daop_vllm.offline.model_shapes import MoEShape  # noqa: E402
 from daop_vllm.core.placement import plan_residency, rank_pairs  # noqa: E402
 from daop_vllm.core.prediction import Fidelity  # noqa: E402
 from daop_vllm.core.routing import SoftmaxTopK  # noqa: E402
-from daop_vllm.core.simulator import (  # noqa: E402
+from daop_vllm.offline.simulator import (  # noqa: E402
     PAPER_PREDICTION_ACCURACY,
     POLICIES,
     simulate,
     split_for_simulation,
 )
-from daop_vllm.core.trace_analysis import calibrate_profile  # noqa: E402
-from daop_vllm.core.traces import read_traces  # noqa: E402
+from daop_vllm.offline.trace_analysis import calibrate_profile  # noqa: E402
+from daop_vllm.offline.traces import read_traces  # noqa: E402
 
 MIXTRAL_LAYERS = 32
 

@@ -26,7 +26,7 @@ from daop_vllm.core.cpu_executor import (
 )
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
-from daop_vllm.core.model_shapes import MoEShape
+from daop_vllm.offline.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
 # After a parallel region torch's OpenMP threads spin for milliseconds (libgomp's default wait

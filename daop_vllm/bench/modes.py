@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY
+from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY
 from daop_vllm.demo import DEMO_PROMPTS
 from daop_vllm.model_builder import TinyMixtralShape
 

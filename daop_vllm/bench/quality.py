@@ -20,7 +20,7 @@ from daop_vllm.bench.modes import (
     plot_prediction_accuracy,
     prediction_counters,
 )
-from daop_vllm.core.simulator import PAPER_PREDICTION_ACCURACY
+from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY
 
 # (mode, degrade): exact; verified (stale inputs only); daop without and with substitution.
 CONFIGS = (("exact", None), ("verified", False), ("daop", False), ("daop", True))

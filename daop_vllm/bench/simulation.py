@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from daop_vllm.core.hardware import load_hardware
-from daop_vllm.core.model_shapes import model_shape
-from daop_vllm.core.simulator import POLICIES, simulate
-from daop_vllm.core.traces import read_traces
+from daop_vllm.offline.model_shapes import model_shape
+from daop_vllm.offline.simulator import POLICIES, simulate
+from daop_vllm.offline.traces import read_traces
 
 # ../shared/reference/daop.md: Mixtral-8x7B on the A6000 machine, batch 1.
 PAPER = {"daop_tokens_per_s": {"0.469": 4.52, "0.25": 3.23}, "daop_over_fiddler_full_memory": 1.404,

@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daop_vllm.core.simulator import POLICIES
+from daop_vllm.offline.simulator import POLICIES
 
-from .traces import trace_path
+from ..shared_traces import trace_path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "policies.py"
 

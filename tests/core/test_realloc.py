@@ -12,9 +12,9 @@ from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.hardware import HARDWARE_PRESETS
 from daop_vllm.core.realloc import auto_swaps, paper_swaps
 from daop_vllm.core.routing import SoftmaxTopK
-from daop_vllm.core.traces import read_traces
+from daop_vllm.offline.traces import read_traces
 
-from .traces import trace_path
+from ..shared_traces import trace_path
 
 
 def test_paper_rule_by_hand():

@@ -8,7 +8,7 @@ from .engines import close_llm, make_llm
 def test_stats_file_and_trace_at_fraction_zero(tiny_mixtral, tmp_path):
     from vllm import SamplingParams
 
-    from daop_vllm.core.traces import read_traces
+    from daop_vllm.offline.traces import read_traces
 
     stats_path, trace_path = tmp_path / "stats.json", tmp_path / "trace.jsonl.gz"
     llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",

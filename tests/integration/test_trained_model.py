@@ -44,7 +44,7 @@ def test_checkpoint_is_a_mixtral_of_the_recipe_shape(trained_tiny):
 
 
 def test_every_recipe_is_in_the_shared_shape_table():
-    from daop_vllm.core.model_shapes import model_shape
+    from daop_vllm.offline.model_shapes import model_shape
 
     for name, spec in RECIPES.items():
         shape = model_shape(name)
@@ -113,7 +113,7 @@ def test_quality_eval_measures_every_mode(trained_tiny):
 def test_simulator_default_prediction_accuracy_is_the_measured_one():
     from pathlib import Path
 
-    from daop_vllm.core.model_shapes import model_shape
+    from daop_vllm.offline.model_shapes import model_shape
 
     result = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality_shakespeare_moe.json").read_text())
     measured = next(r["prediction_accuracy"] for r in result["runs"]

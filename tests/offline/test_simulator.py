@@ -4,11 +4,11 @@ ordering of policies on the Mixtral trace."""
 import pytest
 
 from daop_vllm.core.hardware import HARDWARE_PRESETS, Hardware
-from daop_vllm.core.model_shapes import MoEShape
-from daop_vllm.core.simulator import POLICIES, Simulator, simulate
-from daop_vllm.core.traces import TraceSequence, read_traces
+from daop_vllm.offline.model_shapes import MoEShape
+from daop_vllm.offline.simulator import POLICIES, Simulator, simulate
+from daop_vllm.offline.traces import TraceSequence, read_traces
 
-from .traces import trace_path
+from ..shared_traces import trace_path
 
 SHAPE = MoEShape("toy", num_layers=2, num_experts=4, top_k=1, hidden_size=1024, intermediate_size=2048)
 HW = Hardware("toy", pcie_gbps=10.0, device_gbps=1000.0, cpu_gbps=50.0, device_tflops=100.0, cpu_tflops=1.0)
@@ -61,7 +61,7 @@ def test_lru_keeps_what_it_copied():
 @pytest.mark.parametrize("accuracy", [0.5, 0.9])
 def test_the_synthetic_predictor_is_right_as_often_as_asked(accuracy):
     seqs = list(read_traces(trace_path("deepseek-v2-lite-puffin.dev.jsonl.gz")))[:12]
-    from daop_vllm.core.model_shapes import model_shape
+    from daop_vllm.offline.model_shapes import model_shape
 
     result = simulate(seqs, ["auto-daop"], model_shape("deepseek-v2-lite"), HARDWARE_PRESETS["a6000"], 0.25,
                       calibrate_on=0.25, split=0.5, prediction_accuracy=accuracy, first_predicted_layer=1)
@@ -71,7 +71,7 @@ def test_the_synthetic_predictor_is_right_as_often_as_asked(accuracy):
 def test_paper_ordering_on_the_mixtral_trace():
     """The paper's machine and model at its full-memory point (46.9% resident): everything
     resident beats DAOP, which beats Fiddler's static placement, which beats copying misses."""
-    from daop_vllm.core.model_shapes import model_shape
+    from daop_vllm.offline.model_shapes import model_shape
 
     seqs = list(read_traces(trace_path("mixtral-8x7b-vllm.jsonl.gz")))
     result = simulate(seqs, ["gpu", "daop", "static", "ondemand"], model_shape("mixtral-8x7b"),

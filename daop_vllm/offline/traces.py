@@ -1,5 +1,6 @@
-"""Routing traces (the format of ../shared/traces/FORMAT.md): gzip or plain JSON Lines, one
-sequence per line, with the expert ids chosen per layer, token and rank."""
+"""Reading routing traces (the format of ../shared/traces/FORMAT.md): gzip or plain JSON Lines,
+one sequence per line, with the expert ids chosen per layer, token and rank. The serving
+engine writes them (core/trace_writer.py)."""
 
 from __future__ import annotations
 
@@ -62,21 +63,3 @@ def read_traces(path: str | Path) -> Iterator[TraceSequence]:
                 decode=seq["decode"], prefill_probs=seq.get("prefill_probs"), decode_probs=seq.get("decode_probs"),
                 model=seq.get("model", ""),
             )
-
-
-class TraceWriter:
-    """Appends sequences to a trace file as they finish. Each sequence goes out in one write
-    (a gzip member of its own for `.gz` files) and is flushed, so a run stopped at any point
-    leaves only complete lines."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._compress = self.path.suffix == ".gz"
-
-    def append(self, sequence: dict) -> None:
-        data = (json.dumps(sequence, separators=(",", ":")) + "\n").encode()
-        if self._compress:
-            data = gzip.compress(data)
-        with open(self.path, "ab") as out:
-            out.write(data)
-            out.flush()

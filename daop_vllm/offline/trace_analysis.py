@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from daop_vllm.core.placement import Pair, plan_residency, rank_pairs
-from daop_vllm.core.traces import TraceSequence
+from daop_vllm.offline.traces import TraceSequence
 
 
 def _counts(rows: list[list[int]], num_experts: int) -> torch.Tensor:

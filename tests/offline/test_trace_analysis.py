@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from daop_vllm.core.trace_analysis import calibrate_profile, prefill_decode_similarity, split_sequence, trace_stats
-from daop_vllm.core.traces import TraceSequence, read_traces
+from daop_vllm.offline.trace_analysis import calibrate_profile, prefill_decode_similarity, split_sequence, trace_stats
+from daop_vllm.offline.traces import TraceSequence, read_traces
 
-from .traces import trace_path
+from ..shared_traces import trace_path
 
 
 def seq(prefill, decode, experts=4):

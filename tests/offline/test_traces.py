@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from daop_vllm.core.traces import TraceError, read_traces
+from daop_vllm.offline.traces import TraceError, read_traces
 
-from .traces import trace_path
+from ..shared_traces import trace_path
 
 
 def test_reads_public_mixtral_trace():
