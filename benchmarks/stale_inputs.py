@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from daop_vllm.trained_model import build_trained_model
+    from daop_vllm.cli.trained_model import build_trained_model
 
     result = measure(args.model or build_trained_model("shakespeare-moe"), args.passages, args.length)
     result["command"] = "python benchmarks/stale_inputs.py " + " ".join(sys.argv[1:])

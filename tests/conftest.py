@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> str:
-    from daop_vllm.model_builder import build_tiny_mixtral
+    from daop_vllm.cli.model_builder import build_tiny_mixtral
 
     return str(build_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral")))
 
@@ -20,6 +20,6 @@ def tiny_mixtral(tmp_path_factory) -> str:
 def trained_tiny(tmp_path_factory) -> str:
     """The trained model's tiny recipe (about 25 s of training), shared by the tests that need
     a model whose router and experts were trained."""
-    from daop_vllm.trained_model import build_trained_model
+    from daop_vllm.cli.trained_model import build_trained_model
 
     return str(build_trained_model("shakespeare-moe-tiny", tmp_path_factory.mktemp("trained"), progress=False))

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daop_vllm.core.expert_math import routed_experts_forward  # noqa: E402
-from daop_vllm.offline.model_shapes import model_shape  # noqa: E402
 from daop_vllm.core.triton_moe import resident_experts_forward_triton  # noqa: E402
+from daop_vllm.offline.model_shapes import model_shape  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"mixtral-8x7b": ("bf16", "fp16"), "phi-3.5-moe": ("bf16", "fp16"),

@@ -36,10 +36,10 @@ from daop_vllm.core.cpu_executor import physical_core_count  # noqa: E402
 from daop_vllm.core.device_cache import DeviceExpertCache  # noqa: E402
 from daop_vllm.core.engine import DaopEngine  # noqa: E402
 from daop_vllm.core.hardware import load_hardware, measure_hardware  # noqa: E402
-from daop_vllm.offline.model_shapes import MoEShape  # noqa: E402
 from daop_vllm.core.placement import plan_residency, rank_pairs  # noqa: E402
 from daop_vllm.core.prediction import Fidelity  # noqa: E402
 from daop_vllm.core.routing import SoftmaxTopK  # noqa: E402
+from daop_vllm.offline.model_shapes import MoEShape  # noqa: E402
 from daop_vllm.offline.simulator import (  # noqa: E402
     PAPER_PREDICTION_ACCURACY,
     POLICIES,

@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daop_vllm.cli.demo import DEMO_PROMPTS
+from daop_vllm.cli.model_builder import TinyMixtralShape
 from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY
-from daop_vllm.demo import DEMO_PROMPTS
-from daop_vllm.model_builder import TinyMixtralShape
 
 # Big enough that expert work, not Python, dominates a decode step on a small CPU machine.
 BENCH_SHAPE = TinyMixtralShape(num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2)
 
 
 def ensure_bench_model(model_dir: Path) -> Path:
-    from daop_vllm.model_builder import build_tiny_mixtral
+    from daop_vllm.cli.model_builder import build_tiny_mixtral
 
     if not (model_dir / "config.json").exists():
         print(f"building the benchmark Mixtral ({BENCH_SHAPE}) in {model_dir}")

@@ -30,7 +30,7 @@ def held_out_passages(model_dir: Path, count: int, length: int) -> list[list[int
     """`count` windows of `length` tokens, evenly spread over the held-out works."""
     from transformers import AutoTokenizer
 
-    from daop_vllm.corpus import load_corpus
+    from daop_vllm.cli.corpus import load_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids: list[int] = []

@@ -30,8 +30,8 @@ from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
 from daop_vllm.core.step_counts import add_to_stats
-from daop_vllm.core.transfers import HostTransfers
 from daop_vllm.core.trace_writer import TraceWriter
+from daop_vllm.core.transfers import HostTransfers
 
 
 class DaopEngine:

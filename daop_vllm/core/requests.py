@@ -8,7 +8,6 @@ from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.prediction import Prediction
 from daop_vllm.core.step_counts import StepCounts
 
-
 # How much one decayed decode token counts against one prompt token in a request's expected demand:
 # the recent decode is the better predictor of the rest of the decode.
 DECODE_WEIGHT = 4.0

@@ -37,8 +37,8 @@ MODEL_SHAPES = {
         MoEShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024),
         MoEShape("qwen1.5-moe-a2.7b", 24, 60, 4, 2048, 1408, shared_intermediate_size=5632),  # Qwen2MoeForCausalLM
         MoEShape("qwen3-30b-a3b", 48, 128, 8, 2048, 768),
-        MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.model_builder's default
-        # daop_vllm.trained_model's recipes (Shakespeare, trained here)
+        MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.cli.model_builder's default
+        # daop_vllm.cli.trained_model's recipes (Shakespeare, trained here)
         MoEShape("shakespeare-moe", 6, 8, 2, 256, 512, prediction_accuracy=0.803),  # results/quality_shakespeare_moe.json
         MoEShape("shakespeare-moe-tiny", 2, 8, 2, 64, 128),
     )

@@ -24,10 +24,10 @@ import torch
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.hardware import OUR_CPU_EFFICIENCY, TORCH_CPU_EFFICIENCY, Hardware
-from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
 from daop_vllm.core.routing import SoftmaxTopK
+from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
 from daop_vllm.offline.traces import TraceSequence
 

@@ -8,8 +8,8 @@ import torch
 
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.engine import DaopEngine
-from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.hardware import HARDWARE_PRESETS
+from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.realloc import auto_swaps, paper_swaps
 from daop_vllm.core.routing import SoftmaxTopK
 from daop_vllm.offline.traces import read_traces

@@ -129,7 +129,12 @@ def test_cuda_graphs_default_to_piecewise_split_at_the_daop_op():
     vLLM's attention ops kept and the DAOP op added; a mode the user set is left to the check."""
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-    from daop_vllm.vllm_adapter.loader import DAOP_OP, check_cuda_graph_mode, prefer_piecewise_cuda_graphs, split_at_daop_op
+    from daop_vllm.vllm_adapter.loader import (
+        DAOP_OP,
+        check_cuda_graph_mode,
+        prefer_piecewise_cuda_graphs,
+        split_at_daop_op,
+    )
 
     config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     prefer_piecewise_cuda_graphs(config, enforce_eager=False)

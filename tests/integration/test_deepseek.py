@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from daop_vllm.model_builder import build_tiny_mixtral
+from daop_vllm.cli.model_builder import build_tiny_mixtral
 
 from .engines import (
     PROMPTS,

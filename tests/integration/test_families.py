@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from daop_vllm.model_builder import TinyMixtralShape, build_tiny_mixtral
+from daop_vllm.cli.model_builder import TinyMixtralShape, build_tiny_mixtral
 from daop_vllm.vllm_adapter.families import SUPPORTED_FAMILIES
 
 from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions

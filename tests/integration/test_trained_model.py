@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from daop_vllm.trained_model import RECIPES, build_trained_model
+from daop_vllm.cli.trained_model import RECIPES, build_trained_model
 
 from .engines import close_llm, make_llm, max_difference, prompt_logprobs, transformers_logprobs
 

@@ -1,5 +1,5 @@
 """`daop-vllm build-model NAME`: a Mixtral-format MoE trained from scratch, on a CPU, on
-Shakespeare (see daop_vllm.corpus), so that the demo shows real text and real routing and the
+Shakespeare (see daop_vllm.cli.corpus), so that the demo shows real text and real routing and the
 quality evaluation has a model whose router and experts mean something.
 
 Training is `transformers`' own MixtralForCausalLM with its load-balancing loss (every expert
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from daop_vllm.cli.corpus import CORPUS_PACKAGE, Corpus, cache_dir, load_corpus
+from daop_vllm.cli.model_builder import TinyMixtralShape, build_tokenizer, family_config
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.corpus import CORPUS_PACKAGE, Corpus, cache_dir, load_corpus
-from daop_vllm.model_builder import TinyMixtralShape, build_tokenizer, family_config
 
 SAMPLE_PROMPTS = ("ROMEO.\n", "To be, or not to be", "KING.\nMy lords,", "Enter a Messenger.\n\nMESSENGER.\n")
 
@@ -186,7 +186,7 @@ def build_trained_model(name: str, out_dir: str | Path | None = None, progress: 
     samples = greedy_samples(model, tokenizer)
     model.save_pretrained(str(out), safe_serialization=True)
     card = {
-        "builder": "daop_vllm.trained_model", "family": "mixtral", "recipe": _recipe_record(spec),
+        "builder": "daop_vllm.cli.trained_model", "family": "mixtral", "recipe": _recipe_record(spec),
         "train_tokens": len(train_tokens), "train_passes": round(spec.steps * spec.batch_size * spec.seq_len
                                                                 / len(train_tokens), 2),
         "held_out_works": sorted(corpus.held_out), "build_seconds": round(time.perf_counter() - started, 1),

@@ -41,3 +41,13 @@ def apply_patches(root: Path | None = None) -> list[tuple[str, str]]:
         else:
             raise RuntimeError(f"{patch_file.name} does not apply to the vLLM in {root}: is it vLLM 0.32.0?")
     return results
+
+
+def add_parser(commands) -> None:
+    patch = commands.add_parser("patch-vllm", help="apply patches/ to the installed vLLM (idempotent; `make` does it)")
+    patch.set_defaults(run=run)
+
+
+def run(args) -> None:
+    for name, status in apply_patches():
+        print(f"{name}: {status}")

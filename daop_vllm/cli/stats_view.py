@@ -69,3 +69,17 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"DAOP stats: mode {report['mode']}, realloc {report['realloc']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def add_parser(commands) -> None:
+    stats_cmd = commands.add_parser("stats", help="a stats_path file as a table (and a plot)")
+    stats_cmd.add_argument("file", type=Path)
+    stats_cmd.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    stats_cmd.set_defaults(run=run)
+
+
+def run(args) -> None:
+    report = load_report(args.file)
+    print(render(report))
+    if args.plot:
+        plot(report, args.plot)

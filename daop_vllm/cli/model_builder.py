@@ -170,6 +170,6 @@ def build_tiny_mixtral(
                                            "architectures": ["PhiMoEForCausalLM"]}, indent=2))
     build_tokenizer(out, shape.vocab_size)
     (out / "daop_model_card.json").write_text(
-        json.dumps({"builder": "daop_vllm.model_builder", "family": family, "seed": seed, **shape.__dict__})
+        json.dumps({"builder": "daop_vllm.cli.model_builder", "family": family, "seed": seed, **shape.__dict__})
     )
     return out

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
+
+from daop_vllm.cli.common import fraction
+from daop_vllm.cli.trained_model import RECIPES
 
 DEMO_PROMPTS = [
     "ROMEO.\n",
@@ -25,7 +29,7 @@ def run_demo(model: str, model_dir: Path | None, resident_fraction: float, num_p
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from daop_vllm.trained_model import build_trained_model
+    from daop_vllm.cli.trained_model import build_trained_model
 
     model_dir = build_trained_model(model, model_dir)  # cached: trains only the first time
     print(f"model: {model_dir} ({model}, a Mixtral-format MoE trained on Shakespeare)")
@@ -65,3 +69,21 @@ def run_demo(model: str, model_dir: Path | None, resident_fraction: float, num_p
     print(f"\n{len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
     print(f"expert work on the CPU: {100 * cpu_share:.1f}% of expert-token assignments")
     return {"tokens_per_s": generated / elapsed, **report}
+
+
+def add_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="offline batch generation with load_format='daop' on a small local Mixtral")
+    demo.add_argument("--model", default="shakespeare-moe", choices=list(RECIPES),
+                      help="the trained model to serve, built (about 20 minutes for the default) when missing")
+    demo.add_argument("--model-dir", type=Path, default=None,
+                      help="where that model is, or is built (default: the cache, see `build-model`)")
+    demo.add_argument("--resident-fraction", type=fraction, default=0.5, help="share of experts on the device")
+    demo.add_argument("--num-prompts", type=int, default=16)
+    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--compile", action="store_true", help="let vLLM compile the model (slower start)")
+    demo.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(args.model, args.model_dir, args.resident_fraction, args.num_prompts, args.max_tokens,
+             eager=not args.compile)

@@ -1,0 +1,223 @@
+"""`daop-vllm bench ...`: the benchmarks (their code in daop_vllm/bench/), each writing one JSON result."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from daop_vllm.cli.common import emit_json, fraction, layer_index, percent
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.prediction import MODES
+from daop_vllm.offline.model_shapes import MODEL_SHAPES, model_shape
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench", required=True)
+    cpu = bench_commands.add_parser("cpu-experts", help="CPU expert executor vs streaming read and PyTorch")
+    cpu.add_argument("--model-shape", default="mixtral-8x7b", choices=sorted(MODEL_SHAPES))
+    cpu.add_argument("--threads", type=int, default=None, help="executor threads (default: physical cores)")
+    cpu.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="tokens per expert")
+    cpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    cpu.add_argument("--repeats", type=int, default=3, help="passes per figure; medians are reported")
+    cpu.add_argument("--scaling", action="store_true", help="also GB/s for 1, 2, 4, 8, 16 threads")
+    cpu.add_argument("--decode-steps", type=int, nargs="+", metavar="BATCH",
+                     help="also whole decode steps of these batch sizes (top-k of all experts, random routing): "
+                          "threads taking whole experts against slicing every expert")
+    cpu.add_argument("--json", action="store_true", help="print one JSON object")
+    cpu.add_argument("--out", type=Path, help="also write the JSON here")
+    cpu.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
+    modes = bench_commands.add_parser("modes", help="exact / verified / daop through vLLM, per resident fraction")
+    modes.add_argument("--model", type=Path, default=Path("models/bench-mixtral"),
+                       help="a Mixtral checkpoint (built here, random weights, when the folder is empty)")
+    modes.add_argument("--modes", nargs="+", default=["exact", "verified", "daop"], choices=list(MODES))
+    modes.add_argument("--fractions", type=fraction, nargs="+", default=[1, 0.5, 0.25, 0])
+    modes.add_argument("--num-prompts", type=int, default=8)
+    modes.add_argument("--max-tokens", type=int, default=48)
+    modes.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are reported")
+    modes.add_argument("--first-predicted-layer", type=layer_index, default=1)
+    modes.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    modes.add_argument("--json", action="store_true", help="print one JSON object")
+    modes.add_argument("--out", type=Path, help="also write the JSON here")
+    modes.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    serve_load = bench_commands.add_parser("serve", help="concurrent streaming clients: stock vs daop vllm serve")
+    serve_load.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
+                            help="a Mixtral checkpoint (the demo's small model is built here when missing)")
+    serve_load.add_argument("--requests", type=int, default=1000)
+    serve_load.add_argument("--concurrency", type=int, default=64)
+    serve_load.add_argument("--repeats", type=int, default=3, help="runs per server; medians are reported")
+    serve_load.add_argument("--options", default='{"resident_fraction": 0.25}',
+                            help="--model-loader-extra-config of the daop server")
+    serve_load.add_argument("--json", action="store_true", help="print one JSON object")
+    serve_load.add_argument("--out", type=Path, help="also write the JSON here")
+
+    layer = bench_commands.add_parser("layer", help="the DAOP op per MoE layer against its expert kernels called directly")
+    layer.add_argument("--rounds", type=int, default=7, help="rounds over every setting; medians are reported")
+    layer.add_argument("--steps", type=int, default=50, help="engine steps per setting and round")
+    layer.add_argument("--threads", type=int, default=1, help="CPU executor threads")
+    layer.add_argument("--json", action="store_true", help="print one JSON object")
+    layer.add_argument("--out", type=Path, help="also write the JSON here")
+
+    vllm_serve = bench_commands.add_parser("vllm-serve", help="vLLM's `vllm bench serve` against stock and daop "
+                                           "servers, each started and measured in turn")
+    vllm_serve.add_argument("--model", type=Path, default=Path("models/bench-mixtral-8x512"),
+                            help="a Mixtral checkpoint (8 layers, hidden 512, intermediate 1792, random weights: "
+                                 "built here when missing)")
+    vllm_serve.add_argument("--rounds", type=int, default=3, help="rounds over the settings; medians are reported")
+    vllm_serve.add_argument("--settings", nargs="+", default=None,
+                            help="default: all (stock, exact-1.0, exact-0.5, exact-0.25, daop-0.25)")
+    vllm_serve.add_argument("--json", action="store_true", help="print one JSON object")
+    vllm_serve.add_argument("--out", type=Path, help="also write the JSON here")
+
+    bench_sim = bench_commands.add_parser("simulate", help="the simulator's evidence: paper check, fraction and batch sweeps")
+    bench_sim.add_argument("--mixtral-trace", type=Path, default=Path("../shared/traces/mixtral-8x7b-vllm.jsonl.gz"))
+    bench_sim.add_argument("--deepseek-trace", type=Path,
+                           default=Path("../shared/traces/deepseek-v2-lite-puffin.dev.jsonl.gz"))
+    bench_sim.add_argument("--deepseek-limit", type=int, default=64, help="sequences of the DeepSeek trace used")
+    bench_sim.add_argument("--json", action="store_true", help="print one JSON object")
+    bench_sim.add_argument("--out", type=Path, help="also write the JSON here")
+    bench_sim.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    for name, parser in bench_commands.choices.items():
+        parser.set_defaults(run=RUNS[name])
+
+
+def _bench_cpu_experts(args: argparse.Namespace) -> None:
+
+    import torch
+
+    from daop_vllm.bench.cpu_experts import decode_steps, measure, plot, thread_scaling
+    from daop_vllm.core.cpu_executor import physical_core_count
+
+    shape = model_shape(args.model_shape)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype)
+    if args.scaling:
+        result["thread_scaling"] = thread_scaling(shape, args.repeats, dtype)
+    if args.decode_steps:
+        result["decode_steps"] = decode_steps(shape, result["threads"], args.decode_steps, args.repeats, dtype)
+    if emit_json(result, args, plot):
+        return
+    print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
+    print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
+          f"{100 * result['decode_efficiency']:.0f}%")
+    avx512 = "executor_avx512_gbps" in result["per_tokens"][str(result["tokens"][0])]
+    print(f"{'tokens':>6} {'stream GB/s':>12} {'executor GB/s':>14} {'of stream':>10} {'torch GB/s':>11} "
+          f"{'executor GFLOP/s':>17} {'torch GFLOP/s':>14}" + (f" {'without AMX GB/s':>17}" if avx512 else ""))
+    for n in result["tokens"]:
+        r = result["per_tokens"][str(n)]
+        print(f"{n:6d} {r['stream_gbps']:12.1f} {r['executor_gbps']:14.1f} {100 * r['executor_over_stream']:9.0f}% "
+              f"{r['torch_gbps']:11.1f} {r['executor_gflops']:17.1f} {r['torch_gflops']:14.1f}"
+              + (f" {r['executor_avx512_gbps']:17.1f}" if avx512 else ""))
+    if args.decode_steps:
+        steps = result["decode_steps"]
+        print(f"decode steps (top-{shape.top_k} of {shape.num_experts} experts, all on the CPU):")
+        print(f"{'batch':>6} {'experts':>8} {'whole ms':>9} {'sliced ms':>10} {'executor takes':>15} {'of stream':>10}")
+        for batch in steps["batches"]:
+            r = steps["per_batch"][str(batch)]
+            print(f"{batch:6d} {r['distinct_experts']:8.1f} {r['whole_ms']:9.2f} {r['sliced_ms']:10.2f} "
+                  f"{r['executor_takes']:>15} {100 * r['executor_over_stream']:9.0f}%")
+
+
+def _bench_modes(args: argparse.Namespace) -> None:
+
+    from daop_vllm.bench.modes import ensure_bench_model, plot, run
+
+    result = run(ensure_bench_model(args.model), args.modes, args.fractions, args.num_prompts, args.max_tokens,
+                 args.repeats, args.first_predicted_layer, args.dtype)
+    if emit_json(result, args, plot):
+        return
+    print(f"{'mode':>9} {'fraction':>8} {'tok/s':>8} {'vs exact':>8} {'pred acc':>8} {'precomp':>8} {'wasted':>7} "
+          f"{'agree':>6}")
+
+    for r in result["runs"]:
+        print(f"{r['mode']:>9} {r['resident_fraction']:8.2f} {r['tokens_per_s']:8.1f} "
+              f"{r.get('tokens_per_s_over_exact', 0):8.2f} {percent(r['prediction_accuracy']):>8} "
+              f"{percent(r['precomputed_share']):>8} {percent(r['wasted_share']):>7} "
+              f"{percent(r['agreement_with_exact']):>6}")
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from daop_vllm.bench.serve_load import compare
+    from daop_vllm.cli.model_builder import build_tiny_mixtral
+    from daop_vllm.core.options import DaopOptions
+
+    DaopOptions.parse(args.options)
+    if not (args.model / "config.json").exists():
+        build_tiny_mixtral(args.model)
+    result = compare(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
+                     args.repeats)
+    if emit_json(result, args, None):
+        return
+    print(f"{args.requests} requests, {args.concurrency} streaming clients, medians of {args.repeats} runs; "
+          f"answered in full: {result['answered']}; "
+          f"daop outputs equal to stock: {result['outputs_equal_stock']}")
+    for name in ("stock", "daop"):
+        r = result[name]
+        print(f"{name:>6}: {r['requests_per_s']:.1f} req/s, {r['output_tokens_per_s']:.0f} tok/s, time per output "
+              f"token p50 {r['tpot_p50_ms']:.1f} ms p99 {r['tpot_p99_ms']:.1f} ms, memory {r['rss_half_mib']:.0f} "
+              f"-> {r['rss_end_mib']:.0f} MiB")
+
+
+def _bench_layer(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.layer import BATCHES, FRACTIONS, MODES, run
+
+    with tqdm(total=args.rounds * len(BATCHES) * len(FRACTIONS) * len(MODES), desc="bench layer", unit="setting",
+              disable=args.json) as progress:
+        result = run(args.rounds, args.steps, args.threads, progress)
+    if emit_json(result, args, None):
+        return
+    for row in result["rows"]:
+        print(f"batch {row['batch']:3d}, fraction {row['fraction']:.2f}, {row['mode']:>5}: DAOP op {row['daop_us']:8.1f} us, "
+              f"kernels direct {row['direct_us']:8.1f} us ({row['daop_over_direct']:.2f}x, machinery "
+              f"{100 * row['machinery_share']:.0f}%)")
+
+
+def _bench_vllm_serve(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.vllm_bench_serve import SETTINGS, run
+    from daop_vllm.cli.model_builder import TinyMixtralShape, build_tiny_mixtral
+
+    settings = args.settings or list(SETTINGS)
+    unknown = [name for name in settings if name not in SETTINGS]
+    if unknown or "stock" not in settings:
+        raise DaopConfigError(f"--settings takes {', '.join(SETTINGS)} and must include stock; got {settings}")
+    if not (args.model / "config.json").exists():
+        build_tiny_mixtral(args.model, TinyMixtralShape(num_layers=8, hidden_size=512, intermediate_size=1792))
+    with tqdm(total=args.rounds * len(settings), desc="bench vllm-serve", unit="server", disable=args.json) as progress:
+        result = run(str(args.model), args.rounds, settings, progress)
+    if emit_json(result, args, None):
+        return
+    for name, row in result["settings"].items():
+        print(f"{name:>10}: {row['output_tokens_per_s_median']:.1f} output tok/s ({row['over_stock_median']:.2f}x stock; "
+              f"rounds {row['over_stock_per_round']}), TPOT {row['median_tpot_ms_median']:.1f} ms, answered "
+              f"{row['answered']}")
+
+
+def _bench_simulate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.simulation import BATCHES, FRACTIONS, PRESETS, plot, run
+
+    for trace in (args.mixtral_trace, args.deepseek_trace):
+        if not trace.is_file():
+            raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
+    runs = len(PRESETS) * len(FRACTIONS) + len(BATCHES)
+    with tqdm(total=runs * 9, desc="bench simulate", unit="policy", disable=args.json) as progress:
+        result = run(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)
+    if emit_json(result, args, plot):
+        return
+    for resident, check in result["paper_check"].items():
+        print(f"a6000, Mixtral, {100 * float(resident):.1f}% resident: daop {check['daop_tokens_per_s']:.2f} tok/s "
+              f"(paper {check['paper_daop_tokens_per_s']}), static {check['static_tokens_per_s']:.2f}, "
+              f"daop/static {check['daop_over_static']:.2f}")
+    print(f"daop/static averaged over fractions: {result['daop_over_static_average_a6000']:.2f} (paper 1.35)")
+
+
+RUNS = {"cpu-experts": _bench_cpu_experts, "modes": _bench_modes, "serve": _bench_serve, "layer": _bench_layer,
+        "vllm-serve": _bench_vllm_serve, "simulate": _bench_simulate}

@@ -1,0 +1,86 @@
+"""`daop-vllm simulate`: a routing trace replayed through every policy on a machine model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from daop_vllm.cli.common import fraction
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.offline.model_shapes import MODEL_SHAPES, model_shape
+
+
+def add_parser(commands) -> None:
+    sim = commands.add_parser("simulate", help="replay a routing trace through every policy on a machine model")
+    sim.add_argument("--trace", type=Path, required=True)
+    sim.add_argument("--resident-fraction", type=fraction, default=0.25)
+    sim.add_argument("--split", type=fraction, default=None,
+                     help="sequences with one phase only: the first S of their rows become the prompt")
+    sim.add_argument("--calibrate-on", type=fraction, default=0.2,
+                     help="share of the sequences (from the start) that build the static profile, not scored")
+    sim.add_argument("--hardware", default="a6000", help="a preset (a6000, h200, local) or a JSON file")
+    sim.add_argument("--model-shape", default=None, choices=sorted(MODEL_SHAPES),
+                     help="expert sizes (default: the shape matching the trace)")
+    sim.add_argument("--prediction-accuracy", type=fraction, default=None,
+                     help="share of predicted experts that are right (default: as measured for the model "
+                          "shape where known, else the paper's 0.8411)")
+    sim.add_argument("--batch", type=int, default=1, help="sequences in flight (continuous batching)")
+    sim.add_argument("--first-predicted-layer", type=int, default=4)
+    sim.add_argument("--policies", nargs="+", default=None, help="default: all")
+    sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from daop_vllm.core.hardware import load_hardware
+    from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
+    from daop_vllm.offline.traces import read_traces
+
+    policies = args.policies or list(POLICIES)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise DaopConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
+    if args.batch < 1:
+        raise DaopConfigError(f"--batch must be >= 1, got {args.batch}")
+    seqs = list(read_traces(args.trace))[: args.limit]
+    if not seqs:
+        raise DaopConfigError(f"{args.trace} holds no sequences")
+    shape = model_shape(args.model_shape) if args.model_shape else _shape_of_trace(seqs[0])
+    accuracy = next(a for a in (args.prediction_accuracy, shape.prediction_accuracy, PAPER_PREDICTION_ACCURACY)
+                    if a is not None)
+    with tqdm(total=len(policies), desc="simulate", unit="policy", disable=args.json) as progress:
+        try:
+            result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
+                              args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
+                              progress)
+        except ValueError as exc:
+            raise DaopConfigError(str(exc)) from None
+    result["settings"]["trace"] = args.trace.name
+    result["command"] = "daop-vllm " + " ".join(sys.argv[1:])
+    if args.json:
+        print(json.dumps(result))
+        return
+    settings = result["settings"]
+    print(f"{args.trace.name} on {settings['hardware']['name']}, {shape.name}, "
+          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, "
+          f"{settings['scored_sequences']} sequences scored")
+    static = result["policies"].get("static", {}).get("tokens_per_s")
+    print(f"{'policy':>14} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")
+    for name, r in result["policies"].items():
+        ratio = f"{r['tokens_per_s'] / static:9.2f}" if static else f"{'-':>9}"
+        print(f"{name:>14} {r['tokens_per_s']:8.2f} {ratio} {100 * r['decode_hit_rate']:9.1f}% "
+              f"{r['cpu_expert_tokens_per_token']:9.2f} {r['pcie_bytes_per_token'] / 1e6:13.1f}")
+
+
+def _shape_of_trace(seq):
+    for shape in MODEL_SHAPES.values():
+        if (shape.num_layers, shape.num_experts, shape.top_k) == (seq.num_layers, seq.num_experts, seq.top_k):
+            return shape
+    raise DaopConfigError(f"no known model shape has {seq.num_layers} layers, top-{seq.top_k} of "
+                          f"{seq.num_experts} experts; pass --model-shape")
