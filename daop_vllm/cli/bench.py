@@ -142,7 +142,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
     from daop_vllm.bench.serve_load import compare
     from daop_vllm.cli.model_builder import build_tiny_mixtral
-    from daop_vllm.core.options import DaopOptions
+    from daop_vllm.vllm_adapter.options import DaopOptions
 
     DaopOptions.parse(args.options)
     if not (args.model / "config.json").exists():

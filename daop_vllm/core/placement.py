@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.options import DaopOptions
 
 Pair = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many experts are device-resident: `resident_experts` (per layer), `resident_fraction`
+    (of all), `expert_memory_gib` (of device memory), or, with no kind, auto (what fits)."""
+
+    kind: str | None = None
+    value: float | None = None
 
 
 def load_profile(path: str | Path, num_layers: int, num_experts: int) -> list[Pair]:
@@ -50,20 +59,20 @@ def rank_pairs(num_layers: int, num_experts: int, profile: list[Pair] | None = N
 
 
 def total_slots(
-    options: DaopOptions,
+    budget: Budget,
     num_layers: int,
     num_experts: int,
     expert_bytes: int,
     auto_bytes: int | None,
 ) -> int:
-    """Resident experts over all layers for the options' budget. `auto_bytes` is the device
-    memory left for experts (None: device and host share one memory, so all are resident)."""
+    """Resident experts over all layers for the budget. `auto_bytes` is the device memory left
+    for experts (None: device and host share one memory, so all are resident)."""
     all_experts = num_layers * num_experts
-    if options.budget_key == "resident_experts":
-        return int(options.budget_value) * num_layers
-    if options.budget_key == "resident_fraction":
-        return math.floor(options.budget_value * all_experts)
-    budget_bytes = options.budget_value * 2**30 if options.budget_key == "expert_memory_gib" else auto_bytes
+    if budget.kind == "resident_experts":
+        return int(budget.value) * num_layers
+    if budget.kind == "resident_fraction":
+        return math.floor(budget.value * all_experts)
+    budget_bytes = budget.value * 2**30 if budget.kind == "expert_memory_gib" else auto_bytes
     if budget_bytes is None:
         return all_experts
     return min(all_experts, int(budget_bytes // expert_bytes))
@@ -87,10 +96,10 @@ def plan_residency(slots: int, num_layers: int, num_experts: int, ranking: list[
     return [sorted(experts) for experts in resident]
 
 
-def plan_for_options(
-    options: DaopOptions, num_layers: int, num_experts: int, expert_bytes: int, auto_bytes: int | None
+def plan_for_budget(
+    budget: Budget, num_layers: int, num_experts: int, expert_bytes: int, auto_bytes: int | None,
+    profile: list[Pair] | None = None,
 ) -> list[list[int]]:
-    """Resident experts per layer for the options' budget and profile."""
-    profile = load_profile(options.profile, num_layers, num_experts) if options.profile else None
-    slots = total_slots(options, num_layers, num_experts, expert_bytes, auto_bytes)
+    """Resident experts per layer for the budget, ranked by the profile (see rank_pairs)."""
+    slots = total_slots(budget, num_layers, num_experts, expert_bytes, auto_bytes)
     return plan_residency(slots, num_layers, num_experts, rank_pairs(num_layers, num_experts, profile))

@@ -10,8 +10,8 @@ from torch import nn
 
 from daop_vllm.core.device_budget import DeviceMemory, check_slot_growth
 from daop_vllm.core.engine import DaopEngine
-from daop_vllm.core.options import DaopOptions
-from daop_vllm.core.placement import plan_for_options
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.placement import Budget, plan_for_budget
 
 
 def _engine(model: nn.Module) -> DaopEngine:
@@ -34,8 +34,10 @@ def place_fraction(model: nn.Module, fraction: float, gpu_memory_utilization: fl
     """Re-place the experts as `resident_fraction=fraction` would at load (index ranking);
     refused (DaopConfigError) where the slots it adds do not fit in the device memory left."""
     engine = _engine(model)
-    options = DaopOptions.parse({"resident_fraction": fraction})
-    resident = plan_for_options(options, len(engine.layers), engine.num_experts, engine.expert_bytes, None)
+    if not 0 <= fraction <= 1:
+        raise DaopConfigError(f"daop_place_fraction takes a fraction in [0, 1], got {fraction!r}")
+    resident = plan_for_budget(Budget("resident_fraction", fraction), len(engine.layers), engine.num_experts,
+                               engine.expert_bytes, None)
     added = engine.slot_bytes_added(resident)
     if added:  # vLLM sized its KV cache at start: new slots must fit in what it left
         torch.cuda.empty_cache()

@@ -25,11 +25,12 @@ from daop_vllm.core.device_budget import (
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import load_hardware, measure_hardware
-from daop_vllm.core.options import DaopOptions
-from daop_vllm.core.placement import load_profile, plan_for_options
+from daop_vllm.core.placement import load_profile, plan_for_budget
 from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
+from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
+from daop_vllm.vllm_adapter.options import DaopOptions
 
 logger = init_logger("vllm.daop")
 
@@ -128,8 +129,6 @@ def check_cuda_graph_mode(mode: str, splitting_ops: list[str] | None) -> None:
 
 def vllm_settings_report(vllm_config: VllmConfig | None) -> list[str]:
     """vLLM settings DAOP set or depends on, for the startup log."""
-    from daop_vllm.vllm_adapter.plugin import WORKER_EXTENSION
-
     if vllm_config is None:
         return ["-"]
     extension = vllm_config.parallel_config.worker_extension_cls
@@ -180,14 +179,19 @@ class DaopModelLoader(BaseModelLoader):
         engine: DaopEngine = model.daop_engine
         set_routers(model, engine, model_family(model_config))
         engine.place(
-            plan_for_options(self.options, len(engine.layers), engine.num_experts, engine.expert_bytes,
-                             self._auto_bytes(engine))
+            plan_for_budget(self.options.budget, len(engine.layers), engine.num_experts, engine.expert_bytes,
+                            self._auto_bytes(engine), self._profile(engine))
         )
         if self.options.stats_path:
             engine.write_stats_to(self.options.stats_path)
         if self.options.trace_path:
             engine.record_traces_to(self.options.trace_path, model=model_config.model)
         logger.info("%s", self._startup_report(engine))
+
+    def _profile(self, engine: DaopEngine):
+        if not self.options.profile:
+            return None
+        return load_profile(self.options.profile, len(engine.layers), engine.num_experts)
 
     def _startup_report(self, engine: DaopEngine) -> str:
         report = engine.report()

@@ -2,7 +2,8 @@
 checks DAOP options in the front-end process, before the engine starts.
 
 `register()` runs in every vLLM process (front end, engine core, workers): it is idempotent,
-cheap and makes no CUDA calls.
+cheap and makes no CUDA calls. The rest of the package is imported inside the functions, where
+it is needed: this module is imported at every vLLM start-up, before vLLM itself is ready.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 import sys
 
 SUPPORTED_VLLM = "0.32."
-WORKER_EXTENSION = "daop_vllm.vllm_adapter.worker_extension.DaopWorkerExtension"
 _registered = False
 
 
@@ -59,8 +59,8 @@ def _check_options_before_engine_start() -> None:
     def create_engine_config(self, *args, **kwargs):
         if self.load_format != "daop":
             return original(self, *args, **kwargs)
-        from daop_vllm.core.options import DaopOptions
         from daop_vllm.vllm_adapter.loader import check_engine_config, prefer_piecewise_cuda_graphs, split_at_daop_op
+        from daop_vllm.vllm_adapter.options import DaopOptions
 
         options = DaopOptions.parse(self.model_loader_extra_config)
         _use_v1_model_runner()
@@ -103,6 +103,8 @@ def _install_worker_extension(vllm_config) -> None:
     """Give the workers DAOP's `collective_rpc` methods, unless the user set an extension."""
     from vllm.logger import init_logger
 
+    from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
+
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = WORKER_EXTENSION
@@ -144,7 +146,7 @@ def _one_line_errors_in_vllm_cli() -> None:
 
     def cmd(args) -> None:
         from daop_vllm.core.errors import DaopConfigError
-        from daop_vllm.core.options import DaopOptions
+        from daop_vllm.vllm_adapter.options import DaopOptions
 
         try:
             if getattr(args, "load_format", None) == "daop":

@@ -21,3 +21,7 @@ class DaopWorkerExtension:
         """Re-place the experts as `resident_fraction=fraction` would at load."""
         return place_fraction(self.model_runner.get_model(), fraction,
                               self.vllm_config.cache_config.gpu_memory_utilization)
+
+
+# The dotted path vLLM's `worker_extension_cls` takes.
+WORKER_EXTENSION = f"{DaopWorkerExtension.__module__}.{DaopWorkerExtension.__qualname__}"

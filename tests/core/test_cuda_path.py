@@ -7,7 +7,7 @@ import torch
 
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.cpu_executor import CpuExpertExecutor, default_cpu_threads, physical_core_count
-from daop_vllm.core.device_cache import DeviceExpertCache, SlotTablePublisher
+from daop_vllm.core.device_cache import SlotTablePublisher
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.routing import SoftmaxTopK

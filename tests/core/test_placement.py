@@ -4,8 +4,7 @@ import math
 import pytest
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.options import DaopOptions
-from daop_vllm.core.placement import load_profile, plan_for_options, plan_residency, rank_pairs, total_slots
+from daop_vllm.core.placement import Budget, load_profile, plan_for_budget, plan_residency, rank_pairs, total_slots
 
 
 def test_rank_without_profile_is_by_expert_index():
@@ -22,8 +21,7 @@ def test_rank_puts_profile_first_then_the_rest():
 def test_fraction_gives_floor_per_layer_plus_leftovers_by_rank(fraction):
     layers, experts = 32, 8
     profile = [(layer, (layer * 3 + i) % experts) for i in range(experts) for layer in reversed(range(layers))]
-    options = DaopOptions.parse({"resident_fraction": fraction})
-    plan = plan_for_options(options, layers, experts, expert_bytes=1, auto_bytes=None)
+    plan = plan_for_budget(Budget("resident_fraction", fraction), layers, experts, expert_bytes=1, auto_bytes=None)
     per_layer = math.floor(fraction * experts)
     assert sum(map(len, plan)) == math.floor(fraction * layers * experts)
     assert all(per_layer <= len(r) <= per_layer + 1 for r in plan)
@@ -39,10 +37,10 @@ def test_fraction_gives_floor_per_layer_plus_leftovers_by_rank(fraction):
 
 
 def test_budgets_in_experts_and_memory():
-    assert total_slots(DaopOptions.parse({"resident_experts": 3}), 4, 8, 100, None) == 12
-    assert total_slots(DaopOptions.parse({"expert_memory_gib": 1}), 4, 8, 2**30 // 10, None) == 10
-    assert total_slots(DaopOptions.parse({"expert_memory_gib": 100}), 4, 8, 2**20, None) == 32
-    auto = DaopOptions.parse({})
+    assert total_slots(Budget("resident_experts", 3), 4, 8, 100, None) == 12
+    assert total_slots(Budget("expert_memory_gib", 1), 4, 8, 2**30 // 10, None) == 10
+    assert total_slots(Budget("expert_memory_gib", 100), 4, 8, 2**20, None) == 32
+    auto = Budget()
     assert total_slots(auto, 4, 8, 100, None) == 32, "shared memory: everything resident"
     assert total_slots(auto, 4, 8, 100, 750) == 7
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 MAKE_ONE = """
 from pathlib import Path
-from daop_vllm.core.options import DaopOptions
+from daop_vllm.vllm_adapter.options import DaopOptions
 from daop_vllm.vllm_adapter.plugin import _serve_metrics
 
 class EngineArgs:

@@ -30,8 +30,8 @@ def test_a_config_that_forces_the_v2_model_runner_is_refused(tiny_mixtral):
     says; there DAOP's step hooks would never run: refused in one line. (On this CPU, vLLM
     itself refuses V2 before DAOP sees the config, so the watermark is set on a built config.)"""
     from daop_vllm.core.errors import DaopConfigError
-    from daop_vllm.core.options import DaopOptions
     from daop_vllm.vllm_adapter.loader import check_engine_config
+    from daop_vllm.vllm_adapter.options import DaopOptions
 
     config = engine_config(tiny_mixtral)
     check_engine_config(DaopOptions.parse({}), config)

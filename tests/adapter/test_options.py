@@ -1,7 +1,7 @@
 import pytest
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.options import DaopOptions
+from daop_vllm.vllm_adapter.options import DaopOptions
 
 
 def test_defaults_are_auto_exact():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.options import ACCEPTED_KEYS, DaopOptions
+from daop_vllm.vllm_adapter.options import ACCEPTED_KEYS, DaopOptions
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),

@@ -10,6 +10,7 @@ from typing import Any
 
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import HARDWARE_PRESETS, load_hardware
+from daop_vllm.core.placement import Budget
 from daop_vllm.core.prediction import MODES, Fidelity
 from daop_vllm.core.realloc import REALLOC_POLICIES
 
@@ -156,6 +157,10 @@ class DaopOptions:
     @property
     def fidelity(self) -> Fidelity:
         return Fidelity(self.mode, self.first_predicted_layer, self.degrade)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.budget_key, self.budget_value)
 
     @property
     def budget_asked(self) -> dict[str, Any]:
