@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.daop-installed
 TARGET := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: demo test setup
+.PHONY: demo test test-fast setup
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile $(wildcard patches/*.patch)
@@ -22,3 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the core engine, offline tools, options and layout: no vLLM engine starts (a couple of minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not vllm and not slow" tests

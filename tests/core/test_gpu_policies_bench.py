@@ -7,7 +7,7 @@ from pathlib import Path
 
 from daop_vllm.offline.simulator import POLICIES
 
-from ..shared_traces import trace_path
+TINY_TRACE = Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral.jsonl.gz"  # recorded by our own trace_path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "policies.py"
 
@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "policies.
 def test_policies_benchmark_runs_every_policy_at_a_tiny_size(tmp_path):
     out = tmp_path / "policies.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--trace", str(trace_path("mixtral-8x7b-vllm.jsonl.gz")),
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--trace", str(TINY_TRACE),
          "--layers", "2", "--hidden", "64", "--intermediate", "128", "--steps", "2", "--batches", "1", "3",
          "--fractions", "0.25", "0.5", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[2],

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from .engines import MAX_TOKENS, close_llm, greedy_ids, make_llm
@@ -11,3 +13,11 @@ def stock_ids(tiny_mixtral) -> list[list[int]]:
     close_llm(llm)
     assert len(ids) >= 8 and all(len(i) == MAX_TOKENS for i in ids)
     return ids
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test here starts or configures real vLLM: marked `vllm` (`make test-fast` leaves them out)."""
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.vllm)

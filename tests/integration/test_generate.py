@@ -89,6 +89,7 @@ def test_stock_engine_still_works_after_daop(tiny_mixtral, stock_ids):
         close_llm(llm)
 
 
+@pytest.mark.slow
 def test_a_thousand_requests_with_aborts_leave_no_state(tiny_mixtral):
     """1,000 requests through the engine's own step loop, one aborted every other step while in
     flight (some mid-prefill, some mid-decode): afterwards no per-request DAOP state is left."""

@@ -6,6 +6,7 @@ import pytest
 pytest.importorskip("openai", reason="the openai client is installed by `make test`")
 
 
+@pytest.mark.slow
 def test_thousand_streaming_requests_match_stock_with_bounded_memory(tiny_mixtral, tmp_path):
     from daop_vllm.bench.serve_load import compare
 

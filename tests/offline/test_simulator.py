@@ -1,6 +1,8 @@
 """The trace-driven simulator: its cost model by hand, its synthetic predictor, and the paper's
 ordering of policies on the Mixtral trace."""
 
+from pathlib import Path
+
 import pytest
 
 from daop_vllm.core.hardware import HARDWARE_PRESETS, Hardware
@@ -86,9 +88,9 @@ def test_simulate_command_prints_json_and_refuses_bad_input():
     import subprocess
     import sys
 
-    trace = str(trace_path("mixtral-8x7b-vllm.jsonl.gz"))
-    command = [sys.executable, "-m", "daop_vllm.cli", "simulate", "--trace", trace, "--split", "0.3",
-               "--calibrate-on", "0.34", "--resident-fraction", "0.25"]
+    trace = str(Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral.jsonl.gz")  # our own trace_path's
+    command = [sys.executable, "-m", "daop_vllm.cli", "simulate", "--trace", trace, "--calibrate-on", "0.34",
+               "--resident-fraction", "0.25"]
     ok = subprocess.run([*command, "--policies", "static", "gpu", "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)

@@ -42,3 +42,17 @@ def test_malformed_line_is_named(tmp_path, bad, words):
     with pytest.raises(TraceError) as info:
         list(read_traces(path))
     assert f"{path}:2:" in str(info.value) and words.replace("line 2", "") in str(info.value)
+
+
+def test_our_own_trace_reads_back():
+    """tests/data/tiny-mixtral.jsonl.gz, written by the engine's trace_path (record_tiny_trace.py):
+    what the writer puts out, the reader takes in, whole."""
+    from pathlib import Path
+
+    seqs = list(read_traces(Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral.jsonl.gz"))
+    assert len(seqs) == 6
+    for seq in seqs:
+        assert (seq.num_layers, seq.num_experts, seq.top_k, seq.aligned) == (4, 8, 2, True)
+        assert all(len(rows) == len(seq.prefill[0]) > 0 for rows in seq.prefill)
+        assert all(len(rows) == 23 for rows in seq.decode), "24 tokens generated: 23 go back through the model"
+        assert len(seq.decode_probs[0][0]) == 2 and abs(sum(seq.decode_probs[0][0]) - 1) < 1e-4
