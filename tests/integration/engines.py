@@ -1,5 +1,6 @@
 """Real vLLM engines for integration tests: small, in-process, fp32."""
 
+import contextlib
 import gc
 
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=8, seed=0, gpu_memory_utilization=0.5)
@@ -9,6 +10,16 @@ def make_llm(model: str, **kwargs):
     from vllm import LLM
 
     return LLM(model=model, **{**ENGINE_ARGS, **kwargs})
+
+
+@contextlib.contextmanager
+def running_llm(model: str, **kwargs):
+    """An engine for the `with` block, shut down after it whatever happens."""
+    llm = make_llm(model, **kwargs)
+    try:
+        yield llm
+    finally:
+        close_llm(llm)
 
 
 def close_llm(llm) -> None:

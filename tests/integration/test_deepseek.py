@@ -10,11 +10,10 @@ from daop_vllm.cli.model_builder import build_tiny_mixtral
 
 from .engines import (
     PROMPTS,
-    close_llm,
-    make_llm,
     max_difference,
     prompt_logprobs,
     run_counted,
+    running_llm,
     transformers_logprobs,
 )
 from .test_families import FAMILIES
@@ -57,32 +56,23 @@ def test_stock_vllm_matches_transformers_in_fp32(deepseek):
 
 def stock_fp32_logprobs_as_transformers(model: str, prompts: list[list[int]], engine_args: dict) -> list[list[float]]:
     """Stock vLLM's fp32 prompt log-probabilities, checked against `transformers`' to 1e-4."""
-    llm = make_llm(model, enforce_eager=True, **engine_args)
-    try:
+    with running_llm(model, enforce_eager=True, **engine_args) as llm:
         got = prompt_logprobs(llm, prompts)
-    finally:
-        close_llm(llm)
     assert max_difference(got, transformers_logprobs(model, prompts, torch.float32)) < 1e-4
     return got
 
 
 def test_exact_mode_in_bf16_on_the_amx_kernels(deepseek):
     model, prompts = deepseek
-    stock = make_llm(model, enforce_eager=True, dtype="bfloat16")
-    try:
+    with running_llm(model, enforce_eager=True, dtype="bfloat16") as stock:
         expected = prompt_logprobs(stock, prompts)
-    finally:
-        close_llm(stock)
     assert max_difference(expected, transformers_logprobs(model, prompts, torch.bfloat16)) < BF16_LOGPROB_TOLERANCE
-    llm = make_llm(model, enforce_eager=True, dtype="bfloat16", load_format="daop",
-                   model_loader_extra_config={"resident_fraction": 0.5, "realloc": "off"})
-    try:
+    with running_llm(model, enforce_eager=True, dtype="bfloat16", load_format="daop",
+                     model_loader_extra_config={"resident_fraction": 0.5, "realloc": "off"}) as llm:
         llm.collective_rpc("daop_reset_counters")
         got = prompt_logprobs(llm, prompts)
         report = llm.collective_rpc("daop_report")[0]
         _, decode_report = run_counted(llm)
-    finally:
-        close_llm(llm)
     assert max_difference(got, expected) < BF16_LOGPROB_TOLERANCE
     assert report["totals"]["cpu_expert_tokens"] > 0 and report["totals"]["device_expert_tokens"] > 0
     assert decode_report["totals"]["cpu_expert_tokens"] > 0

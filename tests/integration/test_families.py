@@ -9,7 +9,7 @@ import pytest
 from daop_vllm.cli.model_builder import TinyMixtralShape, build_tiny_mixtral
 from daop_vllm.vllm_adapter.families import SUPPORTED_FAMILIES
 
-from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
+from .engines import close_llm, greedy_ids, make_llm, run_counted, running_llm, runs_at_fractions
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,8 @@ def test_exact_matches_stock_at_every_fraction(family_model):
     expected = greedy_ids(stock)
     close_llm(stock)
     assert len({tuple(ids) for ids in expected}) > 1
-    llm = make_llm(model, enforce_eager=True, load_format="daop", **family.engine_args,
-                   model_loader_extra_config={"resident_fraction": 1, "realloc": "off"})
-    try:
+    with running_llm(model, enforce_eager=True, load_format="daop", **family.engine_args,
+                     model_loader_extra_config={"resident_fraction": 1, "realloc": "off"}) as llm:
         for fraction, ids, report in runs_at_fractions(llm, [1, 0.5, 0.25, 0]):
             assert ids == expected, f"fraction {fraction}"
             assert report["routing"] == family.routing
@@ -75,22 +74,18 @@ def test_exact_matches_stock_at_every_fraction(family_model):
             totals = report["totals"]
             assert (totals["cpu_expert_tokens"] == 0) == (fraction == 1)
             assert (totals["device_expert_tokens"] == 0) == (fraction == 0)
-    finally:
-        close_llm(llm)
 
 
 def test_predicting_modes_run(family_model):
     model, family = family_model
-    llm = make_llm(model, enforce_eager=True, load_format="daop", **family.engine_args,
-                   model_loader_extra_config={"resident_fraction": 0.25, "mode": "daop", "first_predicted_layer": 1})
-    try:
+    options = {"resident_fraction": 0.25, "mode": "daop", "first_predicted_layer": 1}
+    with running_llm(model, enforce_eager=True, load_format="daop", **family.engine_args,
+                     model_loader_extra_config=options) as llm:
         ids, report = run_counted(llm)
         assert all(len(i) > 0 for i in ids)
         totals = report["totals"]
         assert 0 < totals["predictions_correct"] <= totals["predictions"] and totals["precomputed_used"] > 0
         assert totals["degraded"] > 0
-    finally:
-        close_llm(llm)
 
 
 @pytest.mark.parametrize("architecture", ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])

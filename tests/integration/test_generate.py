@@ -2,7 +2,7 @@
 
 import pytest
 
-from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
+from .engines import close_llm, greedy_ids, make_llm, run_counted, running_llm, runs_at_fractions
 
 
 def check_counters(report: dict, fraction: float) -> None:
@@ -36,17 +36,14 @@ def test_compiled_matches_stock(tiny_mixtral, stock_ids):
     """One compiled engine (compiling costs most of a minute on CPU), started at 0.25 through the
     option, then re-placed: the DAOP op is opaque to the compiled graph, so placement can change.
     Its warm-up runs vLLM's profile run, outside engine steps: no CPU expert work there."""
-    llm = make_llm(tiny_mixtral, enforce_eager=False, load_format="daop",
-                   model_loader_extra_config={"resident_fraction": 0.25})
-    try:
+    with running_llm(tiny_mixtral, enforce_eager=False, load_format="daop",
+                     model_loader_extra_config={"resident_fraction": 0.25}) as llm:
         started = llm.collective_rpc("daop_report")[0]
         # the warm-up's profile run (max_num_batched_tokens rows) ran no CPU experts and counted nothing
         assert started["cpu_jobs"] == 0 and started["totals"]["cpu_expert_tokens"] == 0, started["totals"]
         for fraction, ids, report in runs_at_fractions(llm, [0.25, 1, 0.5, 0]):
             assert ids == stock_ids, f"compiled, fraction {fraction}"
             check_counters(report, fraction)
-    finally:
-        close_llm(llm)
 
 
 @pytest.mark.parametrize("realloc", ["paper", "auto"])
@@ -54,9 +51,8 @@ def test_realloc_keeps_exact_outputs_and_drops_request_state(tiny_mixtral, stock
     """Re-allocation under continuous batching (the paper's rule after each prompt; `auto` on
     the demand of the requests in flight): experts move, greedy outputs stay the stock ones,
     and finished requests leave no state behind."""
-    llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
-                   model_loader_extra_config={"resident_fraction": 0.25, "realloc": realloc})
-    try:
+    with running_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
+                     model_loader_extra_config={"resident_fraction": 0.25, "realloc": realloc}) as llm:
         ids, report = run_counted(llm)
         assert ids == stock_ids
         totals = report["totals"]
@@ -71,8 +67,6 @@ def test_realloc_keeps_exact_outputs_and_drops_request_state(tiny_mixtral, stock
         greedy_ids(llm)
         llm.generate(["one more"], use_tqdm=False)
         assert llm.collective_rpc("daop_report")[0]["requests_tracked"] <= 1
-    finally:
-        close_llm(llm)
 
 
 def test_stock_engine_still_works_after_daop(tiny_mixtral, stock_ids):
@@ -81,12 +75,9 @@ def test_stock_engine_still_works_after_daop(tiny_mixtral, stock_ids):
     daop = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
                     model_loader_extra_config={"resident_experts": 3})
     close_llm(daop)
-    llm = make_llm(tiny_mixtral, enforce_eager=True)
-    try:
+    with running_llm(tiny_mixtral, enforce_eager=True) as llm:
         assert not llm.apply_model(lambda model: hasattr(model, "daop_engine"))[0]
         assert greedy_ids(llm) == stock_ids
-    finally:
-        close_llm(llm)
 
 
 @pytest.mark.slow

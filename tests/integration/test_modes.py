@@ -3,7 +3,7 @@ batched requests, at fractions 1, 0.5, 0.25 and 0 (one engine per mode, re-place
 
 import pytest
 
-from .engines import MAX_TOKENS, PROMPTS, close_llm, make_llm, runs_at_fractions
+from .engines import MAX_TOKENS, PROMPTS, running_llm, runs_at_fractions
 
 FRACTIONS = [1, 0.5, 0.25, 0]
 
@@ -33,13 +33,10 @@ def check_prediction_counters(report: dict, mode: str, fraction: float) -> None:
 
 @pytest.mark.parametrize("mode", ["verified", "daop"])
 def test_mode_runs_batches_at_every_fraction(tiny_mixtral, stock_ids, mode):
-    llm = make_llm(tiny_mixtral, enforce_eager=True, load_format="daop",
-                   model_loader_extra_config={"resident_fraction": 1, "mode": mode, "first_predicted_layer": 1})
-    try:
+    options = {"resident_fraction": 1, "mode": mode, "first_predicted_layer": 1}
+    with running_llm(tiny_mixtral, enforce_eager=True, load_format="daop", model_loader_extra_config=options) as llm:
         for fraction, ids, report in runs_at_fractions(llm, FRACTIONS):
             assert len(ids) == len(PROMPTS) and all(len(i) == MAX_TOKENS for i in ids)
             check_prediction_counters(report, mode, fraction)
             if mode == "verified" and fraction == 1:
                 assert ids == stock_ids, "verified with every expert resident is exact"
-    finally:
-        close_llm(llm)

@@ -11,7 +11,7 @@ import torch
 
 from daop_vllm.cli.trained_model import RECIPES, build_trained_model
 
-from .engines import close_llm, make_llm, max_difference, prompt_logprobs, transformers_logprobs
+from .engines import max_difference, prompt_logprobs, running_llm, transformers_logprobs
 
 TINY = RECIPES["shakespeare-moe-tiny"]
 
@@ -76,11 +76,8 @@ def test_stock_vllm_and_transformers_agree_on_the_logits(trained_tiny):
     from daop_vllm.bench.quality import held_out_passages
 
     passages = held_out_passages(trained_tiny, 3, 64)
-    llm = make_llm(trained_tiny)
-    try:
+    with running_llm(trained_tiny) as llm:
         got = prompt_logprobs(llm, passages)
-    finally:
-        close_llm(llm)
     assert max_difference(got, transformers_logprobs(trained_tiny, passages, torch.float32)) < 2e-3
 
 

@@ -40,7 +40,8 @@ def test_the_wheel_installs_and_every_command_runs(tmp_path):
     python = venv / "bin" / "python"
     # torch and vLLM from this environment: its site-packages on the path, its .pth files (the
     # editable install of the tree among them) not processed, so the wheel's package is the one found
-    new_site = Path(run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
+    purelib = run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path)
+    new_site = Path(purelib.strip())
     (new_site / "project_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run(str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel), cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
