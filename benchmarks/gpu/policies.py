@@ -8,10 +8,12 @@ Triton only: runs on the GPU test machine, which has no vLLM).
 A stack of Mixtral-shaped MoE layers (random bf16 weights; fewer than 32 layers, results scaled
 to 32 as the output says), each layer's attention stood in by a matmul that reads the weights of
 Mixtral's attention projections. Decode steps at batch 1 and 16, the rows' experts replayed from
-the trace. Policies as in `daop-vllm simulate` (#9), through the engine's own device cache,
+the trace. Policies as in `daop-vllm simulate`, through the engine's own device cache,
 Triton kernel, CPU executor, predictor and re-allocation; `lru` and `ondemand` copy misses
-through the device cache. Prints tokens/s per policy and the ratio to `static`, the measured
-PCIe and CPU rates, and what the simulator's preset predicts for the same settings.
+through the device cache. The routing of every step is on the device before the timed steps.
+Prints tokens/s per policy and the ratio to `static`, the measured PCIe and CPU rates, and what
+the simulator's preset predicts for the same settings; with --profile, each step split into host
+and device time per policy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import platform
 import random
+import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -59,29 +62,40 @@ def logits_choosing(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class Replay:
-    """Rows in flight, each replaying one trace sequence from its own offset."""
+    """Rows in flight, each replaying one trace sequence from its own offset. Every step's routing
+    (true and predicted, as router logits on the device) is made before the timed steps, so that
+    the harness adds no host work or copy to them."""
 
-    def __init__(self, seqs, batch: int, num_layers: int, accuracy: float) -> None:
-        self.seqs, self.num_layers, self.accuracy = seqs, num_layers, accuracy
-        self.rows = [(r % len(seqs), (r // len(seqs)) * 7) for r in range(batch)]  # (sequence, start)
+    def __init__(self, seqs, batch: int, num_layers: int, num_experts: int, accuracy: float, steps: int,
+                 device: torch.device) -> None:
+        rows = [(r % len(seqs), (r // len(seqs)) * 7) for r in range(batch)]  # (sequence, start)
+        self.true_ids = [[self._ids(seqs, rows, layer, step) for layer in range(num_layers)] for step in range(steps)]
+        self.true_logits = [[logits_choosing(ids, num_experts).to(device) for ids in layers]
+                            for layers in self.true_ids]
+        self.predicted_logits = [
+            [logits_choosing(self._predicted(self.true_ids[step][layer], layer, step, num_experts, accuracy),
+                             num_experts).to(device) for layer in range(num_layers)]
+            for step in range(steps)]
         self.step = 0
 
-    def ids(self, layer: int) -> torch.Tensor:
-        """[B, K] true experts of `layer` for this step's rows."""
+    @staticmethod
+    def _ids(seqs, rows, layer: int, step: int) -> torch.Tensor:
+        """[B, K] true experts of `layer` at `step` for the rows."""
         out = []
-        for seq, start in self.rows:
-            rows = self.seqs[seq].decode[layer]
-            out.append(rows[(start + self.step) % len(rows)])
+        for seq, start in rows:
+            layer_rows = seqs[seq].decode[layer]
+            out.append(layer_rows[(start + step) % len(layer_rows)])
         return torch.tensor(out, dtype=torch.int64)
 
-    def predicted(self, layer: int, num_experts: int) -> torch.Tensor:
+    @staticmethod
+    def _predicted(ids: torch.Tensor, layer: int, step: int, num_experts: int, accuracy: float) -> torch.Tensor:
         """What a predictor right `accuracy` of the time says (as in the simulator)."""
         rows = []
-        for r, ids in enumerate(self.ids(layer).tolist()):
-            rng = random.Random(hash((r, layer, self.step)))
-            others = [e for e in range(num_experts) if e not in ids]
+        for r, row in enumerate(ids.tolist()):
+            rng = random.Random(hash((r, layer, step)))
+            others = [e for e in range(num_experts) if e not in row]
             rng.shuffle(others)
-            rows.append([e if rng.random() < self.accuracy else others.pop() for e in ids])
+            rows.append([e if rng.random() < accuracy else others.pop() for e in row])
         return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -102,10 +116,8 @@ def build_engine(shape: MoEShape, device: torch.device, threads: int) -> DaopEng
 def configure(engine: DaopEngine, policy, placement, replay_box: list, first_predicted_layer: int) -> None:
     """Point the shared engine (its host stores are built once) at one policy."""
     engine.realloc = policy.realloc
-    num_experts = engine.num_experts
     for index in range(len(engine.layers)):
-        engine.set_router(index, lambda x, index=index: logits_choosing(
-            replay_box[0].predicted(index, num_experts), num_experts).to(x.device))
+        engine.set_router(index, lambda x, index=index: replay_box[0].predicted_logits[replay_box[0].step][index])
     if policy.misses == "cpu":
         engine.place(placement)
     else:  # lru / ondemand: every slot can hold a copied expert; the policy decides which stay
@@ -136,11 +148,20 @@ def drop_copies(engine: DaopEngine, policy, layer: int, static: list[int]) -> No
         engine.layers[layer].cache.fill(static)
 
 
-def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w, first_predicted_layer, accuracy):
+def device_busy_seconds(profiler) -> float:
+    """Time the device spent in kernels and copies (their own time, summed) in a profile."""
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
+
+
+def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w, first_predicted_layer, accuracy,
+               profile_dir: Path | None = None, read_gbps: float | None = None):
     placement = policy.resident(placement, shape.num_experts)
-    replay_box = [Replay(seqs, batch, shape.num_layers, accuracy)]
-    configure(engine, policy, placement, replay_box, first_predicted_layer)
     device = engine.device
+    warmup = 2
+    profiled = steps if profile_dir is not None else 0  # after the timed steps: the profiler slows what it sees
+    total = warmup + steps + profiled
+    replay_box = [Replay(seqs, batch, shape.num_layers, shape.num_experts, accuracy, total, device)]
+    configure(engine, policy, placement, replay_box, first_predicted_layer)
     lru = [OrderedDict((e, None) for e in experts) for experts in placement]
     # the prompts: one prefill step of each sequence's prompt rows, so re-allocation has counts
     for index, seq in enumerate(seqs):
@@ -156,35 +177,61 @@ def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w
         engine.end_step()
     req_ids = tuple(f"row{r}" for r in range(batch))
     x0 = torch.randn(batch, shape.hidden_size, device=device, dtype=torch.bfloat16)
-    elapsed, warmup = 0.0, 2
-    for step in range(warmup + steps):
-        replay = replay_box[0]
+    replay = replay_box[0]
+    elapsed = profiled_s = 0.0
+    profiler = None
+    for step in range(total):
         replay.step = step
+        if step == warmup + steps and profiled:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
         engine.begin_step(StepBatch(req_ids, (1,) * batch, (False,) * batch, (False,) * batch,
-                                    (warmup + steps - step,) * batch))
+                                    (total - step,) * batch))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         x = x0
         for layer_index, layer in enumerate(engine.layers):
             x = (x @ attention_w)[:, : shape.hidden_size]  # the attention projections' weight reads
-            ids = replay.ids(layer_index)
-            if policy.misses != "cpu":
-                copy_misses(engine, policy, layer_index, ids, placement[layer_index], lru[layer_index])
-            x = x0 + 0.0 * layer.forward(x, logits_choosing(ids, shape.num_experts).to(device))
+            if policy.misses != "cpu":  # lru / ondemand decide on the host which experts to copy
+                copy_misses(engine, policy, layer_index, replay.true_ids[step][layer_index], placement[layer_index],
+                            lru[layer_index])
+            x = x0 + 0.0 * layer.forward(x, replay.true_logits[step][layer_index])
             drop_copies(engine, policy, layer_index, placement[layer_index])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if step >= warmup:
+        if warmup <= step < warmup + steps:
             elapsed += time.perf_counter() - start
+        elif step >= warmup + steps:
+            profiled_s += time.perf_counter() - start
         engine.end_step()
     for name in [*req_ids, *(f"seq{i}" for i in range(len(seqs)))]:
         engine.drop_request(name)
     seconds_per_step = elapsed / steps * MIXTRAL_LAYERS / shape.num_layers  # scaled to 32 layers
     report = engine.report()["totals"]
     engine.stats.reset()
-    return {"tokens_per_s": batch / seconds_per_step, "decode_hit_rate": report["decode_hit_rate"],
-            "swaps": report["swaps"], "precomputed_used": report["precomputed_used"]}
+    result = {"tokens_per_s": batch / seconds_per_step, "decode_hit_rate": report["decode_hit_rate"],
+              "swaps": report["swaps"], "precomputed_used": report["precomputed_used"]}
+    if read_gbps:  # the bound of a step that only reads its weights once, at the device's read rate
+        expert_bytes = engine.layers[0].store.expert_bytes
+        step_bytes = statistics.mean(
+            sum(len(set(ids.flatten().tolist())) * expert_bytes + attention_w.nbytes for ids in replay.true_ids[step])
+            for step in range(warmup, warmup + steps))
+        result["roofline_tokens_per_s"] = batch / (step_bytes / (read_gbps * 1e9) * MIXTRAL_LAYERS / shape.num_layers)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        busy = device_busy_seconds(profiler) / profiled if device.type == "cuda" else None
+        step_s = profiled_s / profiled
+        result["profile"] = {"step_ms": 1000 * step_s, "device_busy_ms": None if busy is None else 1000 * busy,
+                             "device_idle_share": None if busy is None else max(0.0, 1 - busy / step_s)}
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        (profile_dir / f"{policy.name}-batch{batch}.txt").write_text(
+            profiler.key_averages().table(sort_by=sort_by, row_limit=25))
+    return result
 
 
 def measure_rates(engine: DaopEngine) -> dict:
@@ -201,6 +248,17 @@ def measure_rates(engine: DaopEngine) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         rates["pcie_gbps"] = store.w13[0].nbytes / sorted(times)[2] / 1e9
+        source = torch.empty(1 << 30, dtype=torch.uint8, device=engine.device)
+        target = torch.empty_like(source)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.copy_(source)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        rates["device_copy_read_gbps"] = source.nbytes / sorted(times)[2] / 1e9  # bytes read (as many written)
+        del source, target
     x = torch.randn(1, store.w13.shape[2], dtype=store.w13.dtype)
     times = []
     for e in range(store.num_experts):
@@ -227,6 +285,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU executor threads (default: physical cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="torch.profiler over as many steps again, after the timed ones: per policy, step time, "
+                             "device busy time and idle share in the JSON, the op table as DIR/POLICY-batchB.txt")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -257,8 +318,10 @@ def main() -> None:
         placement = plan_residency(slots, shape.num_layers, shape.num_experts,
                                    rank_pairs(shape.num_layers, shape.num_experts, profile))
         for batch in args.batches:
+            profile_dir = args.profile / f"fraction{fraction}" if args.profile else None
             measured = {name: run_policy(engine, POLICIES[name], shape, trimmed, placement, batch, args.steps,
-                                         attention_w, args.first_predicted_layer, PAPER_PREDICTION_ACCURACY)
+                                         attention_w, args.first_predicted_layer, PAPER_PREDICTION_ACCURACY,
+                                         profile_dir, rates.get("device_copy_read_gbps"))
                         for name in args.policies}
             predicted = simulate(trimmed, args.policies, shape, load_hardware("h200"), fraction, calibrate_on=0,
                                  batch=batch, first_predicted_layer=args.first_predicted_layer,
@@ -270,8 +333,12 @@ def main() -> None:
             result["runs"].append({"resident_fraction": fraction, "batch": batch, "policies": measured})
             print(f"fraction {fraction}, batch {batch}:")
             for name, r in measured.items():
+                idle = r.get("profile", {}).get("device_idle_share")
                 print(f"  {name:>14} {r['tokens_per_s']:8.2f} tok/s  x{r['over_static'] or 0:5.2f} static   "
-                      f"h200 preset {r['h200_preset_tokens_per_s']:8.2f}")
+                      f"h200 preset {r['h200_preset_tokens_per_s']:8.2f}"
+                      + (f"   device idle {100 * idle:.0f}%" if idle is not None else "")
+                      + (f"   {r['tokens_per_s'] / r['roofline_tokens_per_s']:.0%} of the read roofline"
+                         if name == "gpu" and "roofline_tokens_per_s" in r else ""))
     result["seconds"] = time.perf_counter() - started
     print(f"measured: {rates}; {result['seconds']:.0f} s")
     engine.close()

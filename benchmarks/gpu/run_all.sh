@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What needs the GPU machine, in sections that each fit one device call (10 minutes) with room:
 #   bash benchmarks/gpu/run_all.sh tests       # the CUDA tests                      (~2 min)
-#   bash benchmarks/gpu/run_all.sh kernel      # check_kernel.py                     (~3 min)
+#   bash benchmarks/gpu/run_all.sh sweep       # launch configs swept (bf16 shapes), written to
+#                                              # daop_vllm/core/triton_configs and $OUT (~4 min)
+#   bash benchmarks/gpu/run_all.sh kernel      # check_kernel.py with those configs  (~3 min)
 #   bash benchmarks/gpu/run_all.sh lifecycle   # engine_lifecycle.py, real-size      (~3 min)
 #   bash benchmarks/gpu/run_all.sh policies    # policies.py on the Mixtral trace    (~5 min)
 #   bash benchmarks/gpu/run_all.sh             # tests, kernel and lifecycle (one call)
@@ -25,15 +27,20 @@ for section in $sections; do
       timeout 240 python -m pytest -q -p no:cacheprovider tests/core/test_moe.py tests/core/test_realloc.py \
         tests/core/test_triton_kernel.py tests/core/test_prediction.py tests/core/test_cuda_path.py \
         tests/core/test_device_budget.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -5 ;;
+    sweep)
+      timeout 420 python benchmarks/gpu/check_kernel.py --shapes mixtral-8x7b phi-3.5-moe deepseek-v2-lite \
+        qwen3-30b-a3b --tokens-per-expert 1 64 --sweep daop_vllm/core/triton_configs \
+        --out "$OUT/gpu_check_kernel_sweep.json" 2>&1 | tail -12
+      mkdir -p "$OUT/triton_configs" && cp daop_vllm/core/triton_configs/*.json "$OUT/triton_configs/" ;;
     kernel)
-      timeout 240 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -20 ;;
+      timeout 300 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -30 ;;
     lifecycle)
       timeout 300 python benchmarks/gpu/engine_lifecycle.py --out "$OUT/gpu_engine_lifecycle.json" 2>&1 \
         | tee "$OUT/gpu_engine_lifecycle.log" | tail -40 ;;
     policies)
       timeout 420 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
-        --out "$OUT/gpu_policies.json" 2>&1 | tail -45 ;;
-    *) echo "unknown section '$section': accepted tests, kernel, lifecycle, policies"; status=2 ;;
+        --profile "$OUT/profiles" --out "$OUT/gpu_policies.json" 2>&1 | tail -45 ;;
+    *) echo "unknown section '$section': accepted tests, sweep, kernel, lifecycle, policies"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done

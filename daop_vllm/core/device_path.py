@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.triton_configs import supports
 
 ExpertsForward = Callable[..., torch.Tensor]
 
@@ -17,10 +18,9 @@ def pick_device_forward(device: torch.device) -> tuple[ExpertsForward, str]:
     """(function, description for the startup log)."""
     if device.type == "cpu":
         return routed_experts_forward, "CPU executor, every expert in one job (device and host are one memory)"
-    if device.type != "cuda":
-        return routed_experts_forward, f"torch reference on {device} (the Triton kernel needs CUDA)"
-    try:
-        from daop_vllm.core.triton_moe import resident_experts_forward_triton
-    except ImportError as exc:
-        return routed_experts_forward, f"torch reference on {device} (Triton unavailable: {exc})"
+    supported, reason = supports(device)
+    if not supported:
+        return routed_experts_forward, f"torch reference on {device} ({reason})"
+    from daop_vllm.core.triton_moe import resident_experts_forward_triton
+
     return resident_experts_forward_triton, f"Triton fused kernel on {device}"

@@ -1,20 +1,25 @@
 """The resident experts of one layer in one fused Triton launch.
 
-A grouped GEMM over the (token, k) pairs routed to device-resident experts, with the slot table
-as indirection: per block of pairs of one slot and one chunk of the intermediate dimension, the
-kernel computes gate and up projections, SiLU-and-multiply, scales by the routing weight, runs
-its chunk of the down projection and adds the partial result into the output with atomics
-(split over I, so no program holds a whole intermediate row). Pairs routed to experts that are
-not resident are skipped. Same contract as `expert_math.routed_experts_forward`.
+The (token, k) pairs routed to device-resident experts, with the slot table as indirection: per
+slot and chunk of the intermediate dimension, a program computes gate and up projections,
+SiLU-and-multiply, scales by the routing weight, runs its chunk of the down projection and adds
+the partial result into the output with atomics (split over I, so no program holds a whole
+intermediate row). Few pairs (decode) take a GEMV-shaped launch that finds each slot's pairs in
+the kernel; more take a grouped GEMM over the pairs sorted by slot. Pairs routed to experts that
+are not resident are skipped. Same contract as `expert_math.routed_experts_forward`.
 
 Legend: T tokens, K top-k, P = T*K pairs, E experts, S slots, H hidden, I intermediate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+
+from daop_vllm.core.triton_configs import LaunchConfig, launch_config
 
 # fp32 experts multiply in fp32: Triton's default for fp32 dots on tensor cores is TF32, which on
 # the H200 was 1e-3 off the reference at unit scale (bf16/fp16 dots ignore this setting).
@@ -22,60 +27,90 @@ FP32_DOT: tl.constexpr = tl.constexpr("ieee")
 
 
 @triton.jit
-def _resident_moe_kernel(
-    # pointers
-    x_ptr, w13_ptr, w2_ptr, out_ptr, pair_ptr, block_slot_ptr, pair_weight_ptr,
-    # sizes
-    num_pairs, H, I, top_k,
-    # strides
-    stride_xt, stride_xh,
-    stride_w13s, stride_w13n, stride_w13h,
-    stride_w2s, stride_w2h, stride_w2i,
+def _expert_rows(
+    x_ptr, w13_ptr, w2_ptr, out_ptr, token, valid, weight, slot, pid_i, H, I,
+    stride_xt, stride_xh, stride_w13s, stride_w13n, stride_w13h, stride_w2s, stride_w2h, stride_w2i,
     stride_ot, stride_oh,
-    # meta
+    BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Rows `token` (where `valid`) through one chunk of the intermediate dimension of the expert
+    in `slot`: gate and up, SiLU-and-multiply, times `weight`, then that chunk's share of the down
+    projection added into out."""
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < I
+    # int64: a slot's offset passes 2^31 elements for large experts (DeepSeek-V3's w13 slot
+    # holds 29.4M, so from slot 74 on), where Triton would multiply int32 strides in int32.
+    w13 = w13_ptr + slot.to(tl.int64) * stride_w13s
+    gate = tl.zeros((token.shape[0], BLOCK_I), dtype=tl.float32)
+    up = tl.zeros((token.shape[0], BLOCK_I), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        x = tl.load(x_ptr + token[:, None] * stride_xt + offs_h[None, :] * stride_xh,
+                    mask=valid[:, None] & mask_h[None, :], other=0.0)  # [M, BH]
+        w_mask = mask_h[:, None] & mask_i[None, :]
+        w_gate = tl.load(w13 + offs_i[None, :] * stride_w13n + offs_h[:, None] * stride_w13h,
+                         mask=w_mask, other=0.0)  # [BH, BI]
+        w_up = tl.load(w13 + (offs_i[None, :] + I) * stride_w13n + offs_h[:, None] * stride_w13h,
+                       mask=w_mask, other=0.0)  # [BH, BI]
+        gate = tl.dot(x, w_gate, gate, input_precision=FP32_DOT)
+        up = tl.dot(x, w_up, up, input_precision=FP32_DOT)
+    act = gate * tl.sigmoid(gate) * up * weight[:, None]  # [M, BI], routing weight applied
+    act = act.to(w2_ptr.dtype.element_ty)
+
+    w2 = w2_ptr + slot.to(tl.int64) * stride_w2s
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        w_down = tl.load(w2 + offs_i[:, None] * stride_w2i + offs_h[None, :] * stride_w2h,
+                         mask=mask_i[:, None] & mask_h[None, :], other=0.0)  # [BI, BH]
+        part = tl.dot(act, w_down, input_precision=FP32_DOT)  # [M, BH]
+        tl.atomic_add(out_ptr + token[:, None] * stride_ot + offs_h[None, :] * stride_oh, part,
+                      mask=valid[:, None] & mask_h[None, :])
+
+
+@triton.jit
+def _grouped_moe_kernel(
+    x_ptr, w13_ptr, w2_ptr, out_ptr, pair_ptr, block_slot_ptr, pair_weight_ptr,
+    num_pairs, H, I, top_k,
+    stride_xt, stride_xh, stride_w13s, stride_w13n, stride_w13h, stride_w2s, stride_w2h, stride_w2i,
+    stride_ot, stride_oh,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """GEMM-shaped: program (m, i) takes block m of the pairs grouped by slot (group_pairs_by_slot)."""
     pid_m = tl.program_id(0)
-    pid_i = tl.program_id(1)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot >= 0:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(pair_ptr + offs_m)  # a pair index, or num_pairs for padding
+        pair = tl.load(pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # a pair index, or num_pairs: padding
         valid = pair < num_pairs
-        token = tl.where(valid, pair // top_k, 0)
         weight = tl.load(pair_weight_ptr + pair, mask=valid, other=0.0)
-        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-        mask_i = offs_i < I
-        # int64: a slot's offset passes 2^31 elements for large experts (DeepSeek-V3's w13 slot
-        # holds 29.4M, so from slot 74 on), where Triton would multiply int32 strides in int32.
-        w13 = w13_ptr + slot.to(tl.int64) * stride_w13s
+        _expert_rows(x_ptr, w13_ptr, w2_ptr, out_ptr, tl.where(valid, pair // top_k, 0), valid, weight, slot,
+                     tl.program_id(1), H, I, stride_xt, stride_xh, stride_w13s, stride_w13n, stride_w13h,
+                     stride_w2s, stride_w2h, stride_w2i, stride_ot, stride_oh, BLOCK_I, BLOCK_H)
 
-        gate = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            x = tl.load(x_ptr + token[:, None] * stride_xt + offs_h[None, :] * stride_xh,
-                        mask=valid[:, None] & mask_h[None, :], other=0.0)  # [M, BH]
-            w_mask = mask_h[:, None] & mask_i[None, :]
-            w_gate = tl.load(w13 + offs_i[None, :] * stride_w13n + offs_h[:, None] * stride_w13h,
-                             mask=w_mask, other=0.0)  # [BH, BI]
-            w_up = tl.load(w13 + (offs_i[None, :] + I) * stride_w13n + offs_h[:, None] * stride_w13h,
-                           mask=w_mask, other=0.0)  # [BH, BI]
-            gate = tl.dot(x, w_gate, gate, input_precision=FP32_DOT)
-            up = tl.dot(x, w_up, up, input_precision=FP32_DOT)
-        act = gate * tl.sigmoid(gate) * up * weight[:, None]  # [M, BI], routing weight applied
-        act = act.to(w2_ptr.dtype.element_ty)
 
-        w2 = w2_ptr + slot.to(tl.int64) * stride_w2s
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            w_down = tl.load(w2 + offs_i[:, None] * stride_w2i + offs_h[None, :] * stride_w2h,
-                             mask=mask_i[:, None] & mask_h[None, :], other=0.0)  # [BI, BH]
-            part = tl.dot(act, w_down, input_precision=FP32_DOT)  # [M, BH]
-            tl.atomic_add(out_ptr + token[:, None] * stride_ot + offs_h[None, :] * stride_oh, part,
-                          mask=valid[:, None] & mask_h[None, :])
+@triton.jit
+def _few_pairs_moe_kernel(
+    x_ptr, w13_ptr, w2_ptr, out_ptr, topk_ids_ptr, topk_weights_ptr, slot_of_expert_ptr,
+    num_pairs, H, I, top_k,
+    stride_xt, stride_xh, stride_w13s, stride_w13n, stride_w13h, stride_w2s, stride_w2h, stride_w2i,
+    stride_ot, stride_oh,
+    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """GEMV-shaped, for few pairs (decode): program (s, i) reads chunk i of slot s's weights once
+    for all the pairs routed to it, found by masking every pair's expert against the slot, so
+    nothing is grouped or sorted before the launch. Slots no pair uses return at once."""
+    slot = tl.program_id(0)
+    offs_p = tl.arange(0, BLOCK_P)
+    in_range = offs_p < num_pairs
+    expert = tl.load(topk_ids_ptr + offs_p, mask=in_range, other=-1)
+    pair_slot = tl.load(slot_of_expert_ptr + expert, mask=in_range & (expert >= 0), other=-1)
+    mine = in_range & (pair_slot == slot)
+    if tl.max(mine.to(tl.int32), axis=0) > 0:
+        weight = tl.load(topk_weights_ptr + offs_p, mask=mine, other=0.0).to(tl.float32)
+        _expert_rows(x_ptr, w13_ptr, w2_ptr, out_ptr, tl.where(mine, offs_p // top_k, 0), mine, weight, slot,
+                     tl.program_id(1), H, I, stride_xt, stride_xh, stride_w13s, stride_w13n, stride_w13h,
+                     stride_w2s, stride_w2h, stride_w2i, stride_ot, stride_oh, BLOCK_I, BLOCK_H)
 
 
 def group_pairs_by_slot(
@@ -114,6 +149,48 @@ def group_pairs_by_slot(
     return pair_of_row, slot_of_block
 
 
+def prepare_launch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    config: LaunchConfig | None = None,
+) -> Callable[[torch.Tensor], None]:
+    """Everything of a call but the kernel: returns launch(out), which runs only the kernel, adding
+    the resident experts' contributions into `out` ([T, H] fp32), so that it can be timed alone.
+    Few pairs take the GEMV-shaped kernel (one launch, nothing prepared), more the grouped one."""
+    num_slots, two_i, hidden = w13.shape
+    intermediate = two_i // 2
+    pairs = topk_ids.numel()
+    config = config or launch_config(x.device, x.dtype, slot_of_expert.numel(), hidden, intermediate)
+    strides = (x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+               w2.stride(0), w2.stride(1), w2.stride(2))
+    if pairs <= config.few_pairs_max:
+        ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
+        grid = (num_slots, triton.cdiv(intermediate, config.gemv_block_i))
+        block_p = max(16, triton.next_power_of_2(pairs))  # tl.dot takes 16 rows at least
+
+        def launch(out: torch.Tensor) -> None:
+            _few_pairs_moe_kernel[grid](
+                x, w13, w2, out, ids, weights, slot_of_expert, pairs, hidden, intermediate, topk_ids.shape[1],
+                *strides, out.stride(0), out.stride(1),
+                BLOCK_P=block_p, BLOCK_I=config.gemv_block_i, BLOCK_H=config.gemv_block_h,
+                num_warps=config.gemv_warps)
+        return launch
+    pair_of_row, slot_of_block = group_pairs_by_slot(topk_ids, slot_of_expert, num_slots, config.block_m)
+    pair_weight = topk_weights.flatten().to(torch.float32).contiguous()
+    grid = (slot_of_block.numel(), triton.cdiv(intermediate, config.block_i))
+
+    def launch(out: torch.Tensor) -> None:
+        _grouped_moe_kernel[grid](
+            x, w13, w2, out, pair_of_row, slot_of_block, pair_weight, pairs, hidden, intermediate, topk_ids.shape[1],
+            *strides, out.stride(0), out.stride(1),
+            BLOCK_M=config.block_m, BLOCK_I=config.block_i, BLOCK_H=config.block_h, num_warps=config.warps)
+    return launch
+
+
 def resident_experts_forward_triton(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -121,18 +198,16 @@ def resident_experts_forward_triton(
     w13: torch.Tensor,
     w2: torch.Tensor,
     slot_of_expert: torch.Tensor,
-    block_m: int = 16,
-    block_i: int = 64,
-    block_h: int = 64,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """x [T, H]; topk_ids, topk_weights [T, K]; w13 [S, 2I, H]; w2 [S, H, I]; slot_of_expert [E]
-    -> [T, H] in x's dtype: the contributions of the experts mapped to slots."""
+    -> [T, H] in x's dtype: the contributions of the experts mapped to slots. No host sync; three
+    launches for few pairs (zeros, the kernel, the cast)."""
     assert x.dim() == 2 and topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0], (
         f"x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}"
     )
     num_slots, two_i, hidden = w13.shape
-    intermediate = two_i // 2
-    assert hidden == x.shape[1] and w2.shape == (num_slots, hidden, intermediate), (
+    assert hidden == x.shape[1] and w2.shape == (num_slots, hidden, two_i // 2), (
         f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match x {tuple(x.shape)}"
     )
     assert x.dtype == w13.dtype == w2.dtype, f"dtypes differ: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}"
@@ -140,16 +215,5 @@ def resident_experts_forward_triton(
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if num_slots == 0 or x.shape[0] == 0:
         return out.to(x.dtype)
-    pair_of_row, slot_of_block = group_pairs_by_slot(topk_ids, slot_of_expert, num_slots, block_m)
-    pair_weight = topk_weights.flatten().to(torch.float32).contiguous()
-    grid = (slot_of_block.numel(), triton.cdiv(intermediate, block_i))
-    _resident_moe_kernel[grid](
-        x, w13, w2, out, pair_of_row, slot_of_block, pair_weight,
-        topk_ids.numel(), hidden, intermediate, topk_ids.shape[1],
-        x.stride(0), x.stride(1),
-        w13.stride(0), w13.stride(1), w13.stride(2),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_H=block_h,
-    )
+    prepare_launch(x, topk_ids, topk_weights, w13, w2, slot_of_expert, config)(out)
     return out.to(x.dtype)

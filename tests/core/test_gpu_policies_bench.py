@@ -33,3 +33,21 @@ def test_policies_benchmark_runs_every_policy_at_a_tiny_size(tmp_path):
         assert run["policies"]["all-cpu"]["decode_hit_rate"] == 0
         assert run["policies"]["static"]["over_static"] == 1
         assert run["policies"]["daop"]["precomputed_used"] > 0
+
+
+def test_policies_benchmark_profiles_each_policy(tmp_path):
+    out, profiles = tmp_path / "policies.json", tmp_path / "profiles"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--trace", str(TINY_TRACE), "--layers", "2", "--hidden", "64",
+         "--intermediate", "128", "--steps", "2", "--batches", "1", "--fractions", "0.5", "--policies", "gpu", "static",
+         "--profile", str(profiles), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    policies = json.loads(out.read_text())["runs"][0]["policies"]
+    for name in ("gpu", "static"):
+        profile = policies[name]["profile"]
+        assert profile["step_ms"] > 0
+        assert profile["device_busy_ms"] is None, "no device on the CPU: the split needs CUDA"
+        table = (profiles / "fraction0.5" / f"{name}-batch1.txt").read_text()
+        assert "Self CPU" in table and "aten::" in table, table[:500]

@@ -21,7 +21,11 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from daop_vllm.core.expert_math import routed_experts_forward  # noqa: E402
+from daop_vllm.core.triton_configs import LaunchConfig  # noqa: E402
 from daop_vllm.core.triton_moe import group_pairs_by_slot, resident_experts_forward_triton  # noqa: E402
+
+# Each launch shape forced: the GEMV-shaped one for any number of pairs, and the grouped one
+LAUNCHES = {"gemv": LaunchConfig(few_pairs_max=1 << 20), "grouped": LaunchConfig(few_pairs_max=0)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,22 +67,49 @@ def make_case(tokens, experts, top_k, hidden, intermediate, resident, seed=0, dt
         (8, 128, 8, 64, 32, list(range(127, 27, -1))),  # Qwen3-MoE's 128, most resident
     ],
 )
-def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, resident):
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, resident, launch):
     args = make_case(tokens, experts, top_k, hidden, intermediate, resident)
-    got = resident_experts_forward_triton(*args)
+    got = resident_experts_forward_triton(*args, config=LAUNCHES[launch])
     want = routed_experts_forward(*args)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     if not resident:
         assert torch.count_nonzero(got) == 0
 
 
-def test_one_expert_with_all_tokens():
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_one_expert_with_all_tokens(launch):
     x, topk_ids, topk_weights, w13, w2, slot_of_expert = make_case(40, 8, 2, 64, 48, [5])
     topk_ids[:, 0] = 5  # every token's first choice is the one resident expert
     topk_ids[:, 1] = torch.where(topk_ids[:, 1] == 5, 6, topk_ids[:, 1])
     args = (x, topk_ids, topk_weights, w13, w2, slot_of_expert)
-    torch.testing.assert_close(resident_experts_forward_triton(*args), routed_experts_forward(*args),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resident_experts_forward_triton(*args, config=LAUNCHES[launch]),
+                               routed_experts_forward(*args), rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_config_takes_the_gemv_launch_for_decode_and_grouped_for_prefill():
+    from daop_vllm.core import triton_moe
+
+    launched = []
+    for name in ("_few_pairs_moe_kernel", "_grouped_moe_kernel"):
+        kernel = getattr(triton_moe, name)
+
+        class Recorder:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        setattr(triton_moe, name, Recorder(kernel, name))
+    try:
+        for tokens in (1, 4, 64):
+            resident_experts_forward_triton(*make_case(tokens, 8, 2, 32, 32, list(range(8))))
+    finally:
+        for name in ("_few_pairs_moe_kernel", "_grouped_moe_kernel"):
+            setattr(triton_moe, name, getattr(triton_moe, name).kernel)
+    assert launched == ["_few_pairs_moe_kernel", "_few_pairs_moe_kernel", "_grouped_moe_kernel"]
 
 
 def test_grouping_pads_each_slot_to_whole_blocks():
