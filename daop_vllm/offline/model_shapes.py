@@ -40,6 +40,7 @@ MODEL_SHAPES = {
         MoEShape("tiny-mixtral", 4, 8, 2, 64, 128),  # daop_vllm.cli.model_builder's default
         # daop_vllm.cli.trained_model's recipes (Shakespeare, trained here)
         MoEShape("shakespeare-moe", 6, 8, 2, 256, 512, prediction_accuracy=0.803),  # results/quality_shakespeare_moe.json
+        MoEShape("shakespeare-moe-small", 6, 8, 2, 192, 256),  # the demo's
         MoEShape("shakespeare-moe-tiny", 2, 8, 2, 64, 128),
     )
 }

@@ -22,6 +22,10 @@ def test_demo_prints_text_placement_speed_and_cpu_share(trained_tiny):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
+    # the demo's own lines only: vLLM's logs and progress bars go to a log file without --verbose
+    logged = re.findall(r"^.*\b(?:INFO|WARNING) \d\d-\d\d .*$", result.stdout + result.stderr, re.M)
+    assert not logged and not result.stderr.strip(), f"vLLM output reached the terminal: {logged[:3]}{result.stderr}"
+    assert out.rstrip().splitlines()[-1].startswith("expert work on the CPU: "), "the last screen is the demo's"
     assert "resident_fraction=0.25" in out
     assert "realloc auto made" in out
     assert "shakespeare-moe-tiny, a Mixtral-format MoE trained on Shakespeare" in out

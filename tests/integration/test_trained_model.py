@@ -9,11 +9,19 @@ import os
 import pytest
 import torch
 
-from daop_vllm.cli.trained_model import RECIPES, build_trained_model
+from daop_vllm.cli.trained_model import (
+    RECIPES,
+    SHIPPED_MODEL_DIR,
+    build_trained_model,
+    is_build_of,
+    reproduce_first_steps,
+)
 
 from .engines import max_difference, prompt_logprobs, running_llm, transformers_logprobs
 
 TINY = RECIPES["shakespeare-moe-tiny"]
+SMALL = RECIPES["shakespeare-moe-small"]
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
 
 
 def card(model_dir: str) -> dict:
@@ -116,3 +124,43 @@ def test_simulator_default_prediction_accuracy_is_the_measured_one():
     measured = next(r["prediction_accuracy"] for r in result["runs"]
                     if (r["mode"], r["degrade"], r["resident_fraction"]) == ("daop", True, 0.25))
     assert model_shape("shakespeare-moe").prediction_accuracy == pytest.approx(measured, abs=5e-4)
+
+
+def test_the_shipped_demo_model_is_the_recipes_build_and_small():
+    assert is_build_of(SHIPPED_MODEL_DIR, SMALL), "the recipe changed: re-train it (build-model shakespeare-moe-small)"
+    assert str(build_trained_model(SMALL.name)) == str(SHIPPED_MODEL_DIR), "the demo would train"
+    size = sum(f.stat().st_size for f in SHIPPED_MODEL_DIR.iterdir())
+    assert size <= 20e6, f"{size / 1e6:.1f} MB"
+
+
+def test_the_shipped_demo_model_predicts_held_out_text_as_well_as_shakespeare_moe():
+    small = card(str(SHIPPED_MODEL_DIR))
+    with open(os.path.join(RESULTS, "shakespeare_moe_card.json")) as f:
+        large = json.load(f)
+    # the same tokenizer (corpus, vocabulary) and windows: the perplexities are over the same tokens
+    for key in ("corpus", "seq_len", "eval_windows", "train_chars"):
+        assert small["recipe"][key] == large["recipe"][key], key
+    assert small["recipe"]["shape"]["vocab_size"] == large["recipe"]["shape"]["vocab_size"]
+    assert small["held_out_tokens"] == large["held_out_tokens"]
+    assert small["held_out_perplexity"] <= large["held_out_perplexity"]
+
+
+def test_the_shipped_weights_are_the_ones_the_card_measured():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from daop_vllm.cli.corpus import load_corpus
+    from daop_vllm.cli.trained_model import evaluate, token_stream
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+    held_out = token_stream(tokenizer, list(load_corpus().held_out.values()))
+    quality = evaluate(model.eval(), SMALL, held_out)
+    assert quality["held_out_perplexity"] == pytest.approx(card(str(SHIPPED_MODEL_DIR))["held_out_perplexity"],
+                                                           rel=1e-3)
+
+
+def test_the_recipe_still_reproduces_the_shipped_model(tmp_path):
+    losses = reproduce_first_steps(SMALL.name, 30, tmp_path)
+    curve = card(str(SHIPPED_MODEL_DIR))["loss_curve"]  # means of 10 steps
+    got = [sum(losses[i:i + 10]) / 10 for i in range(0, 30, 10)]
+    assert got == pytest.approx(curve[:3], rel=0.01), (got, curve[:3])

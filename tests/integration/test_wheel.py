@@ -13,9 +13,9 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["demo", "build-model", "bench", "bench cpu-experts", "bench modes", "bench serve", "bench layer",
-               "bench vllm-serve", "bench simulate", "eval", "eval quality", "simulate", "calibrate", "trace-stats",
-               "stats", "patch-vllm"]
+SUBCOMMANDS = ["demo", "build-model", "bench", "bench cpu-experts", "bench modes", "bench serve", "bench soak",
+               "bench layer", "bench vllm-serve", "bench simulate", "eval", "eval quality", "simulate", "calibrate",
+               "trace-stats", "stats", "patch-vllm"]
 
 
 def run(*command, cwd, env=None) -> str:
@@ -54,5 +54,10 @@ def test_the_wheel_installs_and_every_command_runs(tmp_path):
     assert "build-model" in run(str(script), "--help", cwd=elsewhere, env=env)
     for command in SUBCOMMANDS:
         assert "usage: daop-vllm" in run(str(script), *command.split(), "--help", cwd=elsewhere, env=env)
+    shipped = run(str(python), "-c", "from daop_vllm.cli.trained_model import RECIPES, SHIPPED_MODEL_DIR, is_build_of;"
+                  "print(SHIPPED_MODEL_DIR, is_build_of(SHIPPED_MODEL_DIR, RECIPES['shakespeare-moe-small']))",
+                  cwd=elsewhere, env=env).split()
+    assert Path(shipped[0]).is_relative_to(venv) and shipped[1] == "True", f"the demo's model is missing: {shipped}"
+    assert (Path(shipped[0]) / "model.safetensors").stat().st_size > 1e6
     patched = run(str(script), "patch-vllm", cwd=elsewhere, env=env)
     assert "vllm-cpu-version.patch" in patched and "vllm-cpu-rope-3d.patch" in patched
