@@ -13,8 +13,8 @@ from typing import Any
 
 class StatsFile:
     """Writes `report()` to `path` every `interval_s` seconds on a thread of its own, and once
-    more on `close()`. Each write goes to a temporary file that is then renamed over `path`,
-    so a reader never sees half a file."""
+    more on `close()` (that write alone has `"final": true`). Each write goes to a temporary file
+    that is then renamed over `path`, so a reader never sees half a file."""
 
     def __init__(self, path: str | Path, report: Callable[[], dict[str, Any]], interval_s: float = 1.0) -> None:
         self.path = Path(path)
@@ -26,8 +26,8 @@ class StatsFile:
         self._thread = threading.Thread(target=self._run, name="daop-stats", daemon=True)
         self._thread.start()
 
-    def write(self) -> None:
-        data = {**self._report(), "pid": os.getpid(), "updated_at": time.time()}
+    def write(self, final: bool = False) -> None:
+        data = {**self._report(), "pid": os.getpid(), "updated_at": time.time(), "final": final}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with self._lock:
             tmp.write_text(json.dumps(data, indent=1))
@@ -42,14 +42,14 @@ class StatsFile:
             return
         self._stop.set()
         self._thread.join()
-        self._write_unless_removed()
+        self._write_unless_removed(final=True)
 
-    def _write_unless_removed(self) -> bool:
+    def _write_unless_removed(self, final: bool = False) -> bool:
         """`write()`, unless the file's directory has been removed meanwhile (the temporary one
         the front end gives for its /metrics goes when the front end exits, which may be before
         the worker's last write): then False, and nothing written."""
         try:
-            self.write()
+            self.write(final)
         except FileNotFoundError:
             if self.path.parent.is_dir():
                 raise

@@ -216,13 +216,21 @@ class DaopModelLoader(BaseModelLoader):
             f"  host experts:  {report['host_expert_bytes'] / 2**30:.2f} GiB"
             f"{' pinned' if report['host_expert_bytes_pinned'] else ''}",
             f"  realloc:       {self._realloc_report(engine)}",
-            f"  stats_path:    {self.options.stats_path or '-'}",
+            f"  stats_path:    {self.options.stats_path or '-'}{self._final_write_note()}",
             *([f"  TEST ONLY:     every {self.options.test_cpu_fault_every}th CPU expert job fails "
                "(test_cpu_fault_every)"] if self.options.test_cpu_fault_every else []),
             f"  trace_path:    {self.options.trace_path or '-'}",
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)
+
+    def _final_write_note(self) -> str:
+        """vLLM's --shutdown-timeout 0 (its default) kills the engine processes as soon as shutdown
+        starts: no last stats write then."""
+        if not self.options.stats_path or getattr(self._vllm_config, "shutdown_timeout", 0):
+            return ""
+        return (" (rewritten every second; its final write at shutdown needs --shutdown-timeout > 0: "
+                "with 0 vLLM kills the engine at once)")
 
     def _threads_reason(self, engine: DaopEngine) -> str:
         if self.options.cpu_threads:

@@ -29,3 +29,15 @@ def test_rewrites_the_report_and_stops_quietly_once_its_directory_is_removed(tmp
 def test_a_missing_directory_at_start_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         StatsFile(tmp_path / "absent" / "stats.json", dict, interval_s=60)
+
+
+def test_only_the_closing_write_is_final(tmp_path):
+    counter = iter(range(1000))
+    stats = StatsFile(tmp_path / "stats.json", lambda: {"n": next(counter)}, interval_s=0.01)
+    first = json.loads((tmp_path / "stats.json").read_text())
+    assert first["final"] is False and first["n"] == 0
+    stats.close()
+    last = json.loads((tmp_path / "stats.json").read_text())
+    assert last["final"] is True and last["n"] >= 1
+    stats.close()  # idempotent: no second final write
+    assert json.loads((tmp_path / "stats.json").read_text())["n"] == last["n"]

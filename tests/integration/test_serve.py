@@ -82,6 +82,7 @@ def test_daop_server_matches_stock_and_writes_stats(tiny_mixtral, stock_completi
     assert final["totals"]["cpu_expert_tokens"] >= live["totals"]["cpu_expert_tokens"]
     log = (tmp_path / "serve.log").read_text()
     assert "daop: load format ready" in log and "budget asked:  resident_fraction=0.25" in log
+    assert "its final write at shutdown needs --shutdown-timeout > 0" in log
 
 
 @pytest.mark.parametrize("mode", ["verified", "daop"])
@@ -147,3 +148,39 @@ def test_metrics_and_recovered_cpu_faults(tiny_mixtral, stock_completions, tmp_p
     assert log.count("recomputed on the fallback path") == 1
     assert shown.returncode == 0 and "realloc auto" in shown.stdout
     assert [line.split()[0] for line in shown.stdout.splitlines()[3:]] == ["0", "1", "2", "3", "all"]
+
+
+def test_sigint_under_load_leaves_the_final_stats_write(tiny_mixtral, tmp_path):
+    """SIGINT while 16 clients stream, with --shutdown-timeout (vLLM's default 0 kills the engine
+    processes at once, before any last write; the startup log says so): the worker's last stats
+    write lands (`final`) and counts every decode row whose token a client received."""
+    stats_path = tmp_path / "stats.json"
+    extra = json.dumps({"resident_fraction": 0.25, "stats_path": str(stats_path)})
+    received = [0] * len(PROMPTS)
+
+    def stream(index: int, url: str) -> None:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        try:
+            for chunk in client.completions.create(model=tiny_mixtral, prompt=PROMPTS[index], max_tokens=200,
+                                                   temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
+                received[index] += len(chunk.choices)
+        except openai.APIError:  # the server went away mid-stream: what this test does to it
+            pass
+
+    pool = ThreadPoolExecutor(max_workers=len(PROMPTS))
+    with vllm_server(tiny_mixtral, "--load-format", "daop", "--model-loader-extra-config", extra,
+                     "--shutdown-timeout", "5", log_path=tmp_path / "serve.log") as url:
+        futures = [pool.submit(stream, index, url) for index in range(len(PROMPTS))]
+        deadline = time.monotonic() + 120
+        while sum(received) < 20 * len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(not future.done() for future in futures), "the load must still be running at SIGINT"
+    for future in futures:
+        future.result()
+    final = json.loads(stats_path.read_text())
+    assert final["final"] is True, "the worker's closing write is missing"
+    decode_rows = [(layer["decode_device_expert_tokens"] + layer["decode_cpu_expert_tokens"]) // 2
+                   for layer in final["layers"]]  # top-2
+    streamed_after_the_first = sum(max(0, count - 1) for count in received)
+    assert min(decode_rows) >= streamed_after_the_first > 0, (decode_rows, received)
+    assert "its final write at shutdown needs --shutdown-timeout" not in (tmp_path / "serve.log").read_text()
