@@ -52,6 +52,17 @@ def add_parser(commands) -> None:
     serve_load.add_argument("--json", action="store_true", help="print one JSON object")
     serve_load.add_argument("--out", type=Path, help="also write the JSON here")
 
+    soak = bench_commands.add_parser("soak", help="the daop server's memory under many requests: flat after warm-up?")
+    soak.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
+                      help="a Mixtral checkpoint (a small one is built here when missing)")
+    soak.add_argument("--requests", type=int, default=5000)
+    soak.add_argument("--concurrency", type=int, default=64)
+    soak.add_argument("--samples", type=int, default=25, help="memory samples, evenly over the answers")
+    soak.add_argument("--options", default='{"resident_fraction": 0.25}',
+                      help="--model-loader-extra-config of the daop server")
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    soak.add_argument("--out", type=Path, help="also write the JSON here")
+
     layer = bench_commands.add_parser("layer", help="the DAOP op per MoE layer against its expert kernels called directly")
     layer.add_argument("--rounds", type=int, default=7, help="rounds over every setting; medians are reported")
     layer.add_argument("--steps", type=int, default=50, help="engine steps per setting and round")
@@ -177,6 +188,27 @@ def _bench_layer(args: argparse.Namespace) -> None:
               f"{100 * row['machinery_share']:.0f}%)")
 
 
+def _bench_soak(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from daop_vllm.bench.serve_load import soak
+    from daop_vllm.cli.model_builder import build_tiny_mixtral
+    from daop_vllm.vllm_adapter.options import DaopOptions
+
+    DaopOptions.parse(args.options)
+    if not (args.model / "config.json").exists():
+        build_tiny_mixtral(args.model)
+    result = soak(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
+                  args.samples)
+    if emit_json(result, args, None):
+        return
+    print(f"{args.requests} requests, {args.concurrency} streaming clients: {result['answered']} answered in full, "
+          f"{result['requests_per_s']:.1f} req/s")
+    print("server memory (MiB) after n answers: " +
+          ", ".join(f"{n}: {mib:.0f}" for n, mib in result["rss_mib_after_answers"]))
+    print(f"growth after the first {100 * result['warm_up_share']:.0f}%: {100 * result['rss_growth_after_warm_up']:.1f}%")
+
+
 def _bench_vllm_serve(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -219,5 +251,6 @@ def _bench_simulate(args: argparse.Namespace) -> None:
     print(f"daop/static averaged over fractions: {result['daop_over_static_average_a6000']:.2f} (paper 1.35)")
 
 
-RUNS = {"cpu-experts": _bench_cpu_experts, "modes": _bench_modes, "serve": _bench_serve, "layer": _bench_layer,
+RUNS = {"cpu-experts": _bench_cpu_experts, "modes": _bench_modes, "serve": _bench_serve, "soak": _bench_soak,
+        "layer": _bench_layer,
         "vllm-serve": _bench_vllm_serve, "simulate": _bench_simulate}
