@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -130,6 +130,20 @@ class DaopEngine:
     @property
     def expert_bytes(self) -> int:
         return self.layers[0].store.expert_bytes
+
+    def use_experts_call(self, make_call: Callable[[HostExpertStore], Callable | None], description: str) -> int:
+        """Where device and host are one memory: run each layer's experts through
+        `make_call(store)` (a faster CPU kernel than the executor's job; None keeps the executor
+        for that layer), `description` naming it as the device path. Returns the layers given one."""
+        if self.device.type != "cpu":
+            return 0
+        given = 0
+        for layer in self.layers:
+            layer.experts_call = make_call(layer.store)
+            given += layer.experts_call is not None
+        if given:
+            self.device_path = description
+        return given
 
     def place(self, resident: list[list[int]]) -> None:
         """Make `resident[l]` the device-resident experts of layer l (slots sized to fit)."""

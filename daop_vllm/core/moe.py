@@ -60,6 +60,9 @@ class DaopMoE:
         self.fidelity = Fidelity()
         self.predicted = False  # decode rows may be routed / pre-computed from a prediction
         self.next_layer: DaopMoE | None = None
+        # Where device and host are one memory: a call that runs the layer's routed experts (ids < 0
+        # skipped) on x at once, if one is faster than the executor's job (DaopEngine.use_experts_call)
+        self.experts_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -91,19 +94,22 @@ class DaopMoE:
             to_compute = to_compute | ~on_cpu
         job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
-        own_job = None
-        if bool(to_compute.any()):
+        own_job = own_out = None
+        in_one_call = one_memory and self.experts_call is not None
+        if bool(to_compute.any()) and not in_one_call:
             own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table,
                                            lane=_OWN_LANE)
         if next_prediction is not None:
             self._precompute(next_prediction, x_host)
+        if in_one_call and bool(to_compute.any()):
+            own_out = self.experts_call(x_host, job_ids, weights)
         if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(
                 x, executed_ids, executed_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
             )
         else:
             out = torch.zeros_like(x)
-        cpu_out = self._cpu_result(own_job, job_ids, weights, job_table, prediction, match, x_host)
+        cpu_out = self._cpu_result(own_job, own_out, job_ids, weights, job_table, prediction, match, x_host)
         if cpu_out is not None:
             job = own_job if own_job is not None and own_job.owns(cpu_out) else None
             out += self.transfers.to_device(cpu_out, job=job)[0]  # the layer's one copy back
@@ -124,6 +130,8 @@ class DaopMoE:
         if not self.cache.shares_host_memory:
             return self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2,
                                        self.cache.slot_of_expert)
+        if self.experts_call is not None:
+            return self.experts_call(x, topk_ids, topk_weights)
         job = self.executor.submit(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index,
                                    lane=_OWN_LANE)
         try:
@@ -213,11 +221,13 @@ class DaopMoE:
             )
         self.requests.predictions[target.layer] = prediction
 
-    def _cpu_result(self, own_job, job_ids, weights, job_table, prediction, match, x_host) -> torch.Tensor | None:
-        """This layer's CPU share: its own job's output plus the used pre-computed pairs. A job
-        that failed is recomputed here on the fallback path (torch, this thread) - a failed
-        pre-computation on this layer's true input - so that the step still completes."""
-        out = None
+    def _cpu_result(self, own_job, own_out, job_ids, weights, job_table, prediction, match,
+                    x_host) -> torch.Tensor | None:
+        """This layer's CPU share: its own job's output (or `own_out`, computed in one call) plus
+        the used pre-computed pairs. A job that failed is recomputed here on the fallback path
+        (torch, this thread) - a failed pre-computation on this layer's true input - so that the
+        step still completes."""
+        out = own_out
         if own_job is not None:
             try:
                 out = own_job.result()

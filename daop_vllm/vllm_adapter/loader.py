@@ -27,10 +27,15 @@ from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import load_hardware, measure_hardware
 from daop_vllm.core.placement import load_profile, plan_for_budget
 from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
+from daop_vllm.vllm_adapter.cpu_fused_experts import (
+    cpu_fused_experts,
+    kernel_isa,
+    prepacked_bytes,
+)
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
-from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
 from daop_vllm.vllm_adapter.options import DaopOptions
+from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
 
 logger = init_logger("vllm.daop")
 
@@ -182,6 +187,12 @@ class DaopModelLoader(BaseModelLoader):
             plan_for_budget(self.options.budget, len(engine.layers), engine.num_experts, engine.expert_bytes,
                             self._auto_bytes(engine), self._profile(engine))
         )
+        if self.options.test_cpu_fault_every is None:  # injected faults are the executor's: keep it then
+            extra = sum(prepacked_bytes(layer.store) for layer in engine.layers)
+            engine.use_experts_call(
+                cpu_fused_experts,
+                f"vLLM's CPU fused-MoE op ({kernel_isa(engine.layers[0].store.w13.dtype)}), every expert in one call "
+                f"(device and host are one memory), on a prepacked copy of the experts: +{extra / 2**30:.2f} GiB")
         if self.options.stats_path:
             engine.write_stats_to(self.options.stats_path)
         if self.options.trace_path:

@@ -133,3 +133,31 @@ def test_on_the_cpu_every_expert_runs_in_one_executor_job(resident):
         assert engine.stats.layer(layer.layer)["device_expert_tokens"] == on_device
     assert engine.executor.jobs_submitted == L
     engine.close()
+
+
+@pytest.mark.parametrize("resident", [[0, 1, 2, 3, 4, 5, 6, 7], [2, 5], []], ids=["all", "two", "none"])
+def test_an_experts_call_replaces_the_executor_where_memory_is_one(resident):
+    """DaopEngine.use_experts_call (the adapter gives vLLM's CPU fused-MoE op): each layer's
+    experts in that one call, ids < 0 skipped as the call's contract says; no executor job."""
+    from daop_vllm.core.expert_math import routed_experts_forward
+
+    engine = make_engine(cpu_threads=2)
+    calls = []
+
+    def make_call(store):
+        def call(x, topk_ids, topk_weights):
+            calls.append(topk_ids.shape)
+            return routed_experts_forward(x, topk_ids, topk_weights, store.w13, store.w2,
+                                          torch.arange(store.num_experts))
+        return call
+
+    assert engine.use_experts_call(make_call, "a test call") == L
+    assert engine.device_path == "a test call"
+    engine.place([resident] * L)
+    gen = torch.Generator().manual_seed(12)
+    x, logits = torch.randn(4, H, generator=gen), torch.randn(4, E, generator=gen)
+    for layer in engine.layers:
+        expected, _ = dense_moe(x, logits, layer.store.w13, layer.store.w2)
+        torch.testing.assert_close(layer.forward(x, logits), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == L and engine.executor.jobs_submitted == 0
+    engine.close()

@@ -1,0 +1,50 @@
+"""vLLM's CPU fused-MoE op for a layer's experts where device and host are one memory (CPU-only
+machines). On the layer of our CPU serving benchmark (8 experts, hidden 512, intermediate 1792) it
+took 0.31-0.84x the executor's time at 1-64 tokens in fp32 and 0.48-0.86x at 4-64 in bf16, but
+1.6x at one token in bf16 (benchmarks/results/cpu_moe_ops.json). It reads its own prepacked copy
+of the weights, made here once: as many bytes again as the layer's experts (the plain store stays,
+for the executor's pre-computation and fault recovery)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from daop_vllm.core.expert_store import HostExpertStore
+
+# vLLM's kernel tiles both dimensions by 32 (it pads the intermediate size itself in its own layer)
+_ALIGNMENT = 32
+
+
+def kernel_isa(dtype: torch.dtype) -> str:
+    return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+
+
+ExpertsCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
+    """(x [T, H], topk_ids [T, K], topk_weights [T, K]) -> [T, H] through vLLM's op, ids < 0
+    contributing nothing; None where the op does not take this layer (dtype, alignment)."""
+    from vllm import _custom_ops as ops
+
+    _, two_i, hidden = store.w13.shape
+    if store.w13.dtype not in (torch.bfloat16, torch.float32) or hidden % _ALIGNMENT or (two_i // 2) % _ALIGNMENT:
+        return None
+    isa = kernel_isa(store.w13.dtype)
+    w13 = ops.cpu_prepack_moe_weight(store.w13, isa)
+    w2 = ops.cpu_prepack_moe_weight(store.w2, isa)
+
+    def experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        skipped = topk_ids < 0  # pre-computed pairs: run as expert 0 with weight 0 (the op takes no gaps)
+        ids = topk_ids.masked_fill(skipped, 0).to(torch.int32)
+        weights = topk_weights.float().masked_fill(skipped, 0.0)
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x.contiguous(), w13, w2, None, None, weights, ids, "silu", isa, False)
+        return out
+    return experts
+
+
+def prepacked_bytes(store: HostExpertStore) -> int:
+    return store.w13.nbytes + store.w2.nbytes

@@ -1,0 +1,30 @@
+"""vLLM's CPU fused-MoE op as the experts call of a CPU-only machine: the same results as the
+torch reference on the store's weights, pairs with ids < 0 skipped (no engine starts)."""
+
+import pytest
+import torch
+
+from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.vllm_adapter.cpu_fused_experts import cpu_fused_experts
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_matches_the_reference_and_skips_negative_ids(dtype, tolerance):
+    torch.manual_seed(0)
+    store = HostExpertStore(8, 64, 96, dtype, pin_memory=False)
+    store.w13.copy_(torch.randn(store.w13.shape) * 0.1)
+    store.w2.copy_(torch.randn(store.w2.shape) * 0.1)
+    call = cpu_fused_experts(store)
+    x = torch.randn(6, 64).to(dtype)
+    weights, ids = torch.softmax(torch.randn(6, 8), -1).topk(2, -1)
+    ids[1, 0] = ids[4, 1] = -1  # pre-computed pairs: the call must leave them out
+    every = torch.arange(8)
+    torch.testing.assert_close(call(x, ids, weights).float(),
+                               routed_experts_forward(x, ids, weights, store.w13, store.w2, every).float(),
+                               rtol=tolerance, atol=tolerance)
+
+
+def test_layers_the_op_does_not_take_keep_the_executor():
+    assert cpu_fused_experts(HostExpertStore(8, 48, 40, torch.float32, pin_memory=False)) is None  # not 32-aligned
+    assert cpu_fused_experts(HostExpertStore(8, 64, 64, torch.float16, pin_memory=False)) is None
