@@ -37,12 +37,21 @@ def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
     w2 = ops.cpu_prepack_moe_weight(store.w2, isa)
 
     def experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        skipped = topk_ids < 0  # pre-computed pairs: run as expert 0 with weight 0 (the op takes no gaps)
-        ids = topk_ids.masked_fill(skipped, 0).to(torch.int32)
-        weights = topk_weights.float().masked_fill(skipped, 0.0)
-        out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x.contiguous(), w13, w2, None, None, weights, ids, "silu", isa, False)
-        return out
+        ids, weights, rows = topk_ids.to(torch.int32), topk_weights.float(), None
+        skipped = topk_ids < 0  # pre-computed pairs: the op takes no gaps
+        if bool(skipped.any()):
+            # rows with nothing left drop out; a skipped pair repeats one of its row's other experts
+            # at weight 0, so that no expert is read for it
+            rows = (~skipped).any(1).nonzero().squeeze(1)
+            skipped, ids, weights = skipped[rows], ids[rows], weights[rows]
+            kept = ids.gather(1, (~skipped).to(torch.int64).argmax(1, keepdim=True))
+            ids, weights = torch.where(skipped, kept, ids), weights.masked_fill(skipped, 0.0)
+        rows_x = x.contiguous() if rows is None else x[rows]
+        out = torch.empty_like(rows_x)
+        ops.cpu_fused_moe(out, rows_x, w13, w2, None, None, weights, ids, "silu", isa, False)
+        if rows is None:
+            return out
+        return torch.zeros_like(x).index_copy_(0, rows, out)
     return experts
 
 
