@@ -41,27 +41,11 @@ def add_parser(commands) -> None:
     modes.add_argument("--json", action="store_true", help="print one JSON object")
     modes.add_argument("--out", type=Path, help="also write the JSON here")
     modes.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
-    serve_load = bench_commands.add_parser("serve", help="concurrent streaming clients: stock vs daop vllm serve")
-    serve_load.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
-                            help="a Mixtral checkpoint (the demo's small model is built here when missing)")
-    serve_load.add_argument("--requests", type=int, default=1000)
-    serve_load.add_argument("--concurrency", type=int, default=64)
+    serve_load = _load_parser(bench_commands, "serve", "concurrent streaming clients: stock vs daop vllm serve", 1000)
     serve_load.add_argument("--repeats", type=int, default=3, help="runs per server; medians are reported")
-    serve_load.add_argument("--options", default='{"resident_fraction": 0.25}',
-                            help="--model-loader-extra-config of the daop server")
-    serve_load.add_argument("--json", action="store_true", help="print one JSON object")
-    serve_load.add_argument("--out", type=Path, help="also write the JSON here")
-
-    soak = bench_commands.add_parser("soak", help="the daop server's memory under many requests: flat after warm-up?")
-    soak.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
-                      help="a Mixtral checkpoint (a small one is built here when missing)")
-    soak.add_argument("--requests", type=int, default=5000)
-    soak.add_argument("--concurrency", type=int, default=64)
+    soak = _load_parser(bench_commands, "soak", "the daop server's memory under many requests: flat after warm-up?",
+                        5000)
     soak.add_argument("--samples", type=int, default=25, help="memory samples, evenly over the answers")
-    soak.add_argument("--options", default='{"resident_fraction": 0.25}',
-                      help="--model-loader-extra-config of the daop server")
-    soak.add_argument("--json", action="store_true", help="print one JSON object")
-    soak.add_argument("--out", type=Path, help="also write the JSON here")
 
     layer = bench_commands.add_parser("layer", help="the DAOP op per MoE layer against its expert kernels called directly")
     layer.add_argument("--rounds", type=int, default=7, help="rounds over every setting; medians are reported")
@@ -148,17 +132,37 @@ def _bench_modes(args: argparse.Namespace) -> None:
               f"{percent(r['agreement_with_exact']):>6}")
 
 
-def _bench_serve(args: argparse.Namespace) -> None:
-    import tempfile
+def _load_parser(bench_commands, name: str, help_text: str, requests: int) -> argparse.ArgumentParser:
+    """A benchmark of streaming clients against `vllm serve`: its shared arguments."""
+    parser = bench_commands.add_parser(name, help=help_text)
+    parser.add_argument("--model", type=Path, default=Path("models/demo-mixtral"),
+                        help="a Mixtral checkpoint (a small random-weight one is built here when missing)")
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--options", default='{"resident_fraction": 0.25}',
+                        help="--model-loader-extra-config of the daop server")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    return parser
 
-    from daop_vllm.bench.serve_load import compare
+
+def _load_model(args: argparse.Namespace) -> str:
+    """The load benchmarks' checkpoint, built when missing, once their daop options are checked."""
     from daop_vllm.cli.model_builder import build_tiny_mixtral
     from daop_vllm.vllm_adapter.options import DaopOptions
 
     DaopOptions.parse(args.options)
     if not (args.model / "config.json").exists():
         build_tiny_mixtral(args.model)
-    result = compare(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
+    return str(args.model)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from daop_vllm.bench.serve_load import compare
+
+    result = compare(_load_model(args), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
                      args.repeats)
     if emit_json(result, args, None):
         return
@@ -192,13 +196,8 @@ def _bench_soak(args: argparse.Namespace) -> None:
     import tempfile
 
     from daop_vllm.bench.serve_load import soak
-    from daop_vllm.cli.model_builder import build_tiny_mixtral
-    from daop_vllm.vllm_adapter.options import DaopOptions
 
-    DaopOptions.parse(args.options)
-    if not (args.model / "config.json").exists():
-        build_tiny_mixtral(args.model)
-    result = soak(str(args.model), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
+    result = soak(_load_model(args), args.requests, args.concurrency, args.options, Path(tempfile.mkdtemp()),
                   args.samples)
     if emit_json(result, args, None):
         return
@@ -206,7 +205,8 @@ def _bench_soak(args: argparse.Namespace) -> None:
           f"{result['requests_per_s']:.1f} req/s")
     print("server memory (MiB) after n answers: " +
           ", ".join(f"{n}: {mib:.0f}" for n, mib in result["rss_mib_after_answers"]))
-    print(f"growth after the first {100 * result['warm_up_share']:.0f}%: {100 * result['rss_growth_after_warm_up']:.1f}%")
+    print(f"growth after the first {100 * result['warm_up_share']:.0f}%: "
+          f"{100 * result['rss_growth_after_warm_up']:.1f}%")
 
 
 def _bench_vllm_serve(args: argparse.Namespace) -> None:
@@ -252,5 +252,4 @@ def _bench_simulate(args: argparse.Namespace) -> None:
 
 
 RUNS = {"cpu-experts": _bench_cpu_experts, "modes": _bench_modes, "serve": _bench_serve, "soak": _bench_soak,
-        "layer": _bench_layer,
-        "vllm-serve": _bench_vllm_serve, "simulate": _bench_simulate}
+        "layer": _bench_layer, "vllm-serve": _bench_vllm_serve, "simulate": _bench_simulate}

@@ -116,7 +116,8 @@ def train(model, spec: Recipe, tokens: torch.Tensor, progress: bool, steps: int 
     offsets = torch.arange(spec.seq_len + 1)
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(spec.steps if steps is None else steps), desc=f"training {spec.name}", disable=not progress, unit="step", mininterval=2.0)
+    bar = tqdm(range(spec.steps if steps is None else steps), desc=f"training {spec.name}", disable=not progress,
+               unit="step", mininterval=2.0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(spec, step)
@@ -175,7 +176,8 @@ def is_build_of(model_dir: Path, spec: Recipe) -> bool:
 
 
 def _start_training(spec: Recipe, tokenizer_dir: Path, corpus: Corpus | None):
-    """The recipe's tokenizer (saved to tokenizer_dir), token streams and initialised model."""
+    """The corpus, the recipe's tokenizer (saved to tokenizer_dir), the training token stream and
+    the initialised model."""
     corpus = corpus or load_corpus()
     train_texts = list(corpus.train.values())
     if spec.train_chars is not None:

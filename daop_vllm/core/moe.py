@@ -95,13 +95,14 @@ class DaopMoE:
         job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
         own_job = own_out = None
+        own_work = bool(to_compute.any())
         in_one_call = one_memory and self.experts_call is not None
-        if bool(to_compute.any()) and not in_one_call:
+        if own_work and not in_one_call:
             own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table,
                                            lane=_OWN_LANE)
         if next_prediction is not None:
             self._precompute(next_prediction, x_host)
-        if in_one_call and bool(to_compute.any()):
+        if own_work and in_one_call:
             own_out = self.experts_call(x_host, job_ids, weights)
         if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(

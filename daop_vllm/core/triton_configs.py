@@ -54,16 +54,12 @@ def config_file_name(device: str, dtype: torch.dtype, num_experts: int, hidden: 
     return f"device={device},dtype={str(dtype).removeprefix('torch.')},E={num_experts},H={hidden},I={intermediate}.json"
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: Path) -> LaunchConfig | None:
-    return LaunchConfig.from_json(json.loads(path.read_text())) if path.exists() else None
-
-
+@functools.lru_cache(maxsize=None)  # looked up at every launch: the device name and file read once per shape
 def launch_config(device: torch.device, dtype: torch.dtype, num_experts: int, hidden: int, intermediate: int,
                   config_dir: Path = CONFIG_DIR) -> LaunchConfig:
     """The swept configuration for this device and shape, else the defaults."""
     path = config_dir / config_file_name(device_name(device), dtype, num_experts, hidden, intermediate)
-    return _load(path) or LaunchConfig()
+    return LaunchConfig.from_json(json.loads(path.read_text())) if path.exists() else LaunchConfig()
 
 
 def supports(device: torch.device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
