@@ -284,12 +284,14 @@ class CpuExpertExecutor:
         w2: torch.Tensor,
         slot_of_expert: torch.Tensor,
         lane: int = 0,
+        out: torch.Tensor | None = None,
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
         them (expert ids < 0 in `topk_ids` are skipped). All tensors are on the CPU; see
         `routed_experts_forward` for their layouts. Jobs in flight at the same time must use
         different lanes (each lane has its own workspaces); a lane's previous result must have
-        been used before the lane is submitted to again."""
+        been used before the lane is submitted to again, unless it goes to `out` (a [T, H] tensor
+        of x's dtype the caller owns)."""
         x = x.contiguous()
         tokens, hidden = x.shape
         # The native kernels trust these: check them here, in the caller's thread.
@@ -302,7 +304,8 @@ class CpuExpertExecutor:
             self._pending[lane].wait_released()  # its threads or its result's copy may still use the workspace
         workspace = self._workspaces[lane]
         pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
-        out = workspace.buffer("out", (tokens, hidden), x.dtype)
+        if out is None:
+            out = workspace.buffer("out", (tokens, hidden), x.dtype)
         self.jobs_submitted += 1
         inject = self.fail_every is not None and self.jobs_submitted % self.fail_every == 0
         native_job = native_out = None

@@ -29,7 +29,7 @@ from daop_vllm.core.realloc import (
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
-from daop_vllm.core.step_counts import add_to_stats
+from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
 from daop_vllm.core.trace_writer import TraceWriter
 from daop_vllm.core.transfers import HostTransfers
 
@@ -188,6 +188,7 @@ class DaopEngine:
         """Called after the step's forward: the step's counts folded in, then re-allocation
         (swaps start now, and complete while later steps run)."""
         batch = self.requests.batch
+        add_resident_to_stats(self.stats, self.requests.counts.resident, batch)
         executed = self.requests.take_counts()
         if executed is not None:
             resident = torch.stack([layer.cache.is_resident for layer in self.layers]).float()

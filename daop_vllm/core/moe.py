@@ -17,7 +17,7 @@ from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.stats import DaopStats
-from daop_vllm.core.step_counts import add_to_stats
+from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
 from daop_vllm.core.transfers import HostTransfers
 
 RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -72,7 +72,7 @@ class DaopMoE:
             return self._resident_only(x, topk_ids, topk_weights)
         if self._device_only():
             out = self._every_expert_resident(x, topk_ids, topk_weights)
-            self._count_routing(topk_ids, topk_ids)
+            self._count_resident(*topk_ids.shape)
             return out
         decode_rows = self.requests.decode_rows(x.shape[0])  # None outside engine steps: no prediction then
         predicting = self._predict_on_device(x, decode_rows)
@@ -134,9 +134,9 @@ class DaopMoE:
         if self.experts_call is not None:
             return self.experts_call(x, topk_ids, topk_weights)
         job = self.executor.submit(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index,
-                                   lane=_OWN_LANE)
+                                   lane=_OWN_LANE, out=torch.empty(x.shape, dtype=x.dtype))
         try:
-            return job.result().clone()
+            return job.result()
         except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
             self._recovered(exc)
             return routed_experts_forward(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index)
@@ -267,6 +267,13 @@ class DaopMoE:
             executed = self.requests.take_counts()
             add_to_stats(self.stats, [self.layer], executed[self.layer:self.layer + 1], self.cache.is_resident[None].float(),
                          None)
+
+    def _count_resident(self, rows: int, top_k: int) -> None:
+        """A device-only layer's counts, from its shape alone (no reading of its routing)."""
+        if self.requests.batch is None:
+            add_resident_to_stats(self.stats, [(self.layer, rows, top_k)], None)
+        else:
+            self.requests.counts.add_resident(self.layer, rows, top_k)
 
     def _count_predictions(self, own_ids, own_weights, prediction, match, degraded) -> None:
         if degraded:

@@ -26,11 +26,14 @@ class SoftmaxTopK:
         return torch.softmax(router_logits, dim=-1, dtype=torch.float32)
 
     def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # router_logits: [T, E] -> weights [T, K] fp32, ids [T, K] int64 (descending weight)
-        weights, ids = torch.topk(self.scores(router_logits), self.top_k, dim=-1)
+        # router_logits: [T, E] -> weights [T, K] fp32, ids [T, K] int64 (descending weight).
+        # Softmax is monotonic: the top-k of the logits, then the softmax of those k alone (the
+        # renormalised weights) - two ops where four were, as vLLM's CPU router does.
+        top_logits, ids = torch.topk(router_logits, self.top_k, dim=-1)
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+            return torch.softmax(top_logits, dim=-1, dtype=torch.float32), ids
+        log_total = torch.logsumexp(router_logits.float(), dim=-1, keepdim=True)
+        return (top_logits.float() - log_total).exp(), ids
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,13 @@ class DaopStats:
         for name, count in counts.items():
             self.values[name][layer] += count
 
+    def add_per_layer(self, layers: list[int], **counts: list[int]) -> None:
+        """counts[name][i] added to layer layers[i]'s counter `name`, for many layers at once."""
+        for name, per_layer in counts.items():
+            values = self.values[name]
+            for layer, count in zip(layers, per_layer):
+                values[layer] += count
+
     def layer(self, layer: int) -> dict[str, int]:
         return {name: values[layer] for name, values in self.values.items()}
 

@@ -12,50 +12,74 @@ from __future__ import annotations
 
 import torch
 
+from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.stats import DaopStats
 
 
 class StepCounts:
     """`executed`: the routing each layer ran (device/CPU counters); `chosen`: its own router's
     choice (per-request demand for re-allocation), which differs only where a prediction or
-    degradation rerouted decode rows (elsewhere only `executed` is counted, and copied)."""
+    degradation rerouted decode rows (elsewhere only `executed` is counted, and copied).
+
+    A layer's `add` only keeps its ids; `take` counts every layer's at once (a handful of ops
+    per step instead of one scatter per layer, which at batch 1 cost as much as the experts)."""
 
     def __init__(self) -> None:
-        self._counts: torch.Tensor | None = None  # [2, L, R+1, E]: executed, chosen
-        self._rerouted: set[int] = set()  # layers whose chosen routing was counted apart
-        self._one: torch.Tensor | None = None
+        self._added: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._shape: tuple[int, int, int] | None = None
+        self.resident: list[tuple[int, int, int]] = []  # (layer, rows, top-k) of layers that ran on the device alone
 
     def clear(self) -> None:
-        self._counts = None
-        self._rerouted = set()
+        self._added = []
+        self.resident = []
 
     def add(self, layer: int, count_rows: torch.Tensor, executed: torch.Tensor, chosen: torch.Tensor,
             shape: tuple[int, int, int]) -> None:
         """count_rows [T]: each row's request index, R for rows of no request; the ids [T, K];
         all on one device. `shape`: (L, R, E) of the step."""
-        num_layers, num_requests, num_experts = shape
-        if self._counts is None:
-            self._counts = torch.zeros(2, num_layers, num_requests + 1, num_experts, device=executed.device)
-            self._one = torch.ones((), device=executed.device)
-        rows = count_rows[:, None].expand_as(executed)
-        self._counts[0, layer].index_put_((rows, executed), self._one, accumulate=True)
-        if chosen is not executed:
-            self._counts[1, layer].index_put_((rows, chosen), self._one, accumulate=True)
-            self._rerouted.add(layer)
+        self._shape = shape
+        self._added.append((layer, count_rows, executed, None if chosen is executed else chosen))
+
+    def add_resident(self, layer: int, rows: int, top_k: int) -> None:
+        """A layer whose every expert is resident ran all its pairs on the device: its counters
+        follow from the rows alone, and its routing needs no reading (nor re-allocation)."""
+        self.resident.append((layer, rows, top_k))
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(executed, chosen) [L, R+1, E] on the host, and zeroed; None when nothing was added."""
-        counts, rerouted = self._counts, self._rerouted
+        added = self._added
         self.clear()
-        if counts is None:
+        if not added:
             return None
+        num_layers, num_requests, num_experts = self._shape
+        device = added[0][2].device
+        counts = torch.zeros(2 * num_layers * (num_requests + 1) * num_experts, device=device)
+        indices = [self._flat_indices(0, added)]
+        rerouted = [entry for entry in added if entry[3] is not None]
+        if rerouted:
+            indices.append(self._flat_indices(1, [(layer, rows, chosen, None) for layer, rows, _, chosen in rerouted]))
+        flat = torch.cat(indices) if len(indices) > 1 else indices[0]
+        counts.index_put_((flat,), torch.ones((), device=device), accumulate=True)
+        counts = counts.view(2, num_layers, num_requests + 1, num_experts)
         executed = counts[0].cpu()  # the step's one copy (two where a layer was rerouted)
         if not rerouted:
             return executed, executed
         chosen = executed.clone()
-        layers = sorted(rerouted)
+        layers = sorted({layer for layer, *_ in rerouted})
         chosen[layers] = counts[1, layers].cpu()
         return executed, chosen
+
+    def _flat_indices(self, which: int, added: list) -> torch.Tensor:
+        """Flat indices into [2, L, R+1, E] (`which`: executed 0, chosen 1) of every pair of
+        `added`: one stack where the layers share their rows (a step's), else one per layer."""
+        num_layers, num_requests, num_experts = self._shape
+        rows = added[0][1]
+        if all(entry[1] is rows for entry in added):
+            ids = torch.stack([entry[2] for entry in added])  # [n, T, K]
+            layers = torch.tensor([entry[0] for entry in added], device=ids.device)
+            base = (which * num_layers + layers[:, None]) * (num_requests + 1) + rows[None, :]  # [n, T]
+            return (base[:, :, None] * num_experts + ids).reshape(-1)
+        return torch.cat([self._flat_indices(which, [entry]) for entry in added])
 
 
 def add_to_stats(stats: DaopStats, layers: list[int], executed: torch.Tensor, is_resident: torch.Tensor,
@@ -70,13 +94,27 @@ def add_to_stats(stats: DaopStats, layers: list[int], executed: torch.Tensor, is
     if prefill is not None:
         flags = torch.tensor(prefill, dtype=torch.float32, device="cpu")
         groups[:-1, 1], groups[:-1, 2] = flags, 1 - flags
-    sums = (torch.stack([on_device, total]) @ groups).round().to(torch.int64).tolist()  # [2, L', 3]
-    for index, layer in enumerate(layers):
-        (device, device_prefill, device_decode), (every, prefill_rows, decode_rows) = (sums[0][index],
-                                                                                      sums[1][index])
-        counts = {"device_expert_tokens": device, "cpu_expert_tokens": every - device}
-        if prefill is not None:
-            counts.update(prefill_device_expert_tokens=device_prefill,
-                          prefill_cpu_expert_tokens=prefill_rows - device_prefill,
-                          decode_device_expert_tokens=device_decode, decode_cpu_expert_tokens=decode_rows - device_decode)
+    sums = torch.stack([on_device, total]) @ groups  # [2, L', 3]: (device, every) x (all, prefill, decode)
+    counters = torch.stack([sums[0], sums[1] - sums[0]])  # [2 (device, cpu), L', 3 (phase)]
+    names = [("device_expert_tokens", "cpu_expert_tokens")]
+    if prefill is not None:
+        names += [("prefill_device_expert_tokens", "prefill_cpu_expert_tokens"),
+                  ("decode_device_expert_tokens", "decode_cpu_expert_tokens")]
+    values = counters.permute(2, 0, 1).round().to(torch.int64).tolist()  # [phase, device/cpu, L']
+    stats.add_per_layer(layers, **{name: values[phase][side] for phase, pair in enumerate(names)
+                                   for side, name in enumerate(pair)})
+
+
+def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]], batch: StepBatch | None) -> None:
+    """The counters of layers that ran on the device alone ((layer, rows, top-k)): every pair
+    a device pair; per phase, the rows of the batch's prompt and generated tokens (as
+    add_to_stats counts them: none where the rows do not match the batch)."""
+    for layer, rows, top_k in resident:
+        counts = {"device_expert_tokens": rows * top_k}
+        if batch is not None:
+            phases = batch.num_rows <= rows
+            prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill) if phases else 0
+            decode_rows = batch.num_rows - prefill_rows if phases else 0
+            counts.update(prefill_device_expert_tokens=prefill_rows * top_k,
+                          decode_device_expert_tokens=decode_rows * top_k)
         stats.add(layer, **counts)
