@@ -2,8 +2,10 @@
 
 The DAOP op (DaopMoE.forward inside an engine step: routing, placement lookups, transfers,
 prediction, counters) against the expert kernels it ends in, called directly on the same
-routing computed beforehand. Tiny experts, so that the difference is the machinery. Settings
-(batch, resident fraction, mode) are interleaved in each round; medians over the rounds.
+routing computed beforehand (`direct`), and against the router and those kernels (`routed`:
+what a layer costs with no DAOP machinery at all, the router being work every MoE layer does).
+Tiny experts, so that the difference is the machinery. Settings (batch, resident fraction,
+mode) are interleaved in each round; medians over the rounds.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ class LayerCase:
         for layer, (weights, ids) in zip(self.engine.layers, self.routing):
             executor.submit(self.x, ids, weights, layer.store.w13, layer.store.w2, self._every_expert).result()
 
+    def routed_step(self) -> None:
+        """The layers' own router, then the same kernels as `direct_step`."""
+        executor = self.engine.executor
+        for layer, logits in zip(self.engine.layers, self.logits):
+            weights, ids = layer.route(logits)
+            executor.submit(self.x, ids, weights, layer.store.w13, layer.store.w2, self._every_expert).result()
+
     def close(self) -> None:
         self.engine.close()
 
@@ -77,15 +86,16 @@ def _microseconds_per_layer(step, steps: int) -> float:
 
 def run(rounds: int = 5, steps: int = 50, threads: int = 1, progress=None) -> dict[str, Any]:
     cases = {(b, f, m): LayerCase(b, f, m, threads) for b in BATCHES for f in FRACTIONS for m in MODES}
-    samples: dict[tuple, dict[str, list[float]]] = {key: {"daop": [], "direct": []} for key in cases}
+    steps_of = {"daop": LayerCase.daop_step, "direct": LayerCase.direct_step, "routed": LayerCase.routed_step}
+    samples: dict[tuple, dict[str, list[float]]] = {key: {name: [] for name in steps_of} for key in cases}
     try:
         for case in cases.values():  # warm-up: workspaces, native threads, torch's first calls
-            case.daop_step()
-            case.direct_step()
+            for step in steps_of.values():
+                step(case)
         for _ in range(rounds):
             for key, case in cases.items():
-                samples[key]["daop"].append(_microseconds_per_layer(case.daop_step, steps))
-                samples[key]["direct"].append(_microseconds_per_layer(case.direct_step, steps))
+                for name, step in steps_of.items():
+                    samples[key][name].append(_microseconds_per_layer(lambda: step(case), steps))
                 if progress is not None:
                     progress.update(1)
     finally:
@@ -93,10 +103,13 @@ def run(rounds: int = 5, steps: int = 50, threads: int = 1, progress=None) -> di
             case.close()
     rows = []
     for (batch, fraction, mode), times in samples.items():
-        daop_us, direct_us = statistics.median(times["daop"]), statistics.median(times["direct"])
+        daop_us, direct_us, routed_us = (statistics.median(times[name]) for name in ("daop", "direct", "routed"))
         rows.append({"batch": batch, "fraction": fraction, "mode": mode, "daop_us": round(daop_us, 1),
-                     "direct_us": round(direct_us, 1), "daop_over_direct": round(daop_us / direct_us, 3),
-                     "machinery_share": round(max(0.0, daop_us - direct_us) / daop_us, 3)})
+                     "direct_us": round(direct_us, 1), "routed_us": round(routed_us, 1),
+                     "daop_over_direct": round(daop_us / direct_us, 3),
+                     "daop_over_routed": round(daop_us / routed_us, 3),
+                     "machinery_share": round(max(0.0, daop_us - direct_us) / daop_us, 3),
+                     "machinery_share_past_router": round(max(0.0, daop_us - routed_us) / daop_us, 3)})
     return {"shape": {"layers": LAYERS, "experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN,
                       "intermediate": INTERMEDIATE, "dtype": "fp32"},
             "threads": threads, "rounds": rounds, "steps_per_round": steps, "rows": rows}

@@ -265,6 +265,7 @@ class CpuExpertExecutor:
         self.jobs_submitted = 0
         self._workspaces = [_Workspace(pin_memory) for _ in range(NUM_LANES)]
         self._pending: list[CpuJob | None] = [None] * NUM_LANES  # each lane's last job
+        self._checked_tables: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
 
     @property
     def kernel_name(self) -> str:
@@ -299,7 +300,7 @@ class CpuExpertExecutor:
         assert w13.shape[2] == hidden and w2.shape[:2] == (w13.shape[0], hidden) and w13.shape[1] == 2 * w2.shape[2], (
             f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together"
         )
-        assert int(slot_of_expert.max()) < w13.shape[0], f"slot table points past {w13.shape[0]} experts"
+        self._check_slot_table(slot_of_expert, w13.shape[0])
         if self._pending[lane] is not None:
             self._pending[lane].wait_released()  # its threads or its result's copy may still use the workspace
         workspace = self._workspaces[lane]
@@ -318,6 +319,18 @@ class CpuExpertExecutor:
         job = CpuJob(self, native_job, torch_part, out, native_out, pairs.native_tokens)
         self._pending[lane] = job
         return job
+
+    def _check_slot_table(self, slot_of_expert: torch.Tensor, num_slots: int) -> None:
+        """Every slot the table names lies in the weights; checked once per table and version
+        (a table is the same from call to call, and its max costs as much as a tiny expert)."""
+        key = (slot_of_expert._version, num_slots)
+        checked = self._checked_tables.get(id(slot_of_expert))
+        if checked is not None and checked[0]() is slot_of_expert and checked[1] == key:
+            return
+        assert int(slot_of_expert.max()) < num_slots, f"slot table points past {num_slots} experts"
+        if len(self._checked_tables) >= 4 * NUM_LANES * 64:  # tables made per call: forget the dead ones
+            self._checked_tables = {k: v for k, v in self._checked_tables.items() if v[0]() is not None}
+        self._checked_tables[id(slot_of_expert)] = (weakref.ref(slot_of_expert), key)
 
     def _post_native(self, workspace, native, pairs, x, w13, w2, fail) -> tuple[_NativeJob, torch.Tensor]:
         """Lay the native experts out in the workspace and start them on the native threads;

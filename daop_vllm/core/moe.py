@@ -134,7 +134,7 @@ class DaopMoE:
         if self.experts_call is not None:
             return self.experts_call(x, topk_ids, topk_weights)
         job = self.executor.submit(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index,
-                                   lane=_OWN_LANE, out=torch.empty(x.shape, dtype=x.dtype))
+                                   lane=_OWN_LANE, out=torch.empty_like(x, memory_format=torch.contiguous_format))
         try:
             return job.result()
         except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step

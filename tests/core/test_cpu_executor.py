@@ -297,3 +297,18 @@ def test_torch_experts_use_the_executors_threads_where_torch_was_set_to_one():
     finally:
         executor.shutdown()
         torch.set_num_threads(previous)
+
+
+def test_slot_table_changed_in_place_is_checked_again():
+    """The executor checks a slot table once per version: a table that then points past the
+    weights is refused, not read out of bounds."""
+    executor = CpuExpertExecutor(1)
+    w13, w2, x = torch.randn(2, 8, 4), torch.randn(2, 4, 4), torch.randn(1, 4)
+    table = torch.tensor([0, 1])
+    ids, weights = torch.tensor([[0, 1]]), torch.ones(1, 2)
+    executor.submit(x, ids, weights, w13, w2, table).result()
+    executor.submit(x, ids, weights, w13, w2, table).result()
+    table[1] = 2
+    with pytest.raises(AssertionError, match="slot table points past 2 experts"):
+        executor.submit(x, ids, weights, w13, w2, table)
+    executor.shutdown()
