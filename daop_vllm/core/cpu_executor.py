@@ -322,7 +322,11 @@ class CpuExpertExecutor:
 
     def _check_slot_table(self, slot_of_expert: torch.Tensor, num_slots: int) -> None:
         """Every slot the table names lies in the weights; checked once per table and version
-        (a table is the same from call to call, and its max costs as much as a tiny expert)."""
+        (a table is the same from call to call, and its max costs as much as a tiny expert).
+        An inference tensor has no version: it is checked at every call."""
+        if slot_of_expert.is_inference():
+            assert int(slot_of_expert.max()) < num_slots, f"slot table points past {num_slots} experts"
+            return
         key = (slot_of_expert._version, num_slots)
         checked = self._checked_tables.get(id(slot_of_expert))
         if checked is not None and checked[0]() is slot_of_expert and checked[1] == key:

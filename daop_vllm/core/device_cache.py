@@ -47,13 +47,17 @@ class DeviceExpertCache:
     `with torch.device(<accelerator>)`.
     """
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device) -> None:
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device,
+                 shares_host_memory: bool | None = None) -> None:
+        """`shares_host_memory`: whether the device's experts are the store's own (default: the
+        device is the CPU); False on the CPU keeps slot copies in host memory, which runs the
+        two-memory (CUDA) path's structure on a CPU-only machine."""
         if not 0 <= num_slots <= store.num_experts:
             raise ValueError(f"num_slots must be in [0, {store.num_experts}], got {num_slots}")
         self.store = store
         self.num_slots = num_slots
         self.device = device
-        self.shares_host_memory = device.type == "cpu"
+        self.shares_host_memory = device.type == "cpu" if shares_host_memory is None else shares_host_memory
         if self.shares_host_memory:
             self.w13, self.w2 = store.w13, store.w2
         else:
@@ -101,7 +105,10 @@ class DeviceExpertCache:
         slot = self._expert_in_slot.index(retiring)
         if incoming in self._expert_in_slot or any(e == incoming for _, e, _ in self._incoming):
             raise ValueError(f"expert {incoming} is already resident or on its way")
-        if self.shares_host_memory:
+        if self.shares_host_memory or self.device.type == "cpu":  # no copy, or one in host memory: at once
+            if not self.shares_host_memory:
+                self.w13[slot].copy_(self.store.w13[incoming])
+                self.w2[slot].copy_(self.store.w2[incoming])
             self._expert_in_slot[slot] = incoming
             self._publish()
             return
@@ -147,4 +154,5 @@ class DeviceExpertCache:
             self.slot_of_expert.copy_(table)
         self.is_resident = table >= 0
         self.holds_every_expert = bool(self.is_resident.all())
-        self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts, device="cpu"))
+        with torch.inference_mode(False):  # a normal tensor under vLLM's too: checked once per version
+            self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts, device="cpu"))

@@ -49,14 +49,18 @@ class DaopEngine:
         max_swap_bytes_per_step: int | None = None,
         budget_asked: dict[str, Any] | None = None,
         fail_every: int | None = None,
+        one_memory: bool | None = None,
     ) -> None:
         """`budget_asked`: the budget option as the user gave it ({} or None: auto), for the
-        report; `fail_every`: tests only, every n-th CPU job fails (see CpuExpertExecutor).
+        report; `fail_every`: tests only, every n-th CPU job fails (see CpuExpertExecutor);
+        `one_memory`: whether device and host are one memory (default: the device is the CPU;
+        False on the CPU runs the CUDA path's structure there, see DeviceExpertCache).
         Every host tensor is made on the CPU explicitly, so the engine may be built under
         `with torch.device(<accelerator>)`, as vLLM builds models."""
         if realloc not in REALLOC_POLICIES:
             raise ValueError(f"realloc must be one of {REALLOC_POLICIES}, got {realloc!r}")
         self.device = device
+        self.one_memory = one_memory
         self.fidelity = fidelity or Fidelity()
         self.realloc = realloc
         self.swap_threshold = swap_threshold
@@ -85,7 +89,7 @@ class DaopEngine:
     ) -> DaopMoE:
         pin = self.device.type == "cuda"
         store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
-        cache = DeviceExpertCache(store, 0, self.device)
+        cache = DeviceExpertCache(store, 0, self.device, self.one_memory)
         layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats,
                         self.requests, self.transfers)
         self.layers.append(layer)
@@ -152,7 +156,7 @@ class DaopEngine:
         for layer, experts in zip(self.layers, resident):
             if layer.cache.num_slots != len(experts):
                 layer.cache.finish_swaps(wait=True)  # no copy may still write into slots about to be freed
-                layer.cache = DeviceExpertCache(layer.store, len(experts), self.device)
+                layer.cache = DeviceExpertCache(layer.store, len(experts), self.device, self.one_memory)
             layer.cache.fill(experts)
         self._link_layers()
         if self.device.type == "cuda":

@@ -63,16 +63,20 @@ class DaopMoE:
         # Where device and host are one memory: a call that runs the layer's routed experts (ids < 0
         # skipped) on x at once, if one is faster than the executor's job (DaopEngine.use_experts_call)
         self.experts_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
+        with torch.inference_mode(False):  # a normal tensor: the executor checks a table once per version
+            self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
         topk_weights, topk_ids = self.route(router_logits)
         if self.requests.dummy_run:
             return self._resident_only(x, topk_ids, topk_weights)
-        if self._device_only():
-            out = self._every_expert_resident(x, topk_ids, topk_weights)
-            self._count_resident(*topk_ids.shape)
+        if self._in_one_call():
+            out = self._every_expert_at_once(x, topk_ids, topk_weights)
+            if self.cache.holds_every_expert:
+                self._count_resident(*topk_ids.shape)
+            else:
+                self._count_routing(topk_ids, topk_ids)
             return out
         decode_rows = self.requests.decode_rows(x.shape[0])  # None outside engine steps: no prediction then
         predicting = self._predict_on_device(x, decode_rows)
@@ -118,16 +122,19 @@ class DaopMoE:
         self._count_predictions(own_ids, own_weights, prediction, match, degraded)
         return out
 
-    def _device_only(self) -> bool:
-        """Whether this step's work is the device's alone: every expert of the layer resident,
-        nothing predicted for it or by it, no trace recorded (traces need the ids on the host)."""
-        return (self.cache.holds_every_expert and not self.predicted and self.next_layer is None
-                and not self.requests.recording)
+    def _in_one_call(self) -> bool:
+        """Whether this step's work is one call of every routed expert: every expert of the
+        layer resident, or device and host one memory (where the resident experts are host
+        experts too); nothing predicted for it or by it, no trace recorded (traces need the ids
+        on the host)."""
+        return ((self.cache.holds_every_expert or self.cache.shares_host_memory) and not self.predicted
+                and self.next_layer is None and not self.requests.recording)
 
-    def _every_expert_resident(self, x: torch.Tensor, topk_ids: torch.Tensor,
-                               topk_weights: torch.Tensor) -> torch.Tensor:
-        """Every expert resident: the device kernel; where device and host are one memory, the
-        executor's one job (its native kernels are the fastest CPU path; nothing to copy)."""
+    def _every_expert_at_once(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                              topk_weights: torch.Tensor) -> torch.Tensor:
+        """Every routed expert in one call: the device kernel (every expert resident); where
+        device and host are one memory, the executor's one job (its native kernels are the
+        fastest CPU path; nothing to copy) or the layer's `experts_call`."""
         if not self.cache.shares_host_memory:
             return self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2,
                                        self.cache.slot_of_expert)

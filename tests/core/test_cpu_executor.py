@@ -312,3 +312,17 @@ def test_slot_table_changed_in_place_is_checked_again():
     with pytest.raises(AssertionError, match="slot table points past 2 experts"):
         executor.submit(x, ids, weights, w13, w2, table)
     executor.shutdown()
+
+
+def test_inference_mode_slot_table_is_checked_at_every_call():
+    """A table made under inference mode has no version to key the check on: every call checks it."""
+    executor = CpuExpertExecutor(1)
+    w13, w2, x = torch.randn(2, 8, 4), torch.randn(2, 4, 4), torch.randn(1, 4)
+    ids, weights = torch.tensor([[0, 1]]), torch.ones(1, 2)
+    with torch.inference_mode():
+        table = torch.tensor([0, 1])
+        executor.submit(x, ids, weights, w13, w2, table).result()
+        table[1] = 2
+        with pytest.raises(AssertionError, match="slot table points past 2 experts"):
+            executor.submit(x, ids, weights, w13, w2, table)
+    executor.shutdown()

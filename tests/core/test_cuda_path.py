@@ -160,32 +160,47 @@ def test_dummy_runs_skip_the_cpu_experts_and_count_nothing():
     engine.close()
 
 
-@pytest.mark.parametrize("resident, to_host, to_device", [(list(range(E)), 0, 0), ([0, 1, 2, 3], 1, 1)],
-                         ids=["every-expert", "half"])
-def test_transfers_per_layer(resident, to_host, to_device):
-    """Exact mode, in a step: a layer whose experts are all resident copies nothing to the host
-    (no sync); any other makes one packed copy there (input and routing) and one back (the CPU
-    result). On the CPU the calls move no byte; they count what the CUDA path would copy."""
-    engine = DaopEngine(torch.device("cpu"), cpu_threads=1)
+def _run_transfers_case(resident: list[int], one_memory: bool) -> tuple[DaopEngine, list[torch.Tensor]]:
+    """Exact mode, one step of L layers: 3 prompt rows of request a, 1 decode row of b."""
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1, one_memory=one_memory)
     layers = [engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(2)) for _ in range(L)]
+    gen = torch.Generator().manual_seed(5)
     for layer in layers:
-        layer.store.w13.normal_()
-        layer.store.w2.normal_()
+        layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen))
+        layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen))
     engine.place([resident] * L)
     engine.begin_step(StepBatch(("a", "b"), (3, 1), (True, False), (True, False)))
     logits = torch.full((4, E), -5.0)
     logits[:, [3, 6]] = 5.0  # every row: expert 3 (resident in both) and 6 (host-resident at half)
-    for layer in layers:
-        layer.forward(torch.randn(4, H), logits)
+    outs = [layer.forward(torch.randn(4, H, generator=gen), logits) for layer in layers]
     engine.end_step()
+    return engine, outs
+
+
+@pytest.mark.parametrize("resident, to_host, to_device", [(list(range(E)), 0, 0), ([0, 1, 2, 3], 1, 1)],
+                         ids=["every-expert", "half"])
+def test_transfers_per_layer(resident, to_host, to_device):
+    """Exact mode, in a step, with device and host two memories (the CUDA path's structure, run
+    on the CPU): a layer whose experts are all resident copies nothing to the host (no sync);
+    any other makes one packed copy there (input and routing) and one back (the CPU result).
+    On the CPU the calls move no byte; they count what the CUDA path would copy. Where device
+    and host are one memory, no layer calls them, and the outputs and counters are the same."""
+    engine, outs = _run_transfers_case(resident, one_memory=False)
     transfers = engine.transfers
     assert (transfers.to_host_calls, transfers.to_device_calls) == (L * to_host, L * to_device)
     totals = engine.stats.totals()
     assert totals["device_expert_tokens"] + totals["cpu_expert_tokens"] == L * 4 * 2
     assert totals["prefill_device_expert_tokens"] + totals["prefill_cpu_expert_tokens"] == L * 3 * 2
     assert totals["decode_device_expert_tokens"] + totals["decode_cpu_expert_tokens"] == L * 1 * 2
+    assert totals["cpu_expert_tokens"] == (0 if len(resident) == E else L * 4)  # expert 6 of every row
     # the requests' demand feeds re-allocation, which a layer holding every expert never needs:
     # such layers count from their shape alone and read no routing
     want = [0.0] * L if len(resident) == E else [3.0] * L
     assert engine.requests.prefill_counts["a"][:, 6].tolist() == want
+    one_memory, one_memory_outs = _run_transfers_case(resident, one_memory=True)
+    assert (one_memory.transfers.to_host_calls, one_memory.transfers.to_device_calls) == (0, 0)
+    assert one_memory.stats.totals() == totals
+    for got, want_out in zip(one_memory_outs, outs):
+        torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-5)
     engine.close()
+    one_memory.close()

@@ -207,3 +207,24 @@ def test_a_failed_swap_leaves_the_tables_consistent():
     assert cache.is_resident.nonzero().flatten().tolist() == resident
     assert (cache.host_slot_table >= 0).tolist() == (~cache.is_resident).tolist()
     engine.close()
+
+
+def test_swap_into_a_separate_copy_on_the_cpu():
+    """With device and host two memories on the CPU (the CUDA path's structure), a swap copies
+    the incoming expert into the retiring one's slot at once, and the tables name the slot."""
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1, realloc="paper", one_memory=False)
+    layer = engine.add_layer(8, 16, 16, torch.float32, SoftmaxTopK(2))
+    layer.store.w13.normal_()
+    layer.store.w2.normal_()
+    engine.place([[0, 1]])
+    engine.begin_step(StepBatch(("seq",), (4,), (True,), (True,)))
+    layer.requests.record(0, torch.tensor([[6, 7]] * 4))  # the prompt wants 6 and 7: swap them in
+    engine.end_step()
+    cache = layer.cache
+    assert engine.stats.totals()["swaps"] == 2 and cache.resident_experts == [6, 7]
+    for expert in (6, 7):
+        slot = int(cache.slot_of_expert[expert])
+        assert torch.equal(cache.w13[slot], layer.store.w13[expert])
+        assert torch.equal(cache.w2[slot], layer.store.w2[expert])
+    assert cache.w13.data_ptr() != layer.store.w13.data_ptr()
+    engine.close()
