@@ -62,6 +62,8 @@ def takes_whole_experts(num_experts: float, num_threads: int,
 # Workspace lanes: the layer's own CPU work, and pre-computations for even and odd layers
 # (at layer i, layer i's pre-computed results and layer i+1's pre-computation are both in flight).
 NUM_LANES = 3
+# Slot tables remembered as checked before the dead ones are dropped (an engine has two per layer)
+_CHECKED_TABLES_KEPT = 1024
 
 
 def default_cpu_threads(device_type: str) -> int:
@@ -324,15 +326,14 @@ class CpuExpertExecutor:
         """Every slot the table names lies in the weights; checked once per table and version
         (a table is the same from call to call, and its max costs as much as a tiny expert).
         An inference tensor has no version: it is checked at every call."""
-        if slot_of_expert.is_inference():
-            assert int(slot_of_expert.max()) < num_slots, f"slot table points past {num_slots} experts"
-            return
-        key = (slot_of_expert._version, num_slots)
+        key = None if slot_of_expert.is_inference() else (slot_of_expert._version, num_slots)
         checked = self._checked_tables.get(id(slot_of_expert))
-        if checked is not None and checked[0]() is slot_of_expert and checked[1] == key:
+        if key is not None and checked is not None and checked[0]() is slot_of_expert and checked[1] == key:
             return
         assert int(slot_of_expert.max()) < num_slots, f"slot table points past {num_slots} experts"
-        if len(self._checked_tables) >= 4 * NUM_LANES * 64:  # tables made per call: forget the dead ones
+        if key is None:
+            return
+        if len(self._checked_tables) >= _CHECKED_TABLES_KEPT:  # tables made per call: forget the dead ones
             self._checked_tables = {k: v for k, v in self._checked_tables.items() if v[0]() is not None}
         self._checked_tables[id(slot_of_expert)] = (weakref.ref(slot_of_expert), key)
 

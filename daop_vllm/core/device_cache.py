@@ -95,8 +95,7 @@ class DeviceExpertCache:
             slot = free.pop(0)
             slots[slot] = expert
             if not self.shares_host_memory:
-                self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
-                self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+                self._copy_to_slot(slot, expert)
         self._expert_in_slot = slots
         self._publish()
 
@@ -107,8 +106,7 @@ class DeviceExpertCache:
             raise ValueError(f"expert {incoming} is already resident or on its way")
         if self.shares_host_memory or self.device.type == "cpu":  # no copy, or one in host memory: at once
             if not self.shares_host_memory:
-                self.w13[slot].copy_(self.store.w13[incoming])
-                self.w2[slot].copy_(self.store.w2[incoming])
+                self._copy_to_slot(slot, incoming)
             self._expert_in_slot[slot] = incoming
             self._publish()
             return
@@ -120,8 +118,7 @@ class DeviceExpertCache:
         # the copy waits for the work queued so far, which may still read the slot
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self.w13[slot].copy_(self.store.w13[incoming], non_blocking=True)
-            self.w2[slot].copy_(self.store.w2[incoming], non_blocking=True)
+            self._copy_to_slot(slot, incoming)
             done = torch.cuda.Event()
             done.record(stream)
         # The slots were allocated on the current stream: if they are freed while the copy runs,
@@ -129,6 +126,11 @@ class DeviceExpertCache:
         self.w13.record_stream(stream)
         self.w2.record_stream(stream)
         self._incoming.append((slot, incoming, done))
+
+    def _copy_to_slot(self, slot: int, expert: int) -> None:
+        """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the CPU)."""
+        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
+        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
 
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;

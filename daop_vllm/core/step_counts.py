@@ -109,12 +109,14 @@ def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]]
     """The counters of layers that ran on the device alone ((layer, rows, top-k)): every pair
     a device pair; per phase, the rows of the batch's prompt and generated tokens (as
     add_to_stats counts them: none where the rows do not match the batch)."""
-    for layer, rows, top_k in resident:
-        counts = {"device_expert_tokens": rows * top_k}
-        if batch is not None:
-            phases = batch.num_rows <= rows
-            prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill) if phases else 0
-            decode_rows = batch.num_rows - prefill_rows if phases else 0
-            counts.update(prefill_device_expert_tokens=prefill_rows * top_k,
-                          decode_device_expert_tokens=decode_rows * top_k)
-        stats.add(layer, **counts)
+    if not resident:
+        return
+    layers, rows, top_k = (list(column) for column in zip(*resident))
+    counts = {"device_expert_tokens": [n * k for n, k in zip(rows, top_k)]}
+    if batch is not None:
+        prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill)
+        matched = [batch.num_rows <= n for n in rows]
+        counts["prefill_device_expert_tokens"] = [prefill_rows * k if m else 0 for m, k in zip(matched, top_k)]
+        counts["decode_device_expert_tokens"] = [(batch.num_rows - prefill_rows) * k if m else 0
+                                                 for m, k in zip(matched, top_k)]
+    stats.add_per_layer(layers, **counts)
