@@ -6,8 +6,8 @@ setup(
     ext_modules=[
         Extension(
             "daop_vllm._cpu_experts",
-            sources=["csrc/cpu_experts.c", "csrc/cpu_pool.c"],
-            depends=["csrc/cpu_pool.h"],
+            sources=["csrc/cpu_experts.c", "csrc/cpu_quantized.c", "csrc/cpu_pool.c"],
+            depends=["csrc/cpu_pool.h", "csrc/cpu_common.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             # Without a C compiler the package still installs; the executor then uses torch.
             optional=True,

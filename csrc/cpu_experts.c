@@ -12,44 +12,23 @@
  * AVX512-BF16 (vdpbf16ps) where the CPU has them, fp32 ones AVX-512 FMA; elsewhere portable C.
  * A module of plain C (no torch headers): tensors arrive as addresses and element strides.
  */
-#include "cpu_pool.h"
+#include "cpu_pool.h" /* Python.h first */
+#include "cpu_common.h"
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 #include <stdlib.h>
+
+#ifdef DAOP_X86
 #include <sys/syscall.h>
 #include <unistd.h>
-#define DAOP_X86 1
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
-static int has_avx512_bf16, has_avx512f, has_amx_bf16; /* set when the module loads */
+int has_avx512_bf16, has_avx512f, has_amx_bf16;
+int has_avx512bw, has_avx512_vnni; /* bw with VL: the quantized kernels' byte and word loads; vnni: vpdpwssd */
 /* bf16 calls with at least this many tokens per expert run on AMX tiles where the CPU has them
  * (0: never); set by `set_amx_min_tokens`. At two tokens AVX-512 against 8 prefetched rows read
  * 5-9% faster than AMX on our development machine; at three, AMX was 10% faster. */
 static int amx_min_tokens = 3;
 enum { MAX_GROUP = 16 }; /* tokens whose dot products share one pass over a weight row (an AMX tile's) */
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* dots[t] = sum_c row[c] * vecs[t][c] for t < n (n <= MAX_GROUP): portable version. */
 static void dots_portable(int dtype, const void *row, const void *const *vecs, int n, int64_t len, float *dots) {
@@ -476,42 +455,6 @@ static int use_amx(int dtype, int64_t n, int64_t len) {
 }
 #endif
 
-static inline size_t dtype_size(int dtype) { return dtype == DT_BF16 ? 2 : 4; }
-
-static inline const void *element(const void *base, int dtype, int64_t offset) {
-    return (const char *)base + offset * (int64_t)dtype_size(dtype);
-}
-
-static inline void store_element(int dtype, void *base, int64_t at, float value) {
-    if (dtype == DT_BF16)
-        ((uint16_t *)base)[at] = f32_to_bf16(value);
-    else
-        ((float *)base)[at] = value;
-}
-
-/* The rows a thread computes in one call: all of [0, rows), or, given `next` (a counter that the
- * call's threads share, zero at the start), pieces of about CLAIM_BYTES of weights taken in turn
- * until none are left, so that a thread the machine slows down does less instead of holding up
- * the others (on our shared 2-core machine one thread often ran 5-15% slower than the other). */
-enum { CLAIM_BYTES = 512 << 10 };
-typedef struct {
-    int64_t *next, step, r0, r1;
-} row_claims;
-
-static row_claims claims_of(int64_t *next, int64_t rows, int64_t row_bytes) {
-    int64_t step = CLAIM_BYTES / row_bytes / 16 * 16; /* whole AMX blocks */
-    return (row_claims){next, step > 16 ? step : 16, 0, rows};
-}
-
-static int claim_rows(row_claims *c, int64_t *a, int64_t *b) {
-    int64_t start = c->next ? c->r0 + __atomic_fetch_add(c->next, c->step, __ATOMIC_RELAXED) : c->r0;
-    if (start >= c->r1) return 0;
-    *a = start;
-    *b = c->next && start + c->step < c->r1 ? start + c->step : c->r1;
-    if (!c->next) c->r0 = c->r1;
-    return 1;
-}
-
 /* One group of g tokens (act rows t0 ..), rows [i0, i1), on AVX-512 or portable C. */
 static void gate_up_rows(int dtype, const void *w13, int64_t I, int64_t H, const void *const *vecs, int g,
                          void *act, int64_t ldact, int64_t t0, int64_t i0, int64_t i1) {
@@ -703,6 +646,19 @@ static PyObject *py_isa(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* What the CPU has, as found at load; `use_vector_isa(False)` runs the portable paths (tests). */
+static int cpu_avx512_bf16, cpu_avx512f, cpu_amx_bf16, cpu_avx512bw, cpu_avx512_vnni, vector_isa_on = 1;
+
+static PyObject *py_use_vector_isa(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    int previous = vector_isa_on;
+    vector_isa_on = on;
+    has_avx512_bf16 = on && cpu_avx512_bf16, has_avx512f = on && cpu_avx512f;
+    has_amx_bf16 = on && cpu_amx_bf16, has_avx512bw = on && cpu_avx512bw, has_avx512_vnni = on && cpu_avx512_vnni;
+    return PyBool_FromLong(previous);
+}
+
 static PyObject *py_set_amx_min_tokens(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -715,7 +671,7 @@ static PyMethodDef methods[] = {
     {"pool_create", py_pool_create, METH_VARARGS,
      "pool_create(num_threads): a pool of threads that run expert jobs (cpu_pool.c); returns its handle"},
     {"pool_post", py_pool_post, METH_VARARGS,
-     "pool_post(pool, dtype, I, H, x, ldx, plan, num_experts, whole_experts, fail, state): start a job "
+     "pool_post(pool, dtype, format, I, H, x, ldx, plan, num_experts, whole_experts, fail, state): start a job "
      "(see cpu_pool.c for the plan and state words)"},
     {"pool_wait", py_pool_wait, METH_VARARGS, "pool_wait(pool, state): wait for the job with that state block"},
     {"pool_destroy", py_pool_destroy, METH_VARARGS, "pool_destroy(pool): stop the threads and free the pool"},
@@ -726,6 +682,9 @@ static PyMethodDef methods[] = {
      "pool_read(pool, ptr, nbytes, state): start a streaming read of the buffer, a share per thread (bandwidth "
      "baseline); the sum of its 64-bit words goes to the state block's word 1"},
     {"isa", py_isa, METH_NOARGS, "which vector paths this CPU runs"},
+    {"use_vector_isa", py_use_vector_isa, METH_VARARGS,
+     "use_vector_isa(on): run the vector paths this CPU has (True, the default) or the portable C ones; "
+     "returns the previous setting"},
     {"set_amx_min_tokens", py_set_amx_min_tokens, METH_VARARGS,
      "set_amx_min_tokens(n): bf16 calls with n or more tokens per expert use AMX where present (0: never); "
      "returns the previous n"},
@@ -737,9 +696,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_experts", "DAOP
 PyMODINIT_FUNC PyInit__cpu_experts(void) {
 #ifdef DAOP_X86
     __builtin_cpu_init();
-    has_avx512f = __builtin_cpu_supports("avx512f");
-    has_avx512_bf16 = has_avx512f && __builtin_cpu_supports("avx512bf16");
-    has_amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && amx_permitted();
+    has_avx512f = cpu_avx512f = __builtin_cpu_supports("avx512f");
+    has_avx512_bf16 = cpu_avx512_bf16 = has_avx512f && __builtin_cpu_supports("avx512bf16");
+    has_avx512bw = cpu_avx512bw = has_avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    has_avx512_vnni = cpu_avx512_vnni = has_avx512f && __builtin_cpu_supports("avx512vnni");
+    has_amx_bf16 = cpu_amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && amx_permitted();
 #endif
     return PyModule_Create(&module);
 }

@@ -4,7 +4,7 @@
  * (Python threads needed the GIL before each kernel call: with the caller busy in Python they
  * waited for its switch interval, 5 ms, each time; and starting a job through them cost ~250 us.)
  *
- * A job: a plan of experts (PLAN_WORDS int64 words each: weight, token, activation and output
+ * A job: a plan of experts (PLAN_WORDS int64 words each: weight, token, activation, output and scale
  * addresses) and a state block of int64 words owned by the caller, zero when the job is posted
  * (JOB_CLAIMS + 2 words per expert). Every thread of the pool runs every job, in the order
  * posted: either the threads share each expert (rows claimed piece by piece from the expert's
@@ -13,6 +13,7 @@
  * the buffer per thread), so that its calls cost what the experts' do.
  */
 #include "cpu_pool.h"
+#include "cpu_common.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -20,12 +21,12 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { PLAN_W13, PLAN_W2, PLAN_TOK, PLAN_COUNT, PLAN_ACT, PLAN_OUT, PLAN_WEIGHT, PLAN_WORDS };
+enum { PLAN_W13, PLAN_W2, PLAN_TOK, PLAN_COUNT, PLAN_ACT, PLAN_OUT, PLAN_WEIGHT, PLAN_S13, PLAN_S2, PLAN_WORDS };
 enum { JOB_DONE, JOB_NEXT_EXPERT, JOB_BARRIER, JOB_ERROR, JOB_BUSY_NS, JOB_CLAIMS };
 enum { JOB_INJECTED_FAULT = 1 };
 
 typedef struct {
-    int dtype, whole_experts, fail, read; /* read: the bandwidth baseline's job, x's ldx bytes */
+    int dtype, fmt, whole_experts, fail, read; /* fmt: FMT_*, the weights'; read: the bandwidth baseline's job, x's ldx bytes */
     int64_t I, H, ldx, num_experts;
     const void *x;
     const int64_t *plan;
@@ -89,12 +90,23 @@ static void barrier_wait(int64_t *arrived, int n) {
 
 static void gate_up(const pool_job *job, int64_t e, int64_t *next) {
     const int64_t *p = job->plan + e * PLAN_WORDS;
+    if (job->fmt != FMT_PLAIN) {
+        gate_up_act_q(job->fmt, job->dtype, (const void *)p[PLAN_W13], (const void *)p[PLAN_S13], job->I, job->H, job->x,
+                      job->ldx, (const int64_t *)p[PLAN_TOK], p[PLAN_COUNT], (void *)p[PLAN_ACT], job->I, next);
+        return;
+    }
     gate_up_act(job->dtype, (const void *)p[PLAN_W13], job->I, job->H, job->x, job->ldx, (const int64_t *)p[PLAN_TOK],
                 p[PLAN_COUNT], (void *)p[PLAN_ACT], job->I, next);
 }
 
 static void down(const pool_job *job, int64_t e, int64_t *next) {
     const int64_t *p = job->plan + e * PLAN_WORDS;
+    if (job->fmt != FMT_PLAIN) {
+        down_weighted_q(job->fmt, job->dtype, (const void *)p[PLAN_W2], (const void *)p[PLAN_S2], job->I, job->H,
+                        (const void *)p[PLAN_ACT], job->I, (const float *)p[PLAN_WEIGHT], p[PLAN_COUNT],
+                        (float *)p[PLAN_OUT], job->H, next);
+        return;
+    }
     down_weighted(job->dtype, (const void *)p[PLAN_W2], job->I, job->H, (const void *)p[PLAN_ACT], job->I,
                   (const float *)p[PLAN_WEIGHT], p[PLAN_COUNT], (float *)p[PLAN_OUT], job->H, next);
 }
@@ -232,8 +244,8 @@ PyObject *py_pool_post(PyObject *self, PyObject *args) {
     unsigned long long handle, x, plan, state;
     pool_job job;
     long long I, H, ldx, num_experts;
-    if (!PyArg_ParseTuple(args, "KiLLKLKLiiK", &handle, &job.dtype, &I, &H, &x, &ldx, &plan, &num_experts,
-                          &job.whole_experts, &job.fail, &state))
+    if (!PyArg_ParseTuple(args, "KiiLLKLKLiiK", &handle, &job.dtype, &job.fmt, &I, &H, &x, &ldx, &plan,
+                          &num_experts, &job.whole_experts, &job.fail, &state))
         return NULL;
     job.I = I, job.H = H, job.ldx = ldx, job.num_experts = num_experts, job.read = 0;
     job.x = (const void *)x, job.plan = (const int64_t *)plan, job.state = (int64_t *)state;

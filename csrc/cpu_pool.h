@@ -14,6 +14,13 @@ void gate_up_act(int dtype, const void *w13, int64_t I, int64_t H, const void *x
 void down_weighted(int dtype, const void *w2, int64_t I, int64_t H, const void *act, int64_t ldact,
                    const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next);
 
+/* The same two halves for quantized weights (format FMT_INT8 / FMT_INT4, cpu_quantized.c): w13's
+ * scales s13, w2's s2, as daop_vllm/core/quantized_experts.py lays them out. */
+void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t I, int64_t H, const void *x,
+                   int64_t ldx, const int64_t *tok, int64_t n, void *act, int64_t ldact, int64_t *next);
+void down_weighted_q(int fmt, int dtype, const void *w2, const void *s2, int64_t I, int64_t H, const void *act,
+                     int64_t ldact, const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next);
+
 /* Sum of a buffer's 64-bit words, read as fast as the CPU reads memory: the bandwidth baseline. */
 uint64_t read_words(const uint64_t *p, int64_t words);
 

@@ -9,6 +9,7 @@ falls on all three alike; ratios are medians of the ratios within a pass.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from daop_vllm.core.cpu_executor import (
 )
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
+from daop_vllm.core.quantized_experts import bytes_per_weight, quantize
 from daop_vllm.offline.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
@@ -117,50 +119,70 @@ def _speed_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
 
 
 def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtype: torch.dtype,
-            native_max_tokens: int | None = None) -> dict[str, Any]:
+            native_max_tokens: int | None = None, formats: tuple[str, ...] = ("bf16",)) -> dict[str, Any]:
+    """The executor on experts stored in each of `formats` (bf16: as `dtype`; int8, int4:
+    quantized from the same weights), the streaming read and torch's matmul on the `dtype`
+    weights, in the same passes. `per_tokens` holds the first format's figures, `formats` each's."""
     llc = last_level_cache_bytes()
-    expert_bytes = shape.expert_bytes(torch.tensor([], dtype=dtype).element_size())
-    # Rotate through > 4x the L3, so that weights come from memory; tiny test shapes would
-    # need too many calls for that and stop at MAX_ROTATED_EXPERTS ("rotated_bytes" tells).
-    num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // expert_bytes) + 1))
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    expert_bytes = shape.expert_bytes(element_size)
+    smallest = expert_bytes / element_size * min(bytes_per_weight(f, element_size) for f in formats)
+    # Rotate through > 4x the L3 in the smallest format, so that weights come from memory; tiny
+    # test shapes would need too many calls for that and stop at MAX_ROTATED_EXPERTS ("rotated_bytes" tells).
+    num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // int(smallest)) + 1))
     w13, w2 = _experts(shape, num_experts, dtype)
+    stored = {f: (w13, w2) if f == "bf16" else (quantize(w13, f), quantize(w2, f)) for f in formats}
+    # the bytes a call reads: values and scales
+    bytes_of = {f: expert_bytes if f == "bf16" else (stored[f][0].nbytes + stored[f][1].nbytes) // num_experts
+                for f in formats}
     executor = CpuExpertExecutor(threads, native_max_tokens)
-    amx = dtype == torch.bfloat16 and executor.amx
+    amx = dtype == torch.bfloat16 and executor.amx and "bf16" in formats
     torch.set_num_threads(threads)
     table = torch.arange(num_experts)
     result: dict[str, Any] = {
         "model_shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
         "cpu_kernel": executor.kernel_name, "llc_bytes": llc, "expert_bytes": expert_bytes,
         "experts_rotated": num_experts, "rotated_bytes": num_experts * expert_bytes, "repeats": repeats,
-        "tokens": tokens, "per_tokens": {},
+        "tokens": tokens, "formats": {f: {"expert_bytes": bytes_of[f], "per_tokens": {}} for f in formats},
     }
     stream = StreamRead(max(4 * llc, 2**30), expert_bytes, threads)
     for n in tqdm(tokens, desc=f"{shape.name} {threads} threads", leave=False):
         x = torch.randn(n, shape.hidden_size).to(dtype)
         weights = torch.ones(n, 1)
 
-        def run_executor(call: int) -> None:
+        def run_executor(call: int, experts: tuple = (w13, w2)) -> None:
             ids = torch.full((n, 1), call % num_experts, dtype=torch.int64)
-            executor.submit(x, ids, weights, w13, w2, table).result()
+            executor.submit(x, ids, weights, *experts, table).result()
 
         def run_torch(call: int) -> None:
             e = call % num_experts
             expert_mlp(x, w13[e], w2[e])
 
         flops = 6 * shape.hidden_size * shape.intermediate_size * n
-        row = {}
-        runs = {"stream": stream, "executor": run_executor, "torch": run_torch}
+        runs = {"stream": stream, "torch": run_torch}
+        runs.update({f"executor[{f}]": functools.partial(run_executor, experts=stored[f]) for f in formats})
         if amx:  # the kernel's AVX-512 path beside its AMX one, in the same passes
-            runs["executor_avx512"] = _without_amx(executor.kernels, run_executor)
+            runs["executor_avx512"] = _without_amx(executor.kernels, functools.partial(run_executor,
+                                                                                      experts=stored["bf16"]))
         times = _pass_seconds(runs, num_experts, repeats)
-        row["stream_gbps"] = expert_bytes / statistics.median(times["stream"]) / 1e9
-        for name in (n for n in runs if n != "stream"):
+        def rates(name: str, size: int = expert_bytes) -> dict[str, float]:
             s = statistics.median(times[name])
-            row[f"{name}_gbps"] = expert_bytes / s / 1e9
-            row[f"{name}_gflops"] = flops / s / 1e9
-        row["executor_over_torch"] = _speed_ratio(times, "executor", "torch")
-        row["executor_over_stream"] = _speed_ratio(times, "executor", "stream")
-        result["per_tokens"][str(n)] = row
+            return {f"{name}_gbps": size / s / 1e9, f"{name}_gflops": flops / s / 1e9}
+
+        shared = {"stream_gbps": expert_bytes / statistics.median(times["stream"]) / 1e9, **rates("torch")}
+        for f in formats:
+            name = f"executor[{f}]"
+            s = statistics.median(times[name])
+            row = {**shared, "executor_gbps": bytes_of[f] / s / 1e9, "executor_gflops": flops / s / 1e9,
+                   "executor_over_torch": _speed_ratio(times, name, "torch"),
+                   # the read rates' ratio: the stream's chunks are the dtype's expert bytes
+                   "executor_over_stream": _speed_ratio(times, name, "stream") * bytes_of[f] / expert_bytes}
+            if "bf16" in formats:
+                row["executor_over_bf16"] = _speed_ratio(times, name, "executor[bf16]")
+            if f == "bf16" and amx:
+                row.update(rates("executor_avx512"))
+            result["formats"][f]["per_tokens"][str(n)] = row
+    result["per_tokens"] = result["formats"][formats[0]]["per_tokens"]
     # The baseline is measured in the same passes as the calls it is compared with.
     result["stream_read_gbps"] = statistics.median(r["stream_gbps"] for r in result["per_tokens"].values())
     result["decode_efficiency"] = result["per_tokens"][str(tokens[0])]["executor_over_stream"]
@@ -248,6 +270,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len(result["formats"]) > 1:
+        _plot_formats(result, path, plt)
+        return
     tokens = result["tokens"]
     rows = [result["per_tokens"][str(n)] for n in tokens]
     fig, (bw, share, fl) = plt.subplots(1, 3, figsize=(15, 4))
@@ -268,5 +293,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.set_xticks(tokens, [str(n) for n in tokens])
         axis.legend()
     fig.suptitle(f"{result['model_shape']} experts, {result['dtype']}, {result['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_formats(result: dict[str, Any], path: Path, plt) -> None:
+    """The executor's GFLOP/s and read rate per expert format, beside torch and the streaming read."""
+    tokens = result["tokens"]
+    fig, (fl, bw) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, measured in result["formats"].items():
+        rows = [measured["per_tokens"][str(n)] for n in tokens]
+        fl.plot(tokens, [r["executor_gflops"] for r in rows], "o-", label=f"DAOP executor, {name} experts")
+        size = f"{measured['expert_bytes'] / 2**20:.0f} MiB an expert"
+        bw.plot(tokens, [r["executor_gbps"] for r in rows], "o-", label=f"{name} ({size})")
+    first = [result["per_tokens"][str(n)] for n in tokens]
+    fl.plot(tokens, [r["torch_gflops"] for r in first], "s--", color="gray", label=f"PyTorch, {result['dtype']}")
+    bw.plot(tokens, [r["stream_gbps"] for r in first], "x:", color="gray", label="streaming read (same passes)")
+    fl.set(xscale="log", yscale="log", xlabel="tokens per expert", ylabel="GFLOP/s", title="compute")
+    bw.set(xscale="log", xlabel="tokens per expert", ylabel="GB/s of stored expert bytes", title="bytes read")
+    for axis in (fl, bw):
+        axis.set_xticks(tokens, [str(n) for n in tokens])
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{result['model_shape']} experts by storage format, {result['dtype']} activations, "
+                 f"{result['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -8,6 +8,7 @@ from pathlib import Path
 from daop_vllm.cli.common import emit_json, fraction, layer_index, percent
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.prediction import MODES
+from daop_vllm.core.quantized_experts import FORMATS, check_format
 from daop_vllm.offline.model_shapes import MODEL_SHAPES, model_shape
 
 
@@ -18,7 +19,9 @@ def add_parser(commands) -> None:
     cpu.add_argument("--model-shape", default="mixtral-8x7b", choices=sorted(MODEL_SHAPES))
     cpu.add_argument("--threads", type=int, default=None, help="executor threads (default: physical cores)")
     cpu.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="tokens per expert")
-    cpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    cpu.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activations' (and bf16 weights') type")
+    cpu.add_argument("--format", nargs="+", default=["bf16"], choices=FORMATS, dest="formats",
+                     help="experts' storage, measured in the same passes (bf16: as --dtype)")
     cpu.add_argument("--repeats", type=int, default=3, help="passes per figure; medians are reported")
     cpu.add_argument("--scaling", action="store_true", help="also GB/s for 1, 2, 4, 8, 16 threads")
     cpu.add_argument("--decode-steps", type=int, nargs="+", metavar="BATCH",
@@ -77,6 +80,17 @@ def add_parser(commands) -> None:
         parser.set_defaults(run=RUNS[name])
 
 
+def _print_formats(result: dict) -> None:
+    names = list(result["formats"])
+    print(f"executor GFLOP/s by expert format (x bf16's in the same passes); streaming read "
+          f"{result['stream_read_gbps']:.1f} GB/s")
+    print(f"{'tokens':>6} " + " ".join(f"{name + ' GFLOP/s':>14} {'GB/s':>6} {'x bf16':>6}" for name in names))
+    for n in result["tokens"]:
+        rows = [result["formats"][name]["per_tokens"][str(n)] for name in names]
+        print(f"{n:6d} " + " ".join(f"{r['executor_gflops']:14.1f} {r['executor_gbps']:6.1f} "
+                                    f"{r.get('executor_over_bf16', float('nan')):6.2f}" for r in rows))
+
+
 def _bench_cpu_experts(args: argparse.Namespace) -> None:
 
     import torch
@@ -85,8 +99,12 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     from daop_vllm.core.cpu_executor import physical_core_count
 
     shape = model_shape(args.model_shape)
+    for name in args.formats:
+        for cols in (shape.hidden_size, shape.intermediate_size):
+            check_format(name, cols, what=f"{shape.name} experts")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype)
+    result = measure(shape, args.threads or physical_core_count(), args.tokens, args.repeats, dtype,
+                     formats=tuple(dict.fromkeys(args.formats)))
     if args.scaling:
         result["thread_scaling"] = thread_scaling(shape, args.repeats, dtype)
     if args.decode_steps:
@@ -94,6 +112,9 @@ def _bench_cpu_experts(args: argparse.Namespace) -> None:
     if emit_json(result, args, plot):
         return
     print(f"{shape.name} {result['dtype']}, {result['threads']} threads, kernel: {result['cpu_kernel']}")
+    if len(result["formats"]) > 1:
+        _print_formats(result)
+        return
     print(f"streaming read: {result['stream_read_gbps']:.1f} GB/s; decode efficiency "
           f"{100 * result['decode_efficiency']:.0f}%")
     avx512 = "executor_avx512_gbps" in result["per_tokens"][str(result["tokens"][0])]

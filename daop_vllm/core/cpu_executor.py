@@ -3,8 +3,9 @@
 The caller submits one layer's CPU work and goes on with the device work; `CpuJob.result()`
 waits. Two paths, chosen per expert by how many tokens it got:
 
-- native (decode-sized and short prefills: up to `native_max_tokens` tokens, fp32/bf16, when the
-  C extension is built): a job for the extension's own threads (csrc/cpu_pool.c), which never
+- native (decode-sized and short prefills: up to `native_max_tokens` tokens, or
+  QUANTIZED_NATIVE_MAX_TOKENS for int8/int4 experts; fp32/bf16 activations, when the C extension
+  is built): a job for the extension's own threads (csrc/cpu_pool.c), which never
   take the GIL, so the job runs from start to end whatever the caller does meanwhile. Fewer than
   `GROUP_MIN_EXPERTS_PER_THREAD` experts per thread (Mixtral's 2-8 large ones, the small ones
   of DeepSeek or Qwen-MoE at small batches): the threads share each expert's gate/up rows, wait
@@ -38,6 +39,11 @@ import torch
 
 from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
 from daop_vllm.core.expert_math import expert_mlp
+from daop_vllm.core.quantized_experts import QuantizedWeights, quantized_expert_mlp
+
+ExpertWeights = torch.Tensor | QuantizedWeights  # [E, rows, cols], as loaded or quantized
+# The native kernels' weight formats: as the activations (a tensor), or quantized (FMT_* in csrc/cpu_common.h)
+_FORMAT_CODES = {"int8": 1, "int4": 2}
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. With
@@ -45,6 +51,10 @@ from daop_vllm.core.expert_math import expert_mlp
 # 0.96x at 128 (medians of three runs); AVX-512 alone is bound by its dot-product instructions
 # from 3 tokens.
 NATIVE_MAX_TOKENS = {True: 64, False: 4}  # by: the CPU has AMX
+# Quantized experts: torch's path dequantises the whole expert first, which at 8 tokens made it
+# 0.03x the native kernels (bench cpu-experts --format); the native kernels take up to this many
+# tokens, in passes of 4 over rows the cache holds.
+QUANTIZED_NATIVE_MAX_TOKENS = 64
 # With at least this many native experts per thread, threads take whole experts instead of a
 # slice of every expert. Whole experts save the barrier and the claims, but the thread that gets
 # the last one can finish up to an expert's time after the others: on 2 threads (DeepSeek-V2-Lite,
@@ -124,6 +134,20 @@ def job_state(num_experts: int = 0) -> array.array:
 def _tensor_of(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on `values`' memory: 2 us, where torch.tensor of a list takes 7."""
     return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype, device="cpu")
+
+
+def _parts(weights: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tensors the native kernels read: the values, and the scales of quantized weights."""
+    if isinstance(weights, QuantizedWeights):
+        return weights.data, weights.scales
+    return weights, None
+
+
+def _address(tensor: torch.Tensor | None) -> tuple[int, int]:
+    """A tensor's first byte and its bytes per expert (dimension 0); zeros for none."""
+    if tensor is None:
+        return 0, 0
+    return tensor.data_ptr(), tensor.stride(0) * tensor.element_size()
 
 
 class InjectedFault(RuntimeError):
@@ -283,15 +307,16 @@ class CpuExpertExecutor:
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        w13: ExpertWeights,
+        w2: ExpertWeights,
         slot_of_expert: torch.Tensor,
         lane: int = 0,
         out: torch.Tensor | None = None,
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
         them (expert ids < 0 in `topk_ids` are skipped). All tensors are on the CPU; see
-        `routed_experts_forward` for their layouts. Jobs in flight at the same time must use
+        `routed_experts_forward` for their layouts; w13 and w2 are tensors of x's dtype or both
+        quantized (quantized_experts.py). Jobs in flight at the same time must use
         different lanes (each lane has its own workspaces); a lane's previous result must have
         been used before the lane is submitted to again, unless it goes to `out` (a [T, H] tensor
         of x's dtype the caller owns)."""
@@ -299,6 +324,7 @@ class CpuExpertExecutor:
         tokens, hidden = x.shape
         # The native kernels trust these: check them here, in the caller's thread.
         assert w13.is_contiguous() and w2.is_contiguous(), "expert weights must be contiguous"
+        assert isinstance(w13, QuantizedWeights) == isinstance(w2, QuantizedWeights), "w13 and w2 quantized alike"
         assert w13.shape[2] == hidden and w2.shape[:2] == (w13.shape[0], hidden) and w13.shape[1] == 2 * w2.shape[2], (
             f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together"
         )
@@ -341,6 +367,7 @@ class CpuExpertExecutor:
         """Lay the native experts out in the workspace and start them on the native threads;
         returns the job and the rows its weighted outputs go to."""
         hidden, inter, item = x.shape[1], w2.shape[2], x.element_size()
+        (w13_data, w13_scales), (w2_data, w2_scales) = _parts(w13), _parts(w2)
         rows = native[-1].act_row + native[-1].count
         act = workspace.buffer("act", (rows, inter), x.dtype)  # the kernels write every element of these two
         native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
@@ -348,16 +375,19 @@ class CpuExpertExecutor:
         # the same way (_plan), a tiny expert's call took 74 us instead of 141.
         state = job_state(len(native))
         tokens, weights = pairs.tokens.data_ptr(), pairs.weights.data_ptr()
-        w13_base, w13_stride, w2_base, w2_stride = w13.data_ptr(), w13.stride(0) * item, w2.data_ptr(), w2.stride(0) * item
+        (w13_base, w13_stride), (w2_base, w2_stride) = _address(w13_data), _address(w2_data)
+        (s13_base, s13_stride), (s2_base, s2_stride) = _address(w13_scales), _address(w2_scales)
         act_base, out_base = act.data_ptr(), native_out.data_ptr()
         plan = array.array("q")
         for work in native:  # PLAN_* in cpu_pool.c
-            plan.extend((w13_base + work.expert * w13_stride, w2_base + work.expert * w2_stride, tokens + 8 * work.start,
-                         work.count, act_base + work.act_row * inter * item, out_base + work.act_row * hidden * 4,
-                         weights + 4 * work.start))
+            plan.extend((w13_base + work.expert * w13_stride, w2_base + work.expert * w2_stride,
+                         tokens + 8 * work.start, work.count, act_base + work.act_row * inter * item,
+                         out_base + work.act_row * hidden * 4, weights + 4 * work.start,
+                         s13_base + work.expert * s13_stride, s2_base + work.expert * s2_stride))
         whole_experts = takes_whole_experts(len(native), self.num_threads, self.whole_experts_from)
-        self.kernels.pool_post(self._native_pool, NATIVE_DTYPES[x.dtype], inter, hidden, x.data_ptr(), hidden,
-                               plan.buffer_info()[0], len(native), int(whole_experts), int(fail),
+        weight_format = _FORMAT_CODES[w13.format] if isinstance(w13, QuantizedWeights) else 0
+        self.kernels.pool_post(self._native_pool, NATIVE_DTYPES[x.dtype], weight_format, inter, hidden, x.data_ptr(),
+                               hidden, plan.buffer_info()[0], len(native), int(whole_experts), int(fail),
                                state.buffer_info()[0])
         job = _NativeJob(self.kernels, self._native_pool, state, (plan, x, pairs, act, native_out, w13, w2),
                          self._add_busy)
@@ -378,12 +408,15 @@ class CpuExpertExecutor:
         grouped = [pair for pairs in groups.values() for pair in pairs]
         tokens = _tensor_of(array.array("q", [token for token, _ in grouped]), torch.int64)
         weights = _tensor_of(array.array("f", [weight for _, weight in grouped]), torch.float32)
-        native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and w13.dtype == x.dtype
+        native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and (
+            isinstance(w13, QuantizedWeights) or w13.dtype == x.dtype)
+        limit = max(self.native_max_tokens, QUANTIZED_NATIVE_MAX_TOKENS) if isinstance(w13, QuantizedWeights) \
+            else self.native_max_tokens
         native, by_torch, native_tokens, start = [], [], [], 0
         for expert, expert_pairs in groups.items():
             work = _ExpertWork(expert, start, len(expert_pairs))
             start += work.count
-            if native_ok and work.count <= self.native_max_tokens:
+            if native_ok and work.count <= limit:
                 work.act_row = len(native_tokens)
                 native_tokens.extend(token for token, _ in expert_pairs)
                 native.append(work)
@@ -407,10 +440,10 @@ class CpuExpertExecutor:
             if inject_fault:
                 raise InjectedFault(self.fail_every)
             results = []
+            mlp = quantized_expert_mlp if isinstance(w13, QuantizedWeights) else expert_mlp
             for work in by_torch:
                 tokens, weights = pairs.of(work)
-                results.append((tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
-                                * weights[:, None]))
+                results.append((tokens, mlp(x[tokens], w13[work.expert], w2[work.expert]).float() * weights[:, None]))
             return results
         finally:
             self._add_busy(time.perf_counter() - start)

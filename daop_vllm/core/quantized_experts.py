@@ -1,0 +1,112 @@
+"""Experts stored in fewer bytes: weight-only int8 and int4, quantized once from the loaded weights.
+
+- `int8`: symmetric, a scale per output channel (row): w[r, c] ~ q[r, c] * scale[r], q in
+  [-127, 127], scales fp32.
+- `int4`: symmetric, groups of `INT4_GROUP` along the input (columns), a bf16 scale per group:
+  w[r, c] ~ q[r, c] * scale[r, c // 128], q in [-8, 7], stored as q + 8 in a nibble. Each 64
+  columns are 32 bytes, byte j holding column j in its low nibble and column j + 32 in its high
+  one, so that a vector load of 32 bytes yields 64 consecutive columns in two halves
+  (csrc/cpu_quantized.c). 0.5 bytes per weight and 2 per 128 for the scales: 0.516.
+
+A weight tensor is [E, rows, cols] (w13 [E, 2I, H], w2 [E, H, I]); `QuantizedWeights` keeps
+the same logical shape and indexes by expert like a tensor. The torch reference of an expert in
+these formats is its dequantised weights through `expert_mlp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.expert_math import expert_mlp
+
+FORMATS = ("bf16", "int8", "int4")
+INT4_GROUP = 128
+_INT4_BLOCK = 64  # columns whose nibbles share 32 bytes
+_INT8_MAX, _INT4_MIN, _INT4_MAX = 127, -8, 7
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """The experts' quantized values `data` and their `scales`, for weights of logical `shape`
+    [E, rows, cols]: int8 [E, rows, cols] with fp32 scales [E, rows]; int4 uint8
+    [E, rows, cols / 2] with bf16 scales [E, rows, cols / 128]."""
+
+    format: str
+    data: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+
+    def __getitem__(self, expert: int) -> QuantizedWeights:
+        return QuantizedWeights(self.format, self.data[expert], self.scales[expert], self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def is_contiguous(self) -> bool:
+        return self.data.is_contiguous() and self.scales.is_contiguous()
+
+
+def check_format(name: str, cols: int | None = None, what: str = "experts") -> None:
+    """Raises DaopConfigError (one line) for a format name we do not know, or int4 on a weight
+    whose input size is not a multiple of the group size."""
+    if name not in FORMATS:
+        raise DaopConfigError(f"expert format {name!r} is not one of {', '.join(FORMATS)}")
+    if name == "int4" and cols is not None and cols % INT4_GROUP:
+        raise DaopConfigError(f"int4 {what} need input sizes that are multiples of {INT4_GROUP}; got {cols}")
+
+
+def bytes_per_weight(name: str, element_size: int = 2) -> float:
+    """Bytes one weight takes in host memory in format `name`, its share of the scales included
+    (bf16: `element_size`, the loaded dtype's)."""
+    check_format(name)
+    return {"bf16": float(element_size), "int8": 1.0, "int4": 0.5 + 2 / INT4_GROUP}[name]
+
+
+def quantize(weights: torch.Tensor, name: str) -> QuantizedWeights:
+    """[E, rows, cols] (or [rows, cols]) weights in format `name` (int8 or int4), computed in fp32
+    an expert at a time (no fp32 copy of every expert at once)."""
+    check_format(name, weights.shape[-1])
+    if name == "bf16":
+        raise ValueError("bf16 experts are kept as loaded, not quantized")
+    if weights.dim() == 2:
+        return _quantize_matrix(weights, name)
+    parts = [_quantize_matrix(expert, name) for expert in weights]
+    data = torch.stack([p.data for p in parts]) if parts else torch.empty(0, dtype=torch.uint8)
+    scales = torch.stack([p.scales for p in parts]) if parts else torch.empty(0)
+    return QuantizedWeights(name, data, scales, weights.shape)
+
+
+def _quantize_matrix(weights: torch.Tensor, name: str) -> QuantizedWeights:
+    w = weights.float()
+    if name == "int8":
+        scales = w.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
+        data = torch.round(w / scales[..., None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        return QuantizedWeights(name, data, scales, weights.shape)
+    groups = w.unflatten(-1, (-1, INT4_GROUP))  # [rows, cols / 128, 128]
+    # bf16 scales as stored; the values are rounded against the stored scale
+    scales = (groups.abs().amax(dim=-1) / _INT4_MAX).to(torch.bfloat16)
+    scales = torch.where(scales.float() > 0, scales, torch.ones_like(scales))  # an all-zero group
+    q = (torch.round(groups / scales.float()[..., None]).clamp_(_INT4_MIN, _INT4_MAX) - _INT4_MIN).to(torch.uint8)
+    blocks = q.flatten(-2).unflatten(-1, (-1, 2, _INT4_BLOCK // 2))  # [rows, blocks, low / high half, 32]
+    data = blocks[..., 0, :] | (blocks[..., 1, :] << 4)
+    return QuantizedWeights(name, data.flatten(-2).contiguous(), scales.contiguous(), weights.shape)
+
+
+def dequantize(weights: QuantizedWeights, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights the quantized values stand for, [.., rows, cols] in `dtype` (rounded once)."""
+    if weights.format == "int8":
+        return (weights.data.float() * weights.scales[..., None]).to(dtype)
+    blocks = weights.data.unflatten(-1, (-1, _INT4_BLOCK // 2))  # [..., blocks, 32]
+    q = torch.stack((blocks & 0xF, blocks >> 4), dim=-2).flatten(-3).float() + _INT4_MIN  # [..., cols]
+    scales = weights.scales.float().repeat_interleave(INT4_GROUP, dim=-1)
+    return (q * scales).to(dtype)
+
+
+def quantized_expert_mlp(x: torch.Tensor, w13: QuantizedWeights, w2: QuantizedWeights) -> torch.Tensor:
+    """The torch reference of one quantized expert: x [n, H] -> [n, H] through the weights
+    dequantised to x's dtype."""
+    return expert_mlp(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype))

@@ -1,0 +1,129 @@
+"""Quantized experts: the formats' round trip and layout, one-line refusals, and the executor's
+native kernels for int8/int4 against a float64 reference on the dequantised weights."""
+
+import pytest
+import torch
+
+from daop_vllm.core.cpu_executor import QUANTIZED_NATIVE_MAX_TOKENS, CpuExpertExecutor
+from daop_vllm.core.cpu_kernels import native_kernels
+from daop_vllm.core.quantized_experts import (
+    INT4_GROUP,
+    bytes_per_weight,
+    check_format,
+    dequantize,
+    quantize,
+    quantized_expert_mlp,
+)
+from tests.core.test_cpu_executor import reference
+
+
+def test_int8_round_trip_is_within_half_a_step_per_row():
+    w = torch.randn(3, 40, 100) * torch.rand(3, 40, 1)  # rows of different scales
+    q = quantize(w, "int8")
+    assert q.data.dtype == torch.int8 and q.data.shape == w.shape and q.scales.shape == (3, 40)
+    assert q.data.abs().max() <= 127
+    error = (dequantize(q) - w).abs()
+    assert (error <= q.scales[..., None] / 2 + 1e-7).all()
+    assert torch.allclose(q.scales, w.abs().amax(-1) / 127)
+
+
+def test_int4_round_trip_layout_and_size():
+    w = torch.randn(2, 8, 3 * INT4_GROUP)
+    q = quantize(w, "int4")
+    assert q.data.dtype == torch.uint8 and q.data.shape == (2, 8, 3 * INT4_GROUP // 2)
+    assert q.scales.dtype == torch.bfloat16 and q.scales.shape == (2, 8, 3)
+    step = q.scales.float().repeat_interleave(INT4_GROUP, -1)
+    assert ((dequantize(q) - w).abs() <= step / 2 + 1e-6).all()
+    # byte j of each 64 columns holds column j (low nibble) and column j + 32 (high nibble), as q + 8
+    values = torch.round(w / step).clamp(-8, 7) + 8
+    byte = q.data[1, 5, 32 + 7]  # the second block of 64 columns
+    assert int(byte) & 15 == int(values[1, 5, 64 + 7]) and int(byte) >> 4 == int(values[1, 5, 64 + 32 + 7])
+    assert q.nbytes / w.numel() == pytest.approx(bytes_per_weight("int4")) == pytest.approx(0.515625)
+    assert quantize(w, "int8").nbytes / w.numel() == pytest.approx(1 + 4 / w.shape[-1])
+
+
+def test_all_zero_group_stays_zero():
+    w = torch.zeros(1, 4, 2 * INT4_GROUP)
+    w[0, 1, :INT4_GROUP] = torch.randn(INT4_GROUP)
+    for name in ("int8", "int4"):
+        back = dequantize(quantize(w, name))
+        assert torch.isfinite(back).all() and (back[0, 0] == 0).all() and (back[0, 1, INT4_GROUP:] == 0).all()
+
+
+def test_wrong_formats_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="'int3' is not one of bf16, int8, int4"):
+        check_format("int3")
+    with pytest.raises(ValueError, match="multiples of 128; got 100"):
+        quantize(torch.randn(2, 4, 100), "int4")
+    with pytest.raises(ValueError, match="kept as loaded"):
+        quantize(torch.randn(2, 4, 128), "bf16")
+
+
+def _case(fmt, tokens, experts, top_k, hidden, inter, dtype, seed=0, outlier=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    if outlier:  # a channel 100x the others, as LLM hidden states have
+        x[:, hidden // 3] *= 100
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    topk_weights, topk_ids = torch.topk(torch.rand(tokens, experts, generator=gen), top_k, dim=-1)
+    table = torch.where(torch.arange(experts) % 3 == 0, -1, torch.arange(experts))
+    q13, q2 = quantize(w13, fmt), quantize(w2, fmt)
+    return (x.to(dtype), topk_ids, topk_weights, q13, q2, table), (dequantize(q13), dequantize(q2))
+
+
+# fp32: the kernels use the dequantised weights themselves; bf16: activations rounded to bf16
+# between the halves, and met as int16 per group of 128 on CPUs with AVX512-VNNI
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+SHAPES = {  # (tokens, experts, top_k, hidden, inter)
+    "int8": [(1, 8, 2, 64, 128), (3, 4, 2, 160, 96), (5, 4, 2, 100, 70), (40, 16, 4, 96, 64)],
+    "int4": [(1, 8, 2, 128, 256), (2, 4, 2, 384, 128), (9, 4, 2, 256, 128), (40, 16, 4, 128, 128)],
+}
+
+
+@pytest.mark.parametrize("vector_isa", [True, False], ids=["vector", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads, whole_experts_from", [(1, 0), (2, 0), (2, 10**6)], ids=["1", "2-whole", "2-sliced"])
+@pytest.mark.parametrize("fmt, shape", [(f, s) for f, shapes in SHAPES.items() for s in shapes])
+def test_native_kernels_match_the_dequantised_reference(fmt, shape, threads, whole_experts_from, dtype, vector_isa):
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("the C extension is not built here")
+    args, dequantised = _case(fmt, *shape, dtype)
+    previous = kernels.use_vector_isa(vector_isa)
+    executor = CpuExpertExecutor(threads, whole_experts_from=whole_experts_from)
+    try:
+        got = executor.submit(*args).result()
+    finally:
+        executor.shutdown()
+        kernels.use_vector_isa(previous)
+    want = reference(args[0], args[1], args[2], *dequantised, args[5])
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= TOLERANCE[dtype] * want.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bf16_tokens_with_an_outlier_channel_stay_within_tolerance(fmt):
+    args, dequantised = _case(fmt, 4, 4, 2, 256, 128, torch.bfloat16, outlier=True)
+    executor = CpuExpertExecutor(2)
+    try:
+        got = executor.submit(*args).result()
+    finally:
+        executor.shutdown()
+    want = reference(args[0], args[1], args[2], *dequantised, args[5])
+    assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
+
+
+def test_many_tokens_go_to_torch_through_the_dequantised_weights():
+    """Past QUANTIZED_NATIVE_MAX_TOKENS an expert runs in torch on its dequantised weights."""
+    tokens = QUANTIZED_NATIVE_MAX_TOKENS + 6
+    args, dequantised = _case("int8", tokens, 2, 1, 64, 128, torch.float32)
+    args = (args[0], torch.zeros(tokens, 1, dtype=torch.int64), torch.ones(tokens, 1), args[3], args[4],
+            torch.arange(2))
+    executor = CpuExpertExecutor(1)
+    try:
+        got = executor.submit(*args).result()
+    finally:
+        executor.shutdown()
+    want = quantized_expert_mlp(args[0], args[3][0], args[4][0])
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
