@@ -21,7 +21,9 @@
 
 enum { Q_GROUP = 128, Q_BLOCK = 64 };      /* int4: columns per scale; columns per 32 bytes */
 enum { QMAX_ROWS = 8, QMAX_TOKENS = 4 };   /* one pass over the weights: up to 8 rows x 4 tokens */
-enum { Q_PREFETCH_BYTES = 512 };           /* how far ahead of each row's stream its bytes are fetched */
+/* How far ahead of its stream each of a pass's R rows is fetched: the same bytes in flight per
+ * thread whatever R, so that a pass of 2 rows (4 tokens) keeps as many reads going as one of 8. */
+enum { Q_PREFETCH_BYTES = 4096 };
 static inline int qrows_for(int g) { return g == 1 ? 8 : g <= 3 ? 4 : 2; }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -67,7 +69,7 @@ static void qdots_portable(int fmt, int dtype, const uint8_t *const *w, const vo
         __m512 xv[G];                                                                                    \
         for (int t = 0; t < G; t++) xv[t] = _mm512_maskz_loadu_ps(m, x[t] + c);                          \
         for (int r = 0; r < R; r++) {                                                                    \
-            _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES), _MM_HINT_T0);                      \
+            _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES / R), _MM_HINT_T0);                      \
             __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w[r] + c))), \
                                       scale[r]);                                                          \
             for (int t = 0; t < G; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);              \
@@ -110,7 +112,7 @@ static void qdots_portable(int fmt, int dtype, const uint8_t *const *w, const vo
                     }                                                                                    \
                     for (int r = 0; r < R; r++) {                                                        \
                         const uint8_t *bytes = w[r] + c / 2 + 16 * half;                                 \
-                        _mm_prefetch((const char *)(bytes + Q_PREFETCH_BYTES), _MM_HINT_T0);             \
+                        _mm_prefetch((const char *)(bytes + Q_PREFETCH_BYTES / R), _MM_HINT_T0);             \
                         __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));       \
                         __m512 lo = _mm512_permutexvar_ps(q, table[r]);                                  \
                         __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table[r]);            \
@@ -123,15 +125,17 @@ static void qdots_portable(int fmt, int dtype, const uint8_t *const *w, const vo
             for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]);               \
     }
 
-/* bf16 tokens meet quantized weights as int16 (vpdpwssd: 32 products a step, no conversion of
- * the weights to floats, which bound the kernels at a third of the memory's rate on our
- * development machine): each token's columns in groups of 128, each group scaled to its largest
- * magnitude over 32767 (finer than bf16's own rounding except in groups with a large outlier,
- * where it is still well inside int8 weights' error), with the sum of its values for int4's
- * offset. A group's int32 sum (at most 127 * 32767 * 128, or 15 * 32767 * 128) goes into the
- * fp32 result scaled by the token's scale (and int4's the weight group's) at the group's end. */
+/* bf16 tokens meet quantized weights as integers, with no conversion of the weights to floats
+ * (which bound the kernels at a third of the memory's rate on our development machine): each
+ * token's columns in groups of 128, each group scaled to its largest magnitude, with the sum of
+ * its values for int4's offset. int8 weights meet int16 tokens (vpdpwssd, 32 products an
+ * instruction; 32767 steps, finer than bf16's own rounding except in groups with a large outlier,
+ * where it is still well inside int8 weights' error). int4 weights meet int8 tokens (vpdpbusd: the
+ * nibbles as unsigned bytes, 64 products an instruction, 1.8x vpdpwssd's rate in cache): 127
+ * steps, whose error is about a twentieth of int4 weights' own. A group's int32 sum goes into the
+ * fp32 result scaled by the token's scale (and int4's by the weight group's) at the group's end. */
 typedef struct {
-    const int16_t *q;
+    const void *q; /* int16 values in column order (int8 weights); int8 values in nibble order (int4) */
     const float *scale;
     const int32_t *sum;
 } qtoken;
@@ -157,9 +161,9 @@ typedef struct {
         for (int64_t group = 0, c = 0; c < len; group++) {                                               \
             for (int64_t end = min64(c + Q_GROUP, len); c < end; c += 32) {                              \
                 __m512i xv[G];                                                                           \
-                for (int t = 0; t < G; t++) xv[t] = _mm512_loadu_si512(x[t]->q + c);                     \
+                for (int t = 0; t < G; t++) xv[t] = _mm512_loadu_si512((const int16_t *)x[t]->q + c);    \
                 for (int r = 0; r < R; r++) {                                                            \
-                    _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES), _MM_HINT_T0);              \
+                    _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES / R), _MM_HINT_T0);              \
                     __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[r] + c)));  \
                     for (int t = 0; t < G; t++) part[r][t] = _mm512_dpwssd_epi32(part[r][t], wv, xv[t]); \
                 }                                                                                        \
@@ -170,40 +174,36 @@ typedef struct {
             for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]) * *(const float *)s[r]; \
     }
 
-/* int4 rows: 64 columns a step, 32 bytes widened to words: the low nibbles are the first 32
- * columns, the high ones the next 32; values q + 8, so a group's sum loses 8 times the token's. */
-#define DEFINE_Q4_I16(R, G)                                                                              \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void q4_i16_##R##x##G(         \
+/* int4 rows: a group (64 bytes) a step; its low nibbles are columns 0-31 and 64-95, its high
+ * ones 32-63 and 96-127, which is the order the tokens' int8 values are held in (nibble order);
+ * values q + 8, so a group's sum loses 8 times the token's. */
+#define DEFINE_Q4_I8(R, G)                                                                               \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void q4_i8_##R##x##G(          \
         const uint8_t *const *w, const void *const *s, const void *const *xs, int64_t len, float *dots) { \
         const qtoken *x[G];                                                                              \
         for (int t = 0; t < G; t++) x[t] = xs[t];                                                        \
-        const __m512i nibble = _mm512_set1_epi16(15);                                                    \
+        const __m512i nibble = _mm512_set1_epi8(15);                                                     \
         __m512 acc[R][G];                                                                                \
-        __m512i part[R][G];                                                                              \
         Q_ZERO(R, G, acc);                                                                               \
         for (int64_t group = 0; group < len / Q_GROUP; group++) {                                        \
-            for (int r = 0; r < R; r++)                                                                  \
-                for (int t = 0; t < G; t++) part[r][t] = _mm512_maskz_set1_epi32(1, -8 * x[t]->sum[group]); \
-            for (int64_t c = group * Q_GROUP; c < (group + 1) * Q_GROUP; c += Q_BLOCK) {                 \
-                __m512i lo_x[G], hi_x[G];                                                                \
-                for (int t = 0; t < G; t++) {                                                            \
-                    lo_x[t] = _mm512_loadu_si512(x[t]->q + c);                                           \
-                    hi_x[t] = _mm512_loadu_si512(x[t]->q + c + 32);                                      \
-                }                                                                                        \
-                for (int r = 0; r < R; r++) {                                                            \
-                    const uint8_t *bytes = w[r] + c / 2;                                                 \
-                    _mm_prefetch((const char *)(bytes + Q_PREFETCH_BYTES), _MM_HINT_T0);                 \
-                    __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));        \
-                    __m512i lo = _mm512_and_si512(q, nibble), hi = _mm512_srli_epi16(q, 4);              \
-                    for (int t = 0; t < G; t++)                                                          \
-                        part[r][t] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(part[r][t], lo, lo_x[t]), hi, hi_x[t]); \
-                }                                                                                        \
+            __m512i lo_x[G], hi_x[G];                                                                    \
+            for (int t = 0; t < G; t++) {                                                                \
+                const int8_t *q = (const int8_t *)x[t]->q + group * Q_GROUP;                             \
+                lo_x[t] = _mm512_loadu_si512(q);                                                         \
+                hi_x[t] = _mm512_loadu_si512(q + Q_GROUP / 2);                                           \
             }                                                                                            \
             for (int r = 0; r < R; r++) {                                                                \
+                const uint8_t *bytes = w[r] + group * (Q_GROUP / 2);                                     \
+                _mm_prefetch((const char *)(bytes + Q_PREFETCH_BYTES / R), _MM_HINT_T0);                     \
+                __m512i b = _mm512_loadu_si512(bytes);                                                   \
+                __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble); \
                 float w_scale = bf16_to_f32(((const uint16_t *)s[r])[group]);                            \
-                for (int t = 0; t < G; t++)                                                              \
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r][t]),                          \
-                                                _mm512_set1_ps(w_scale * x[t]->scale[group]), acc[r][t]);\
+                for (int t = 0; t < G; t++) {                                                            \
+                    __m512i part = _mm512_maskz_set1_epi32(1, -8 * x[t]->sum[group]);                    \
+                    part = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part, lo, lo_x[t]), hi, hi_x[t]);     \
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part), _mm512_set1_ps(w_scale * x[t]->scale[group]), \
+                                                acc[r][t]);                                              \
+                }                                                                                        \
             }                                                                                            \
         }                                                                                                \
         for (int r = 0; r < R; r++)                                                                      \
@@ -214,27 +214,27 @@ typedef struct {
 DEFINE_Q_FAMILY(DEFINE_Q8_F32)
 DEFINE_Q_FAMILY(DEFINE_Q8_I16)
 DEFINE_Q_FAMILY(DEFINE_Q4_F32)
-DEFINE_Q_FAMILY(DEFINE_Q4_I16)
+DEFINE_Q_FAMILY(DEFINE_Q4_I8)
 
 typedef void (*qdots_fn)(const uint8_t *const *, const void *const *, const void *const *, int64_t, float *);
 #define Q_FAMILY_TABLE(NAME) {NAME##_8x1, NAME##_4x2, NAME##_4x3, NAME##_2x4}
-static const qdots_fn qdots_avx512[2][2][QMAX_TOKENS] = { /* [int4?][int16 kernels?][tokens - 1] */
+static const qdots_fn qdots_avx512[2][2][QMAX_TOKENS] = { /* [int4?][integer kernels?][tokens - 1] */
     {Q_FAMILY_TABLE(q8_f32), Q_FAMILY_TABLE(q8_i16)},
-    {Q_FAMILY_TABLE(q4_f32), Q_FAMILY_TABLE(q4_i16)},
+    {Q_FAMILY_TABLE(q4_f32), Q_FAMILY_TABLE(q4_i8)},
 };
 #endif
 
-/* Each thread's activations as int16 (qtoken), grown as needed and kept for its next calls. */
-static __thread int16_t *held_values;
+/* Each thread's activations as integers (qtoken), grown as needed and kept for its next calls. */
+static __thread void *held_values;
 static __thread float *held_scales;
 static __thread int32_t *held_sums;
 static __thread int64_t held_value_cap, held_group_cap;
 
-static int hold(int64_t values, int64_t groups) {
-    if (values > held_value_cap) {
-        int16_t *v = realloc(held_values, (size_t)values * sizeof *v);
+static int hold(int64_t value_bytes, int64_t groups) {
+    if (value_bytes > held_value_cap) {
+        void *v = realloc(held_values, (size_t)value_bytes);
         if (!v) return 0;
-        held_values = v, held_value_cap = values;
+        held_values = v, held_value_cap = value_bytes;
     }
     if (groups > held_group_cap) {
         float *sc = realloc(held_scales, (size_t)groups * sizeof *sc);
@@ -252,44 +252,56 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512 ps_of_bf16(cons
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* One bf16 row of len (a multiple of 32) columns as int16, its groups' scales and sums. */
-__attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint16_t *x, int64_t len, int16_t *q,
-                                                                    float *scale, int32_t *sum) {
+/* Where column c of a group lies in nibble order: the 32-column quarters 0, 2, 1, 3. */
+static inline int64_t nibble_order(int64_t c) {
+    int64_t quarter = c / 32;
+    return (quarter == 1 ? 2 : quarter == 2 ? 1 : quarter) * 32 + c % 32;
+}
+
+/* One bf16 row of len (a multiple of 32) columns as integers of `bits` (16: int16 in column
+ * order; 8: int8 in nibble order, len a multiple of 128), its groups' scales and sums. */
+__attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint16_t *x, int64_t len, int bits,
+                                                                    void *q, float *scale, int32_t *sum) {
+    const float top = bits == 16 ? 32767.0f : 127.0f;
     for (int64_t g0 = 0, g = 0; g0 < len; g0 += Q_GROUP, g++) {
         int64_t width = min64(Q_GROUP, len - g0);
         __m512 largest = _mm512_setzero_ps();
         for (int64_t c = 0; c < width; c += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(ps_of_bf16(x + g0 + c)));
         float m = _mm512_reduce_max_ps(largest);
-        __m512 inverse = _mm512_set1_ps(m > 0 ? 32767.0f / m : 0.0f);
+        __m512 inverse = _mm512_set1_ps(m > 0 ? top / m : 0.0f);
         __m512i total = _mm512_setzero_si512();
         for (int64_t c = 0; c < width; c += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(ps_of_bf16(x + g0 + c), inverse));
-            _mm256_storeu_si256((__m256i *)(q + g0 + c), _mm512_cvtsepi32_epi16(v));
+            if (bits == 16)
+                _mm256_storeu_si256((__m256i *)((int16_t *)q + g0 + c), _mm512_cvtsepi32_epi16(v));
+            else
+                _mm_storeu_si128((__m128i *)((int8_t *)q + g0 + nibble_order(c)), _mm512_cvtsepi32_epi8(v));
             total = _mm512_add_epi32(total, v);
         }
-        scale[g] = m > 0 ? m / 32767.0f : 0.0f;
+        scale[g] = m > 0 ? m / top : 0.0f;
         sum[g] = _mm512_reduce_add_epi32(total);
     }
 }
 #endif
 
-/* Whether a call runs on the int16 kernels: bf16 tokens, on a CPU with them, rows they fit. */
-static int use_int16(int fmt, int dtype, int64_t len) {
+/* Whether a call runs on the integer kernels: bf16 tokens, on a CPU with them, rows they fit. */
+static int use_integers(int fmt, int dtype, int64_t len) {
     return dtype == DT_BF16 && has_avx512_bf16 && has_avx512_vnni && has_avx512bw &&
            len % (fmt == FMT_INT4 ? Q_GROUP : 32) == 0;
 }
 
-/* The call's n tokens (bf16 rows at x + tok[t] * ld, or x + t * ld without tok) as qtokens in
- * this thread's held buffers; 0 when they could not grow. */
-static int quantize_tokens(const void *x, int64_t ld, const int64_t *tok, int64_t n, int64_t len, qtoken *out) {
+/* The call's n tokens (bf16 rows at x + tok[t] * ld, or x + t * ld without tok) as qtokens for
+ * weights of `fmt` in this thread's held buffers; 0 when they could not grow. */
+static int quantize_tokens(int fmt, const void *x, int64_t ld, const int64_t *tok, int64_t n, int64_t len,
+                           qtoken *out) {
 #ifdef DAOP_X86
-    int64_t groups = (len + Q_GROUP - 1) / Q_GROUP;
-    if (!hold(n * len, n * groups)) return 0;
+    int64_t groups = (len + Q_GROUP - 1) / Q_GROUP, bytes = fmt == FMT_INT4 ? 1 : 2;
+    if (!hold(n * len * bytes, n * groups)) return 0;
     for (int64_t t = 0; t < n; t++) {
-        int16_t *q = held_values + t * len;
+        void *q = (char *)held_values + t * len * bytes;
         float *scale = held_scales + t * groups;
         int32_t *sum = held_sums + t * groups;
-        quantize_row((const uint16_t *)x + (tok ? tok[t] : t) * ld, len, q, scale, sum);
+        quantize_row((const uint16_t *)x + (tok ? tok[t] : t) * ld, len, 8 * (int)bytes, q, scale, sum);
         out[t] = (qtoken){q, scale, sum};
     }
     return 1;
@@ -299,12 +311,12 @@ static int quantize_tokens(const void *x, int64_t ld, const int64_t *tok, int64_
 }
 
 /* dots[r * g + t] = w[r] . x[t] for the qrows_for(g) rows, t < g <= QMAX_TOKENS; x[t] a row of
- * the activations, or its qtoken on the int16 kernels. */
-static void qdots(int fmt, int dtype, int int16, const uint8_t *const *w, const void *const *s, const void *const *x,
+ * the activations, or its qtoken on the integer kernels. */
+static void qdots(int fmt, int dtype, int integers, const uint8_t *const *w, const void *const *s, const void *const *x,
                   int g, int64_t len, float *dots) {
 #ifdef DAOP_X86
-    if (int16 || (dtype == DT_F32 && has_avx512bw)) {
-        qdots_avx512[fmt == FMT_INT4][int16][g - 1](w, s, x, len, dots);
+    if (integers || (dtype == DT_F32 && has_avx512bw)) {
+        qdots_avx512[fmt == FMT_INT4][integers][g - 1](w, s, x, len, dots);
         return;
     }
 #endif
@@ -332,14 +344,14 @@ static void pass_rows(int fmt, const uint8_t *data, const void *scales, int64_t 
 void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t I, int64_t H, const void *x,
                    int64_t ldx, const int64_t *tok, int64_t n, void *act, int64_t ldact, int64_t *next) {
     qtoken quantized[n > 0 ? n : 1];
-    int int16 = use_int16(fmt, dtype, H) && quantize_tokens(x, ldx, tok, n, H, quantized);
+    int integers = use_integers(fmt, dtype, H) && quantize_tokens(fmt, x, ldx, tok, n, H, quantized);
     row_claims claims = claims_of(next, I, 2 * row_bytes(fmt, H));
     int64_t i0, i1;
     while (claim_rows(&claims, &i0, &i1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
             int g = (int)min64(n - t0, QMAX_TOKENS), half = qrows_for(g) / 2; /* gate rows, then as many up rows */
             const void *vecs[QMAX_TOKENS];
-            pass_tokens(dtype, int16 ? quantized : NULL, x, ldx, tok, t0, g, vecs);
+            pass_tokens(dtype, integers ? quantized : NULL, x, ldx, tok, t0, g, vecs);
             for (int64_t i = i0; i < i1; i += half) {
                 int64_t rows = min64(half, i1 - i);
                 const uint8_t *w[QMAX_ROWS];
@@ -347,7 +359,7 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
                 pass_rows(fmt, w13, s13, H, i, rows, half, w, s);
                 pass_rows(fmt, w13, s13, H, I + i, rows, half, w + half, s + half);
                 float d[QMAX_ROWS * QMAX_TOKENS];
-                qdots(fmt, dtype, int16, w, s, vecs, g, H, d);
+                qdots(fmt, dtype, integers, w, s, vecs, g, H, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++)
                         store_element(dtype, act, (t0 + t) * ldact + i + r, silu(d[r * g + t]) * d[(half + r) * g + t]);
@@ -358,21 +370,21 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
 void down_weighted_q(int fmt, int dtype, const void *w2, const void *s2, int64_t I, int64_t H, const void *act,
                      int64_t ldact, const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next) {
     qtoken quantized[n > 0 ? n : 1];
-    int int16 = use_int16(fmt, dtype, I) && quantize_tokens(act, ldact, NULL, n, I, quantized);
+    int integers = use_integers(fmt, dtype, I) && quantize_tokens(fmt, act, ldact, NULL, n, I, quantized);
     row_claims claims = claims_of(next, H, row_bytes(fmt, I));
     int64_t h0, h1;
     while (claim_rows(&claims, &h0, &h1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
             int g = (int)min64(n - t0, QMAX_TOKENS), rows_per_pass = qrows_for(g);
             const void *vecs[QMAX_TOKENS];
-            pass_tokens(dtype, int16 ? quantized : NULL, act, ldact, NULL, t0, g, vecs);
+            pass_tokens(dtype, integers ? quantized : NULL, act, ldact, NULL, t0, g, vecs);
             for (int64_t h = h0; h < h1; h += rows_per_pass) {
                 int64_t rows = min64(rows_per_pass, h1 - h);
                 const uint8_t *w[QMAX_ROWS];
                 const void *s[QMAX_ROWS];
                 pass_rows(fmt, w2, s2, I, h, rows, rows_per_pass, w, s);
                 float d[QMAX_ROWS * QMAX_TOKENS];
-                qdots(fmt, dtype, int16, w, s, vecs, g, I, d);
+                qdots(fmt, dtype, integers, w, s, vecs, g, I, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++) out[(t0 + t) * ldout + h + r] = weight[t0 + t] * d[r * g + t];
             }

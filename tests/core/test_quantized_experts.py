@@ -72,9 +72,13 @@ def _case(fmt, tokens, experts, top_k, hidden, inter, dtype, seed=0, outlier=Fal
     return (x.to(dtype), topk_ids, topk_weights, q13, q2, table), (dequantize(q13), dequantize(q2))
 
 
-# fp32: the kernels use the dequantised weights themselves; bf16: activations rounded to bf16
-# between the halves, and met as int16 per group of 128 on CPUs with AVX512-VNNI
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+# Of the output's largest magnitude. fp32: the kernels use the dequantised weights themselves;
+# bf16: activations rounded to bf16 between the halves and, on CPUs with AVX512-VNNI, met in groups
+# of 128 as int16 (int8 weights) or int8 (int4 weights: 1.6% of the output's norm here, against
+# int4's own ~12% per weight; an outlier channel coarsens its group, 3.8% of the largest output)
+TOLERANCE = {("int8", torch.float32): 2e-5, ("int4", torch.float32): 2e-5,
+             ("int8", torch.bfloat16): 2e-2, ("int4", torch.bfloat16): 4e-2}
+OUTLIER_TOLERANCE = {"int8": 2e-2, "int4": 6e-2}
 SHAPES = {  # (tokens, experts, top_k, hidden, inter)
     "int8": [(1, 8, 2, 64, 128), (3, 4, 2, 160, 96), (5, 4, 2, 100, 70), (40, 16, 4, 96, 64)],
     "int4": [(1, 8, 2, 128, 256), (2, 4, 2, 384, 128), (9, 4, 2, 256, 128), (40, 16, 4, 128, 128)],
@@ -99,7 +103,7 @@ def test_native_kernels_match_the_dequantised_reference(fmt, shape, threads, who
         kernels.use_vector_isa(previous)
     want = reference(args[0], args[1], args[2], *dequantised, args[5])
     assert got.dtype == dtype and got.shape == want.shape
-    assert (got.double() - want).abs().max().item() <= TOLERANCE[dtype] * want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= TOLERANCE[fmt, dtype] * want.abs().max().item()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -111,7 +115,7 @@ def test_bf16_tokens_with_an_outlier_channel_stay_within_tolerance(fmt):
     finally:
         executor.shutdown()
     want = reference(args[0], args[1], args[2], *dequantised, args[5])
-    assert (got.double() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= OUTLIER_TOLERANCE[fmt] * want.abs().max().item()
 
 
 def test_many_tokens_go_to_torch_through_the_dequantised_weights():
