@@ -38,10 +38,9 @@ from types import ModuleType
 import torch
 
 from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
-from daop_vllm.core.expert_math import expert_mlp
-from daop_vllm.core.quantized_experts import QuantizedWeights, quantized_expert_mlp
+from daop_vllm.core.expert_math import ExpertWeights, expert_mlp
+from daop_vllm.core.quantized_experts import QuantizedWeights
 
-ExpertWeights = torch.Tensor | QuantizedWeights  # [E, rows, cols], as loaded or quantized
 # The native kernels' weight formats: as the activations (a tensor), or quantized (FMT_* in csrc/cpu_common.h)
 _FORMAT_CODES = {"int8": 1, "int4": 2}
 
@@ -440,10 +439,10 @@ class CpuExpertExecutor:
             if inject_fault:
                 raise InjectedFault(self.fail_every)
             results = []
-            mlp = quantized_expert_mlp if isinstance(w13, QuantizedWeights) else expert_mlp
             for work in by_torch:
                 tokens, weights = pairs.of(work)
-                results.append((tokens, mlp(x[tokens], w13[work.expert], w2[work.expert]).float() * weights[:, None]))
+                results.append((tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
+                                * weights[:, None]))
             return results
         finally:
             self._add_busy(time.perf_counter() - start)

@@ -61,8 +61,8 @@ class DeviceExpertCache:
         if self.shares_host_memory:
             self.w13, self.w2 = store.w13, store.w2
         else:
-            self.w13 = torch.empty((num_slots, *store.w13.shape[1:]), dtype=store.w13.dtype, device=device)
-            self.w2 = torch.empty((num_slots, *store.w2.shape[1:]), dtype=store.w2.dtype, device=device)
+            self.w13 = torch.empty((num_slots, *store.w13.shape[1:]), dtype=store.dtype, device=device)
+            self.w2 = torch.empty((num_slots, *store.w2.shape[1:]), dtype=store.dtype, device=device)
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
@@ -128,9 +128,12 @@ class DeviceExpertCache:
         self._incoming.append((slot, incoming, done))
 
     def _copy_to_slot(self, slot: int, expert: int) -> None:
-        """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the CPU)."""
-        self.w13[slot].copy_(self.store.w13[expert], non_blocking=True)
-        self.w2[slot].copy_(self.store.w2[expert], non_blocking=True)
+        """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the
+        CPU). Quantized experts are dequantised into the loaded dtype first, on the host, and copied
+        from there (not from pinned memory: at once)."""
+        w13, w2 = self.store.expert_weights(expert)
+        self.w13[slot].copy_(w13, non_blocking=True)
+        self.w2[slot].copy_(w2, non_blocking=True)
 
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;

@@ -133,7 +133,23 @@ class DaopEngine:
 
     @property
     def expert_bytes(self) -> int:
-        return self.layers[0].store.expert_bytes
+        """Bytes one resident expert takes on the device (what the budget counts): the store's
+        own format where device and host are one memory, a slot's loaded dtype elsewhere."""
+        layer = self.layers[0]
+        return layer.store.expert_bytes if layer.cache.shares_host_memory else layer.store.slot_bytes
+
+    @property
+    def expert_format(self) -> str:
+        return self.layers[0].store.format if self.layers else "bf16"
+
+    def quantize_experts(self, name: str) -> None:
+        """Store every layer's host experts in format `name` (quantized_experts.py), after their
+        weights are loaded and before `place`: quantized once, here."""
+        if any(layer.cache.num_slots for layer in self.layers):
+            raise ValueError("quantize the experts before placing them")
+        for layer in self.layers:
+            layer.store.quantize(name)
+            layer.cache = DeviceExpertCache(layer.store, 0, self.device, self.one_memory)
 
     def use_experts_call(self, make_call: Callable[[HostExpertStore], Callable | None], description: str) -> int:
         """Where device and host are one memory: run each layer's experts through
@@ -244,8 +260,8 @@ class DaopEngine:
                 swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
             else:
                 swaps = auto_swaps(counts[layer.layer], resident, self.hardware.token_seconds_saved(layer.store.expert_bytes),
-                                   self.hardware.swap_seconds(layer.store.expert_bytes))
-            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.expert_bytes
+                                   self.hardware.swap_seconds(layer.store.slot_bytes))
+            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.slot_bytes
             for incoming, retiring in swaps:
                 if budget[0] is not None and copy_bytes > budget[0]:
                     return
@@ -275,6 +291,7 @@ class DaopEngine:
             "routing": str(self.layers[0].route) if self.layers else None,
             "cpu_threads": self.executor.num_threads,
             "cpu_jobs": self.executor.jobs_submitted,
+            "expert_format": self.expert_format,
             "host_expert_bytes": sum(layer.store.host_bytes for layer in self.layers),
             "host_expert_bytes_pinned": sum(layer.store.host_bytes for layer in self.layers if layer.store.pinned),
             "cpu_busy_seconds": round(self.executor.busy_seconds, 6),

@@ -10,13 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from daop_vllm.core.quantized_experts import QuantizedWeights, dequantize
+
+ExpertWeights = torch.Tensor | QuantizedWeights  # [S, rows, cols], as loaded or quantized
+
 
 def routed_experts_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: ExpertWeights,
+    w2: ExpertWeights,
     slot_of_expert: torch.Tensor,
 ) -> torch.Tensor:
     """Sum over k of topk_weights[t, k] * expert(topk_ids[t, k])(x[t]), for the experts that
@@ -44,7 +48,10 @@ def routed_experts_forward(
     return out
 
 
-def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert on its tokens: x [n, H], w13 [2I, H], w2 [H, I] -> [n, H]."""
+def expert_mlp(x: torch.Tensor, w13: ExpertWeights, w2: ExpertWeights) -> torch.Tensor:
+    """One expert on its tokens: x [n, H], w13 [2I, H], w2 [H, I] -> [n, H]; quantized weights
+    through their dequantised values in x's dtype (the torch reference of quantized experts)."""
+    if isinstance(w13, QuantizedWeights):
+        w13, w2 = dequantize(w13, x.dtype), dequantize(w2, x.dtype)
     gate, up = (x @ w13.t()).chunk(2, dim=-1)  # [n, I] each
     return (F.silu(gate) * up) @ w2.t()

@@ -6,6 +6,8 @@ import weakref
 
 import torch
 
+from daop_vllm.core.quantized_experts import QuantizedWeights, dequantize, quantize
+
 
 def pin_in_place(tensor: torch.Tensor) -> None:
     """Page-lock `tensor`'s memory for the CUDA driver, at its exact size, until the tensor is
@@ -22,7 +24,8 @@ def pin_in_place(tensor: torch.Tensor) -> None:
 
 class HostExpertStore:
     """All E experts of one layer in host memory, in the fused layout vLLM uses:
-    w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I].
+    w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], in the loaded `dtype`, or after
+    `quantize` in a smaller `format` (quantized_experts.py).
 
     Pinned when a CUDA device exists, so that copies to device slots run asynchronously.
     """
@@ -37,12 +40,33 @@ class HostExpertStore:
     ) -> None:
         shape13 = (num_experts, 2 * intermediate_size, hidden_size)
         shape2 = (num_experts, hidden_size, intermediate_size)
-        self.w13 = torch.empty(shape13, dtype=dtype, device="cpu")
-        self.w2 = torch.empty(shape2, dtype=dtype, device="cpu")
+        self.w13: torch.Tensor | QuantizedWeights = torch.empty(shape13, dtype=dtype, device="cpu")
+        self.w2: torch.Tensor | QuantizedWeights = torch.empty(shape2, dtype=dtype, device="cpu")
+        self.dtype = dtype  # the loaded weights' and the activations'
+        self.format = "bf16"  # as loaded
         self.pinned = pin_memory
         if pin_memory:
             pin_in_place(self.w13)
             pin_in_place(self.w2)
+
+    def quantize(self, name: str) -> None:
+        """Replace the loaded weights by format `name` (once, after they are loaded; bf16 keeps
+        them). The loaded tensors are dropped here: whoever else holds them must let go too."""
+        if name == self.format:
+            return
+        if self.format != "bf16":
+            raise ValueError(f"the experts are {self.format} already")
+        w13, w2 = quantize(self.w13, name), quantize(self.w2, name)
+        if self.pinned:
+            for tensor in (w13.data, w13.scales, w2.data, w2.scales):
+                pin_in_place(tensor)
+        self.w13, self.w2, self.format = w13, w2, name
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's w13 and w2 in the loaded dtype (dequantised if stored quantized)."""
+        if isinstance(self.w13, QuantizedWeights):
+            return dequantize(self.w13[expert], self.dtype), dequantize(self.w2[expert], self.dtype)
+        return self.w13[expert], self.w2[expert]
 
     @property
     def num_experts(self) -> int:
@@ -50,10 +74,21 @@ class HostExpertStore:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (w1, w3 and w2)."""
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        """Host bytes of one expert (w1, w3 and w2) as stored, scales included: what the CPU reads."""
+        if isinstance(self.w13, QuantizedWeights):
+            return (self.w13.nbytes + self.w2.nbytes) // self.num_experts
+        return self.slot_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one expert in the loaded dtype: what a device slot holds."""
+        elements = self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
+        return elements * self.dtype.itemsize
 
     @property
     def host_bytes(self) -> int:
         """Host memory the store holds: its tensors' own bytes (allocated at that size)."""
-        return sum(t.untyped_storage().nbytes() for t in (self.w13, self.w2))
+        weights = (self.w13, self.w2)
+        if isinstance(self.w13, QuantizedWeights):
+            weights = (self.w13.data, self.w13.scales, self.w2.data, self.w2.scales)
+        return sum(t.untyped_storage().nbytes() for t in weights)

@@ -10,7 +10,7 @@
 
 A weight tensor is [E, rows, cols] (w13 [E, 2I, H], w2 [E, H, I]); `QuantizedWeights` keeps
 the same logical shape and indexes by expert like a tensor. The torch reference of an expert in
-these formats is its dequantised weights through `expert_mlp`.
+these formats is `expert_mlp` on them: their dequantised weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from daop_vllm.core.errors import DaopConfigError
-from daop_vllm.core.expert_math import expert_mlp
 
 FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP = 128
@@ -104,9 +103,3 @@ def dequantize(weights: QuantizedWeights, dtype: torch.dtype = torch.float32) ->
     q = torch.stack((blocks & 0xF, blocks >> 4), dim=-2).flatten(-3).float() + _INT4_MIN  # [..., cols]
     scales = weights.scales.float().repeat_interleave(INT4_GROUP, dim=-1)
     return (q * scales).to(dtype)
-
-
-def quantized_expert_mlp(x: torch.Tensor, w13: QuantizedWeights, w2: QuantizedWeights) -> torch.Tensor:
-    """The torch reference of one quantized expert: x [n, H] -> [n, H] through the weights
-    dequantised to x's dtype."""
-    return expert_mlp(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype))

@@ -23,6 +23,11 @@ class MoEFamily:
     dense_layers_attr: str | None = None  # config attribute: how many dense MLP layers come first
     moe_layer_step_attr: str | None = None  # config attribute: after those, every n-th layer is MoE
 
+    def expert_sizes(self, hf_config: Any) -> tuple[int, int]:
+        """(hidden size, an expert's intermediate size): the families with a dense MLP beside
+        their experts name the experts' own `moe_intermediate_size`."""
+        return hf_config.hidden_size, getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+
     def shape(self, hf_config: Any) -> tuple[int, int, int]:
         """(MoE layers, routed experts per layer, top-k)."""
         dense = getattr(hf_config, self.dense_layers_attr, 0) if self.dense_layers_attr else 0

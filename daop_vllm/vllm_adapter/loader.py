@@ -33,7 +33,7 @@ from daop_vllm.vllm_adapter.cpu_fused_experts import (
     prepacked_bytes,
 )
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
-from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, set_routers
+from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, release_loaded_experts, set_routers
 from daop_vllm.vllm_adapter.options import DaopOptions
 from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
 
@@ -51,7 +51,7 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     family = model_family(model_config)
     check_unquantized(model_config)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
-    options.check_model(num_layers, num_experts)
+    options.check_model(num_layers, num_experts, family.expert_sizes(model_config.hf_text_config))
     if options.profile:
         load_profile(options.profile, num_layers, num_experts)
     parallel = vllm_config.parallel_config
@@ -84,6 +84,9 @@ def check_unquantized(model_config: ModelConfig) -> None:
     """DAOP's device kernels and CPU executor take bf16/fp16/fp32 experts only."""
     if model_config.quantization is None:
         return
+    if model_config.quantization == "experts_int8":
+        raise DaopConfigError("load_format 'daop' quantizes experts itself: instead of --quantization experts_int8, "
+                              "set the daop option \"expert_format\": \"int8\"")
     if getattr(model_config.hf_config, "quantization_config", None) is not None:
         source, remedy = "its config.json's quantization_config", "serve a bf16, fp16 or fp32 checkpoint"
     else:
@@ -183,11 +186,15 @@ class DaopModelLoader(BaseModelLoader):
         self._checkpoint_loader.load_weights(model, model_config)
         engine: DaopEngine = model.daop_engine
         set_routers(model, engine, model_family(model_config))
+        if self.options.expert_format != "bf16":
+            engine.quantize_experts(self.options.expert_format)
+            release_loaded_experts(model)
         engine.place(
             plan_for_budget(self.options.budget, len(engine.layers), engine.num_experts, engine.expert_bytes,
                             self._auto_bytes(engine), self._profile(engine))
         )
-        if self.options.test_cpu_fault_every is None:  # injected faults are the executor's: keep it then
+        # vLLM's op takes the loaded dtype; injected faults are the executor's: keep it then
+        if self.options.test_cpu_fault_every is None and self.options.expert_format == "bf16":
             extra = sum(prepacked_bytes(layer.store) for layer in engine.layers)
             engine.use_experts_call(
                 cpu_fused_experts,
@@ -225,7 +232,7 @@ class DaopModelLoader(BaseModelLoader):
             f"  CPU executor:  {engine.executor.num_threads} threads{self._threads_reason(engine)}, "
             f"{engine.executor.kernel_name}",
             f"  host experts:  {report['host_expert_bytes'] / 2**30:.2f} GiB"
-            f"{' pinned' if report['host_expert_bytes_pinned'] else ''}",
+            f"{' pinned' if report['host_expert_bytes_pinned'] else ''}, {self._format_report(engine)}",
             f"  realloc:       {self._realloc_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}{self._final_write_note()}",
             *([f"  TEST ONLY:     every {self.options.test_cpu_fault_every}th CPU expert job fails "
@@ -234,6 +241,16 @@ class DaopModelLoader(BaseModelLoader):
             f"  vLLM settings: {'; '.join(vllm_settings_report(self._vllm_config))}",
         ]
         return "\n".join(lines)
+
+    @staticmethod
+    def _format_report(engine: DaopEngine) -> str:
+        if engine.expert_format == "bf16":
+            return "as loaded (expert_format bf16)"
+        store = engine.layers[0].store
+        kept = ("the device's slots hold them dequantised, in the loaded dtype" if engine.device.type == "cuda"
+                else "the resident ones are the same host experts (one memory)")
+        return (f"{engine.expert_format}, quantized at load ({store.expert_bytes / 2**20:.1f} MiB an expert where "
+                f"{str(store.dtype).removeprefix('torch.')} took {store.slot_bytes / 2**20:.1f}); {kept}")
 
     def _final_write_note(self) -> str:
         """vLLM's --shutdown-timeout 0 (its default) kills the engine processes as soon as shutdown

@@ -103,6 +103,15 @@ def set_routers(model: nn.Module, engine: DaopEngine, family: MoEFamily) -> None
             engine.set_router(layer.moe.layer, _router_logits(getattr(block, family.gate_attr)))
 
 
+def release_loaded_experts(model: nn.Module) -> None:
+    """After the engine quantized its experts: the parameters vLLM loaded them through let go
+    of the loaded weights (empty tensors of the same dtype), so that their memory is freed."""
+    for layer in model.modules():
+        if isinstance(layer, RoutedExpertWeights):
+            for param in (layer.w13_weight, layer.w2_weight):
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
 def _router_logits(gate: nn.Module):
     def router_logits(x: torch.Tensor) -> torch.Tensor:
         out = gate(x)

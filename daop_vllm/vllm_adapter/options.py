@@ -12,6 +12,7 @@ from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import HARDWARE_PRESETS, load_hardware
 from daop_vllm.core.placement import Budget
 from daop_vllm.core.prediction import MODES, Fidelity
+from daop_vllm.core.quantized_experts import FORMATS, check_format
 from daop_vllm.core.realloc import REALLOC_POLICIES
 
 # Re-allocation copies started per engine step, at most (they run beside the steps).
@@ -55,6 +56,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "kv_reserve_tokens": (lambda v: _is_int(v) and v >= 1,
                           "an integer number of tokens >= 1 (the auto budget keeps KV cache for max_num_seqs "
                           "sequences of this many tokens before it gives device memory to experts)"),
+    "expert_format": (lambda v: v in FORMATS,
+                      "one of " + ", ".join(f'"{f}"' for f in FORMATS) + " (how host experts are stored: bf16 as "
+                      "loaded, or quantized once at load)"),
     "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
     "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
 }
@@ -80,6 +84,7 @@ class DaopOptions:
     max_swap_bytes_per_step: int = DEFAULT_MAX_SWAP_BYTES_PER_STEP
     test_cpu_fault_every: int | None = None
     kv_reserve_tokens: int | None = None
+    expert_format: str = "bf16"
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -152,6 +157,7 @@ class DaopOptions:
             max_swap_bytes_per_step=raw.get("max_swap_bytes_per_step", DEFAULT_MAX_SWAP_BYTES_PER_STEP),
             test_cpu_fault_every=raw.get("test_cpu_fault_every"),
             kv_reserve_tokens=raw.get("kv_reserve_tokens"),
+            expert_format=raw.get("expert_format", "bf16"),
         )
 
     @property
@@ -166,8 +172,10 @@ class DaopOptions:
     def budget_asked(self) -> dict[str, Any]:
         return {self.budget_key: self.budget_value} if self.budget_key else {}
 
-    def check_model(self, num_layers: int, num_experts: int) -> None:
-        """Checks that need the model's shape."""
+    def check_model(self, num_layers: int, num_experts: int, expert_sizes: tuple[int, int] | None = None) -> None:
+        """Checks that need the model's shape (`expert_sizes`: hidden and intermediate size)."""
+        for size in expert_sizes or ():
+            check_format(self.expert_format, size, what="experts (daop option 'expert_format')")
         if self.budget_key == "resident_experts" and self.budget_value > num_experts:
             raise DaopConfigError(
                 f"daop option 'resident_experts' must be an integer n with 0 <= n <= {num_experts} "

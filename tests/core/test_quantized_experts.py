@@ -6,13 +6,13 @@ import torch
 
 from daop_vllm.core.cpu_executor import QUANTIZED_NATIVE_MAX_TOKENS, CpuExpertExecutor
 from daop_vllm.core.cpu_kernels import native_kernels
+from daop_vllm.core.expert_math import expert_mlp
 from daop_vllm.core.quantized_experts import (
     INT4_GROUP,
     bytes_per_weight,
     check_format,
     dequantize,
     quantize,
-    quantized_expert_mlp,
 )
 from tests.core.test_cpu_executor import reference
 
@@ -129,5 +129,45 @@ def test_many_tokens_go_to_torch_through_the_dequantised_weights():
         got = executor.submit(*args).result()
     finally:
         executor.shutdown()
-    want = quantized_expert_mlp(args[0], args[3][0], args[4][0])
+    want = expert_mlp(args[0], args[3][0], args[4][0])
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _engine(fmt, one_memory=None, hidden=128, inter=128, experts=8, layers=2):
+    from daop_vllm.core.engine import DaopEngine
+    from daop_vllm.core.routing import SoftmaxTopK
+
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=2, one_memory=one_memory)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(layers):
+        layer = engine.add_layer(experts, hidden, inter, torch.float32, SoftmaxTopK(2))
+        layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) / hidden**0.5)
+        layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) / inter**0.5)
+    return engine
+
+
+@pytest.mark.parametrize("one_memory", [True, False], ids=["one-memory", "two-memories"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_engine_with_quantized_experts_computes_their_dequantised_weights(fmt, one_memory):
+    """At every fraction the engine's output is that of an engine whose experts are the
+    dequantised weights (fp32), on one memory and with device slots of their own (which hold
+    the dequantised weights); the budget counts the bytes a resident expert takes there."""
+    quantized, plain = _engine(fmt, one_memory), _engine("bf16", one_memory)
+    quantized.quantize_experts(fmt)
+    for q_layer, p_layer in zip(quantized.layers, plain.layers):
+        p_layer.store.w13.copy_(dequantize(q_layer.store.w13))
+        p_layer.store.w2.copy_(dequantize(q_layer.store.w2))
+        assert q_layer.store.format == fmt and q_layer.store.expert_bytes < p_layer.store.expert_bytes / 3
+    slot_bytes = plain.layers[0].store.expert_bytes
+    assert quantized.expert_bytes == (quantized.layers[0].store.expert_bytes if one_memory else slot_bytes)
+    assert quantized.report()["expert_format"] == fmt
+    x, logits = torch.randn(5, 128), torch.randn(5, 8)
+    for resident in ([], [0, 3, 5, 6], list(range(8))):
+        for engine in (quantized, plain):
+            engine.place([resident] * 2)
+        for q_layer, p_layer in zip(quantized.layers, plain.layers):
+            torch.testing.assert_close(q_layer.forward(x, logits), p_layer.forward(x, logits), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="before placing"):
+        quantized.quantize_experts(fmt)
+    quantized.close()
+    plain.close()

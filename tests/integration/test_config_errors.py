@@ -54,6 +54,9 @@ def expect_config_error(model: str, extra, *words: str, **engine_args) -> None:
         ({"mode": "fast"}, ["'mode'", '"exact"']),
         ({"cpu_threads": -1}, ["'cpu_threads'"]),
         ({"profile": "/nonexistent/profile.json"}, ["'profile'", "does not exist"]),
+        ({"expert_format": "int3"}, ["'expert_format'", '"bf16", "int8", "int4"', "got 'int3'"]),
+        # tiny_mixtral's hidden size is 64: int4's groups of 128 along the input do not fit
+        ({"expert_format": "int4"}, ["int4 experts (daop option 'expert_format')", "multiples of 128; got 64"]),
     ],
 )
 def test_bad_options(tiny_mixtral, extra, words):
@@ -96,6 +99,11 @@ def test_quantized_checkpoint_is_refused_before_the_engine_starts(fp8_checkpoint
 def test_quantization_flag_is_refused(tiny_mixtral):
     expect_config_error(tiny_mixtral, {}, "unquantized checkpoints only", "fp8", "leave --quantization out",
                         quantization="fp8", dtype="bfloat16")
+
+
+def test_vllm_experts_int8_points_at_expert_format(tiny_mixtral):
+    expect_config_error(tiny_mixtral, {}, "--quantization experts_int8", '"expert_format": "int8"',
+                        quantization="experts_int8", dtype="bfloat16")
 
 
 def test_loader_in_the_worker_checks_too():
