@@ -5,6 +5,10 @@ Perplexity is measured on decode rows (the only rows DAOP approximates): each he
 is a short prompt followed by forced continuation tokens (vllm_adapter.forced_tokens). Agreement
 is the share of greedy tokens equal to `exact`'s at the same resident fraction, position by
 position. Prediction and pre-computation counters come from the perplexity runs.
+
+With expert formats (`--format`), what quantized experts cost instead: `exact` mode with each
+`expert_format`, once (exact mode gives the same tokens at every fraction), against the model as
+loaded (stock vLLM): perplexity over its perplexity, and greedy agreement with its tokens.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ def greedy_continuations(llm, prompts: list[list[int]], max_tokens: int) -> list
 
 
 def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: int, forced_len: int,
-        num_prompts: int, max_tokens: int, first_predicted_layer: int) -> dict[str, Any]:
+        num_prompts: int, max_tokens: int, first_predicted_layer: int,
+        formats: list[str] | None = None) -> dict[str, Any]:
     """One engine per configuration, re-placed for each fraction; a stock engine first for the
-    model's own perplexity."""
+    model's own perplexity. With `formats`, one `exact` engine per expert format instead."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from tqdm import tqdm
@@ -92,7 +97,17 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
 
     stock = start()
     moe_perplexity = forced_perplexity(stock, scored, prompt_len)
+    stock_ids = greedy_continuations(stock, prompts, max_tokens) if formats else None
     stop(stock)
+    settings = {
+        "model": str(model_dir), "dense_perplexity": None, "moe_perplexity": moe_perplexity,
+        "scored_tokens": num_passages * forced_len, "passages": num_passages, "prompt_tokens": prompt_len,
+        "agreement_prompts": num_prompts, "agreement_tokens": max_tokens,
+    }
+    if formats:
+        runs = [_format_run(start, stop, fmt, fractions[0], scored, prompts, prompt_len, max_tokens, moe_perplexity,
+                            stock_ids) for fmt in tqdm(formats, desc="eval quality", unit="run")]
+        return {**settings, "formats": formats, "runs": runs}
     runs, exact_ids, exact_perplexity = [], {}, {}
     progress = tqdm(total=len(CONFIGS) * len(fractions), desc="eval quality", unit="run")
     for mode, degrade in CONFIGS:
@@ -112,7 +127,8 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
                 counters = prediction_counters(report)
                 del counters["wasted_share"]  # not part of this result's schema (#12)
                 runs.append({
-                    "mode": mode, "degrade": report["degrade"], "resident_fraction": fraction,
+                    "mode": mode, "format": report["expert_format"], "degrade": report["degrade"],
+                    "resident_fraction": fraction,
                     "perplexity": perplexity, "perplexity_over_exact": perplexity / exact_perplexity[fraction],
                     "agreement": agreement(ids, exact_ids[fraction]), **counters,
                 })
@@ -120,13 +136,23 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
         finally:
             stop(llm)
     progress.close()
-    return {
-        "model": str(model_dir), "dense_perplexity": None, "moe_perplexity": moe_perplexity,
-        "scored_tokens": num_passages * forced_len, "passages": num_passages, "prompt_tokens": prompt_len,
-        "agreement_prompts": num_prompts, "agreement_tokens": max_tokens,
-        "first_predicted_layer": first_predicted_layer, "paper_prediction_accuracy": PAPER_PREDICTION_ACCURACY,
-        "runs": runs,
-    }
+    return {**settings, "first_predicted_layer": first_predicted_layer,
+            "paper_prediction_accuracy": PAPER_PREDICTION_ACCURACY, "runs": runs}
+
+
+def _format_run(start, stop, fmt: str, fraction: float, scored, prompts, prompt_len: int, max_tokens: int,
+                moe_perplexity: float, stock_ids: list[list[int]]) -> dict[str, Any]:
+    llm = start(load_format="daop", model_loader_extra_config={"resident_fraction": fraction, "realloc": "off",
+                                                                "expert_format": fmt})
+    try:
+        perplexity = forced_perplexity(llm, scored, prompt_len)
+        ids = greedy_continuations(llm, prompts, max_tokens)
+        report = llm.collective_rpc("daop_report")[0]
+    finally:
+        stop(llm)
+    return {"mode": "exact", "format": fmt, "resident_fraction": fraction, "perplexity": perplexity,
+            "perplexity_over_bf16": perplexity / moe_perplexity, "agreement": agreement(ids, stock_ids),
+            "host_expert_bytes": report["host_expert_bytes"]}
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -140,6 +166,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
+    if "formats" in result:
+        _plot_formats(result, path, plt)
+        return
     labels = list(dict.fromkeys(_label(r) for r in runs))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label in labels:
@@ -157,3 +186,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
         plot_prediction_accuracy(axes[2], min(predicted, key=lambda r: r["resident_fraction"]))
     finish_figure(fig, axes, f"{Path(result['model']).name}: {result['scored_tokens']} held-out tokens scored, "
                              f"{result['agreement_prompts']} prompts x {result['agreement_tokens']} greedy tokens", path)
+
+
+def _plot_formats(result: dict[str, Any], path: Path, plt) -> None:
+    runs = result["runs"]
+    fig, (ppl, agree) = plt.subplots(1, 2, figsize=(9, 3.8))
+    names = [r["format"] for r in runs]
+    ppl.bar(names, [100 * (r["perplexity_over_bf16"] - 1) for r in runs])
+    for limit, fmt in ((0.5, "int8"), (3, "int4")):
+        ppl.axhline(limit, color="k", linestyle=":", linewidth=0.8)
+        ppl.annotate(f"{fmt} goal", (0, limit), fontsize=7, va="bottom")
+    ppl.set(ylabel="% above the loaded model's", title="held-out perplexity (decode rows)")
+    agree.bar(names, [100 * r["agreement"] for r in runs])
+    agree.set(ylabel="% of greedy tokens equal to the loaded model's", title="greedy agreement", ylim=(0, 100))
+    fig.suptitle(f"{Path(result['model']).name}, exact mode, experts stored as: {result['scored_tokens']} "
+                 f"held-out tokens, {result['agreement_prompts']} prompts x {result['agreement_tokens']} tokens",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,13 +1,15 @@
 """`daop-vllm bench simulate`: the simulator's evidence in one run - the paper check (a6000,
 Mixtral, 46.9% and 25% resident), tokens/s per policy against resident fraction for each
-machine model, and against batch size at 25% resident."""
+machine model, and against batch size at 25% resident; with `--formats`, what each expert format
+buys on the a6000 and h200 presets at 25% and 46.9% resident."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from daop_vllm.core.hardware import load_hardware
+from daop_vllm.core.hardware import FORMAT_READ_SHARE, load_hardware
+from daop_vllm.core.quantized_experts import FORMATS
 from daop_vllm.offline.model_shapes import model_shape
 from daop_vllm.offline.simulator import POLICIES, simulate
 from daop_vllm.offline.traces import read_traces
@@ -18,15 +20,17 @@ PAPER = {"daop_tokens_per_s": {"0.469": 4.52, "0.25": 3.23}, "daop_over_fiddler_
 FRACTIONS = [0.25, 0.375, 0.469, 0.625]
 PRESETS = ["a6000", "h200", "local"]
 BATCHES = [1, 4, 16, 32]
+FORMAT_PRESETS, FORMAT_FRACTIONS = ["a6000", "h200"], [0.25, 0.469]
+# Mixtral: the one prompted sequence calibrates, the two decode-only ones are scored with their
+# first 30% as the prompt (about the paper's 256-token prompts against 512 outputs).
+MIXTRAL_ARGS = dict(calibrate_on=0.34, split=0.3)
 
 
 def run(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int, progress) -> dict[str, Any]:
     mixtral = list(read_traces(mixtral_trace))
     deepseek = list(read_traces(deepseek_trace))[:deepseek_limit]
     policies = list(POLICIES)
-    # Mixtral: the one prompted sequence calibrates, the two decode-only ones are scored with
-    # their first 30% as the prompt (about the paper's 256-token prompts against 512 outputs).
-    mixtral_args = dict(shape=model_shape("mixtral-8x7b"), calibrate_on=0.34, split=0.3)
+    mixtral_args = dict(shape=model_shape("mixtral-8x7b"), **MIXTRAL_ARGS)
     fractions = {}
     for preset in PRESETS:
         fractions[preset] = {
@@ -56,12 +60,58 @@ def run(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int, progress
     }
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def run_formats(mixtral_trace: Path, progress) -> dict[str, Any]:
+    """Every policy on the Mixtral trace with its experts in each format (device and host alike),
+    per preset and resident fraction: tokens/s, and each format's over bf16's."""
+    mixtral = list(read_traces(mixtral_trace))
+    by_format: dict[str, Any] = {}
+    for preset in FORMAT_PRESETS:
+        for fraction in FORMAT_FRACTIONS:
+            runs = {fmt: simulate(mixtral, list(POLICIES), model_shape("mixtral-8x7b"), load_hardware(preset), fraction,
+                                  progress=progress, expert_format=fmt, **MIXTRAL_ARGS)["policies"]
+                    for fmt in FORMATS}
+            by_format.setdefault(preset, {})[str(fraction)] = {
+                fmt: {name: {"tokens_per_s": r["tokens_per_s"],
+                             "over_bf16": r["tokens_per_s"] / runs["bf16"][name]["tokens_per_s"]}
+                      for name, r in policies.items()}
+                for fmt, policies in runs.items()}
+    return {"by_format": by_format, "presets": FORMAT_PRESETS, "resident_fractions": FORMAT_FRACTIONS,
+            "formats": list(FORMATS), "cpu_read_share": FORMAT_READ_SHARE,
+            "note": "bytes per expert of the format everywhere (device reads, CPU reads, PCIe copies); the CPU "
+                    "reads quantized experts at cpu_read_share of its bf16 rate (measured, bench cpu-experts --format)"}
+
+
+def plot_formats(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    panels = [(p, f) for p in result["presets"] for f in map(str, result["resident_fractions"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.3), sharey=True)
+    names = list(POLICIES)
+    width = 0.8 / len(result["formats"])
+    for ax, (preset, fraction) in zip(axes, panels):
+        runs = result["by_format"][preset][fraction]
+        for i, fmt in enumerate(result["formats"]):
+            ax.bar([n + i * width for n in range(len(names))], [runs[fmt][p]["tokens_per_s"] for p in names], width,
+                   label=fmt)
+        ax.set_xticks([n + width for n in range(len(names))], names, rotation=60, fontsize=7)
+        ax.set(yscale="log", title=f"{preset}, {100 * float(fraction):.1f}% resident", ylabel="decode tokens/s")
+        ax.grid(alpha=0.3, axis="y", which="both")
+    axes[0].legend(title="expert format")
+    fig.suptitle("simulated decode tokens/s per policy and expert format (Mixtral-8x7B trace)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
     presets = list(result["by_fraction"])
     fig, axes = plt.subplots(1, len(presets) + 1, figsize=(5 * (len(presets) + 1), 4.3))
     for ax, preset in zip(axes, presets):

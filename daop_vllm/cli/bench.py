@@ -73,6 +73,8 @@ def add_parser(commands) -> None:
     bench_sim.add_argument("--deepseek-trace", type=Path,
                            default=Path("../shared/traces/deepseek-v2-lite-puffin.dev.jsonl.gz"))
     bench_sim.add_argument("--deepseek-limit", type=int, default=64, help="sequences of the DeepSeek trace used")
+    bench_sim.add_argument("--formats", action="store_true",
+                           help="instead: every expert format on the a6000 and h200 presets, 25%% and 46.9%% resident")
     bench_sim.add_argument("--json", action="store_true", help="print one JSON object")
     bench_sim.add_argument("--out", type=Path, help="also write the JSON here")
     bench_sim.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -256,11 +258,35 @@ def _bench_vllm_serve(args: argparse.Namespace) -> None:
 def _bench_simulate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from daop_vllm.bench.simulation import BATCHES, FRACTIONS, PRESETS, plot, run
+    from daop_vllm.bench.simulation import (
+        BATCHES,
+        FORMAT_FRACTIONS,
+        FORMAT_PRESETS,
+        FRACTIONS,
+        PRESETS,
+        plot,
+        plot_formats,
+        run,
+        run_formats,
+    )
+    from daop_vllm.core.quantized_experts import FORMATS
+    from daop_vllm.offline.simulator import POLICIES
 
-    for trace in (args.mixtral_trace, args.deepseek_trace):
+    for trace in (args.mixtral_trace,) if args.formats else (args.mixtral_trace, args.deepseek_trace):
         if not trace.is_file():
             raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
+    if args.formats:
+        runs = len(FORMAT_PRESETS) * len(FORMAT_FRACTIONS) * len(FORMATS) * len(POLICIES)
+        with tqdm(total=runs, desc="bench simulate --formats", unit="policy", disable=args.json) as progress:
+            result = run_formats(args.mixtral_trace, progress)
+        if emit_json(result, args, plot_formats):
+            return
+        for preset, fractions in result["by_format"].items():
+            for fraction, formats in fractions.items():
+                print(f"{preset}, {100 * float(fraction):.1f}% resident: " + "; ".join(
+                    f"{fmt} daop {runs['daop']['tokens_per_s']:.2f} / auto-daop {runs['auto-daop']['tokens_per_s']:.2f}"
+                    " tok/s" for fmt, runs in formats.items()))
+        return
     runs = len(PRESETS) * len(FRACTIONS) + len(BATCHES)
     with tqdm(total=runs * 9, desc="bench simulate", unit="policy", disable=args.json) as progress:
         result = run(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)

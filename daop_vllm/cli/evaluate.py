@@ -7,6 +7,7 @@ from pathlib import Path
 
 from daop_vllm.cli.common import emit_json, fraction, layer_index, percent
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.quantized_experts import FORMATS
 
 
 def add_parser(commands) -> None:
@@ -26,6 +27,9 @@ def add_parser(commands) -> None:
     quality.add_argument("--first-predicted-layer", type=layer_index, default=1,
                          help="(verified, daop) default 1: 5 of the model's 6 layers predicted, near the "
                               "paper's 28 of 32")
+    quality.add_argument("--format", nargs="+", choices=FORMATS, dest="formats", default=None,
+                         help="instead of the modes: exact mode with the experts stored in each of these formats, "
+                              "against the model as loaded")
     quality.add_argument("--json", action="store_true", help="print one JSON object")
     quality.add_argument("--out", type=Path, help="also write the JSON here")
     quality.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -40,10 +44,16 @@ def run(args: argparse.Namespace) -> None:
     if not (Path(model) / "config.json").exists():
         raise DaopConfigError(f"--model {model}: no checkpoint there (config.json missing)")
     result = run(Path(model), args.fractions, args.passages, args.prompt_tokens, args.scored_tokens, args.prompts,
-                 args.max_tokens, args.first_predicted_layer)
+                 args.max_tokens, args.first_predicted_layer, args.formats)
     if emit_json(result, args, plot):
         return
     print(f"held-out perplexity of the model (stock vLLM): {result['moe_perplexity']:.3f}")
+    if args.formats:
+        print(f"{'format':>6} {'perplexity':>10} {'vs loaded':>9} {'agree':>6} {'host GiB':>8}")
+        for r in result["runs"]:
+            print(f"{r['format']:>6} {r['perplexity']:10.3f} {r['perplexity_over_bf16']:9.4f} "
+                  f"{percent(r['agreement']):>6} {r['host_expert_bytes'] / 2**30:8.3f}")
+        return
     print(f"{'mode':>9} {'degrade':>7} {'fraction':>8} {'perplexity':>10} {'vs exact':>8} {'agree':>6} "
           f"{'pred acc':>8} {'precomp':>8}")
 

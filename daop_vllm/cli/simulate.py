@@ -8,6 +8,7 @@ from pathlib import Path
 
 from daop_vllm.cli.common import fraction
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.quantized_experts import FORMATS
 from daop_vllm.offline.model_shapes import MODEL_SHAPES, model_shape
 
 
@@ -26,6 +27,8 @@ def add_parser(commands) -> None:
                      help="share of predicted experts that are right (default: as measured for the model "
                           "shape where known, else the paper's 0.8411)")
     sim.add_argument("--batch", type=int, default=1, help="sequences in flight (continuous batching)")
+    sim.add_argument("--expert-format", default="bf16", choices=FORMATS,
+                     help="the experts' storage, device and host alike (its bytes per expert)")
     sim.add_argument("--first-predicted-layer", type=int, default=4)
     sim.add_argument("--policies", nargs="+", default=None, help="default: all")
     sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
-                              progress)
+                              progress, expert_format=args.expert_format)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         return
     settings = result["settings"]
     print(f"{args.trace.name} on {settings['hardware']['name']}, {shape.name}, "
-          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, "
+          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, {args.expert_format} experts, "
           f"{settings['scored_sequences']} sequences scored")
     static = result["policies"].get("static", {}).get("tokens_per_s")
     print(f"{'policy':>14} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")

@@ -43,6 +43,10 @@ class Hardware:
 # #5's last round). PyTorch's bf16 `x @ w.t()` (the paper's path and Fiddler's): 0.60 as first
 # measured, kept (never tuned); against today's stricter read it reaches 0.42-0.55 at 1-4 tokens.
 OUR_CPU_EFFICIENCY = 0.92
+# The executor's read rate on quantized experts over its rate on bf16 ones, at one token per
+# Mixtral expert, in the same passes (bench cpu-experts --format: 26.4 and 20.7 GB/s of stored
+# bytes against 29.8; benchmarks/results/cpu_experts_mixtral_formats.json).
+FORMAT_READ_SHARE = {"bf16": 1.0, "int8": 0.89, "int4": 0.69}
 TORCH_CPU_EFFICIENCY = 0.60
 
 # Constants from published specifications, written down before any comparison (never tuned):

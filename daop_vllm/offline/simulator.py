@@ -23,9 +23,10 @@ import torch
 
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.engine import DaopEngine
-from daop_vllm.core.hardware import OUR_CPU_EFFICIENCY, TORCH_CPU_EFFICIENCY, Hardware
+from daop_vllm.core.hardware import FORMAT_READ_SHARE, OUR_CPU_EFFICIENCY, TORCH_CPU_EFFICIENCY, Hardware
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
+from daop_vllm.core.quantized_experts import bytes_per_weight
 from daop_vllm.core.routing import SoftmaxTopK
 from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
@@ -122,10 +123,13 @@ class Simulator:
 
     def __init__(self, policy: Policy, shape: MoEShape, hardware: Hardware, placement: list[list[int]],
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
-                 batch: int = 1, seed: int = 0) -> None:
+                 batch: int = 1, seed: int = 0, expert_format: str = "bf16") -> None:
+        """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
+        host alike: its bytes per expert are what every read and copy moves."""
         self.policy, self.shape, self.hw = policy, shape, hardware
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
-        self.expert_bytes = shape.expert_bytes()
+        self.expert_bytes = round(shape.expert_bytes() * bytes_per_weight(expert_format) / 2)
+        self.cpu_read_share = FORMAT_READ_SHARE[expert_format]
         self.flops_per_token = 6 * shape.hidden_size * shape.intermediate_size
         # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
         self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2)
@@ -147,10 +151,11 @@ class Simulator:
 
     # --- costs -------------------------------------------------------------------------------
     def _device_expert_s(self, tokens: int) -> float:
-        return self._device_weights_s(self.expert_bytes, tokens)
+        return max(self.expert_bytes / (self.hw.device_gbps * 1e9),
+                   tokens * self.flops_per_token / (self.hw.device_tflops * 1e12))
 
     def _cpu_expert_s(self, tokens: int) -> float:
-        return max(self.expert_bytes / (self.hw.cpu_gbps * 1e9 * self.policy.cpu_efficiency),
+        return max(self.expert_bytes / (self.hw.cpu_gbps * 1e9 * self.policy.cpu_efficiency * self.cpu_read_share),
                    tokens * self.flops_per_token / (self.hw.cpu_tflops * 1e12))
 
     def _attention_s(self, tokens: int = 1) -> float:
@@ -349,7 +354,8 @@ def split_for_simulation(seq: TraceSequence, split: float | None) -> TraceSequen
 def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShape, hardware: Hardware,
              resident_fraction: float, calibrate_on: float = 0.2, split: float | None = None,
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
-             first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None) -> dict:
+             first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
+             expert_format: str = "bf16") -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
     calibrate_on 0, `profile` (if any) places the experts."""
@@ -370,7 +376,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
                                rank_pairs(shape.num_layers, shape.num_experts, profile))
     results = {}
     for name in policies:
-        sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch)
+        sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
+                        expert_format=expert_format)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -381,7 +388,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "resident_experts": slots, "split": split, "calibrate_on": calibrate_on,
             "calibration_sequences": len(calibration), "scored_sequences": len(scored),
             "prediction_accuracy": prediction_accuracy, "batch": batch,
-            "first_predicted_layer": first_predicted_layer,
+            "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
+            "expert_bytes": round(shape.expert_bytes() * bytes_per_weight(expert_format) / 2),
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},
         },

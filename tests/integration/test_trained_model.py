@@ -113,6 +113,23 @@ def test_quality_eval_measures_every_mode(trained_tiny):
     assert runs[("verified", False, 1)]["agreement"] == 1
     assert runs[("verified", False, 0.25)]["precomputed_share"] > 0
     assert runs[("daop", True, 0.25)]["degraded_rows"] > 0
+    assert {r["format"] for r in result["runs"]} == {"bf16"}
+
+
+def test_quality_eval_measures_expert_formats(trained_tiny):
+    """--format: exact mode per expert format against the model as loaded (int4 needs sizes
+    that are multiples of 128, which the tiny recipe's hidden size 64 is not)."""
+    from daop_vllm.bench.quality import run
+
+    result = run(trained_tiny, [1], num_passages=4, prompt_len=16, forced_len=48, num_prompts=3, max_tokens=24,
+                 first_predicted_layer=1, formats=["bf16", "int8"])
+    bf16, int8 = result["runs"]
+    assert (bf16["format"], int8["format"]) == ("bf16", "int8") and bf16["mode"] == int8["mode"] == "exact"
+    assert bf16["perplexity"] == pytest.approx(result["moe_perplexity"], rel=1e-4) and bf16["agreement"] == 1
+    assert bf16["perplexity_over_bf16"] == pytest.approx(1, rel=1e-4)
+    assert int8["perplexity_over_bf16"] == pytest.approx(int8["perplexity"] / result["moe_perplexity"])
+    assert 0.95 < int8["perplexity_over_bf16"] < 1.05 and 0 <= int8["agreement"] <= 1
+    assert int8["host_expert_bytes"] < bf16["host_expert_bytes"] / 3  # fp32 as loaded: 4 bytes a weight, 1 now
 
 
 def test_simulator_default_prediction_accuracy_is_the_measured_one():

@@ -32,6 +32,18 @@ def test_static_decode_time_is_attention_plus_the_cpu_expert_per_layer():
     assert result["decode_hit_rate"] == 0 and result["cpu_expert_tokens_per_token"] == 2
 
 
+@pytest.mark.parametrize("fmt, bytes_per_weight, read_share", [("int8", 1.0, 0.89), ("int4", 0.515625, 0.69)])
+def test_expert_format_sets_the_bytes_every_read_and_copy_moves(fmt, bytes_per_weight, read_share):
+    expert_bytes = 3 * 1024 * 2048 * bytes_per_weight
+    static = Simulator(POLICIES["static"], SHAPE, HW, [[0], [0]], expert_format=fmt)
+    result = static.run([toy_sequence([1, 2], tokens=5)])
+    attention = 2.5 * 1024**2 * 2 / 1000e9
+    cpu_expert = expert_bytes / (50e9 * POLICIES["static"].cpu_efficiency * read_share)
+    assert result["tokens_per_s"] == pytest.approx(1 / (2 * (attention + cpu_expert) + attention))
+    ondemand = Simulator(POLICIES["ondemand"], SHAPE, HW, [[0], [0]], expert_format=fmt)
+    assert ondemand.run([toy_sequence([1, 2], tokens=4)])["pcie_bytes_per_token"] == pytest.approx(2 * expert_bytes)
+
+
 def test_gpu_and_ondemand_costs():
     gpu = Simulator(POLICIES["gpu"], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
     ondemand = Simulator(POLICIES["ondemand"], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
