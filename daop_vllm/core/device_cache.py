@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from daop_vllm.core.expert_store import HostExpertStore
+from daop_vllm.core.expert_store import HostExpertStore, tensors_of
+from daop_vllm.core.quantized_experts import QuantizedWeights
 
 
 class SlotTablePublisher:
@@ -30,6 +31,12 @@ class SlotTablePublisher:
         event = self._new_event()
         event.record()
         self._copied[index] = event
+
+
+def _empty_slots(weights: torch.Tensor | QuantizedWeights, num_slots: int, device: torch.device):
+    if isinstance(weights, QuantizedWeights):
+        return weights.empty_slots(num_slots, device)
+    return torch.empty((num_slots, *weights.shape[1:]), dtype=weights.dtype, device=device)
 
 
 class DeviceExpertCache:
@@ -61,8 +68,7 @@ class DeviceExpertCache:
         if self.shares_host_memory:
             self.w13, self.w2 = store.w13, store.w2
         else:
-            self.w13 = torch.empty((num_slots, *store.w13.shape[1:]), dtype=store.dtype, device=device)
-            self.w2 = torch.empty((num_slots, *store.w2.shape[1:]), dtype=store.dtype, device=device)
+            self.w13, self.w2 = (_empty_slots(w, num_slots, device) for w in (store.w13, store.w2))
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
@@ -123,17 +129,16 @@ class DeviceExpertCache:
             done.record(stream)
         # The slots were allocated on the current stream: if they are freed while the copy runs,
         # the allocator must not hand their memory out before the side stream is done with it.
-        self.w13.record_stream(stream)
-        self.w2.record_stream(stream)
+        for tensor in tensors_of(self.w13) + tensors_of(self.w2):
+            tensor.record_stream(stream)
         self._incoming.append((slot, incoming, done))
 
     def _copy_to_slot(self, slot: int, expert: int) -> None:
         """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the
-        CPU). Quantized experts are dequantised into the loaded dtype first, on the host, and copied
-        from there (not from pinned memory: at once)."""
-        w13, w2 = self.store.expert_weights(expert)
-        self.w13[slot].copy_(w13, non_blocking=True)
-        self.w2[slot].copy_(w2, non_blocking=True)
+        CPU), in the store's format."""
+        for slots, stored in ((self.w13, self.store.w13), (self.w2, self.store.w2)):
+            for slot_tensor, stored_tensor in zip(tensors_of(slots), tensors_of(stored), strict=True):
+                slot_tensor[slot].copy_(stored_tensor[expert], non_blocking=True)
 
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;

@@ -133,10 +133,8 @@ class DaopEngine:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes one resident expert takes on the device (what the budget counts): the store's
-        own format where device and host are one memory, a slot's loaded dtype elsewhere."""
-        layer = self.layers[0]
-        return layer.store.expert_bytes if layer.cache.shares_host_memory else layer.store.slot_bytes
+        """Bytes of one expert as stored, on the host and in a device slot alike."""
+        return self.layers[0].store.expert_bytes
 
     @property
     def expert_format(self) -> str:
@@ -260,8 +258,8 @@ class DaopEngine:
                 swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
             else:
                 swaps = auto_swaps(counts[layer.layer], resident, self.hardware.token_seconds_saved(layer.store.expert_bytes),
-                                   self.hardware.swap_seconds(layer.store.slot_bytes))
-            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.slot_bytes
+                                   self.hardware.swap_seconds(layer.store.expert_bytes))
+            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.expert_bytes
             for incoming, retiring in swaps:
                 if budget[0] is not None and copy_bytes > budget[0]:
                     return

@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from daop_vllm.core.quantized_experts import QuantizedWeights, dequantize, quantize
+from daop_vllm.core.quantized_experts import QuantizedWeights, quantize
 
 
 def pin_in_place(tensor: torch.Tensor) -> None:
@@ -20,6 +20,11 @@ def pin_in_place(tensor: torch.Tensor) -> None:
     if int(status) != 0:
         raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of expert weights failed ({status})")
     weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, tensor.data_ptr())
+
+
+def tensors_of(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, ...]:
+    """The tensors that hold expert weights: the tensor, or a quantized one's values and scales."""
+    return weights.tensors if isinstance(weights, QuantizedWeights) else (weights,)
 
 
 class HostExpertStore:
@@ -58,15 +63,9 @@ class HostExpertStore:
             raise ValueError(f"the experts are {self.format} already")
         w13, w2 = quantize(self.w13, name), quantize(self.w2, name)
         if self.pinned:
-            for tensor in (w13.data, w13.scales, w2.data, w2.scales):
+            for tensor in w13.tensors + w2.tensors:
                 pin_in_place(tensor)
         self.w13, self.w2, self.format = w13, w2, name
-
-    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's w13 and w2 in the loaded dtype (dequantised if stored quantized)."""
-        if isinstance(self.w13, QuantizedWeights):
-            return dequantize(self.w13[expert], self.dtype), dequantize(self.w2[expert], self.dtype)
-        return self.w13[expert], self.w2[expert]
 
     @property
     def num_experts(self) -> int:
@@ -77,18 +76,9 @@ class HostExpertStore:
         """Host bytes of one expert (w1, w3 and w2) as stored, scales included: what the CPU reads."""
         if isinstance(self.w13, QuantizedWeights):
             return (self.w13.nbytes + self.w2.nbytes) // self.num_experts
-        return self.slot_bytes
-
-    @property
-    def slot_bytes(self) -> int:
-        """Bytes of one expert in the loaded dtype: what a device slot holds."""
-        elements = self.w13.shape[1] * self.w13.shape[2] + self.w2.shape[1] * self.w2.shape[2]
-        return elements * self.dtype.itemsize
+        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
 
     @property
     def host_bytes(self) -> int:
         """Host memory the store holds: its tensors' own bytes (allocated at that size)."""
-        weights = (self.w13, self.w2)
-        if isinstance(self.w13, QuantizedWeights):
-            weights = (self.w13.data, self.w13.scales, self.w2.data, self.w2.scales)
-        return sum(t.untyped_storage().nbytes() for t in weights)
+        return sum(t.untyped_storage().nbytes() for t in tensors_of(self.w13) + tensors_of(self.w2))

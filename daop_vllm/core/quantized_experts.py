@@ -48,6 +48,15 @@ class QuantizedWeights:
     def is_contiguous(self) -> bool:
         return self.data.is_contiguous() and self.scales.is_contiguous()
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data, self.scales
+
+    def empty_slots(self, num_slots: int, device: torch.device) -> QuantizedWeights:
+        """Room for `num_slots` experts of this format on `device`."""
+        data, scales = (torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.tensors)
+        return QuantizedWeights(self.format, data, scales, torch.Size((num_slots, *self.shape[1:])))
+
 
 def check_format(name: str, cols: int | None = None, what: str = "experts") -> None:
     """Raises DaopConfigError (one line) for a format name we do not know, or int4 on a weight

@@ -247,10 +247,12 @@ class DaopModelLoader(BaseModelLoader):
         if engine.expert_format == "bf16":
             return "as loaded (expert_format bf16)"
         store = engine.layers[0].store
-        kept = ("the device's slots hold them dequantised, in the loaded dtype" if engine.device.type == "cuda"
-                else "the resident ones are the same host experts (one memory)")
+        weights = store.w13.shape[1] * store.w13.shape[2] + store.w2.shape[1] * store.w2.shape[2]
+        loaded = weights * store.dtype.itemsize
+        where = ("the device's slots hold them so too, dequantised in the Triton kernel" if engine.device.type == "cuda"
+                 else "the resident ones are the same host experts (one memory)")
         return (f"{engine.expert_format}, quantized at load ({store.expert_bytes / 2**20:.1f} MiB an expert where "
-                f"{str(store.dtype).removeprefix('torch.')} took {store.slot_bytes / 2**20:.1f}); {kept}")
+                f"{str(store.dtype).removeprefix('torch.')} took {loaded / 2**20:.1f}); {where}")
 
     def _final_write_note(self) -> str:
         """vLLM's --shutdown-timeout 0 (its default) kills the engine processes as soon as shutdown

@@ -77,6 +77,28 @@ def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, 
         assert torch.count_nonzero(got) == 0
 
 
+@pytest.mark.parametrize("fmt, tokens, hidden, intermediate", [
+    ("int8", 3, 48, 40),  # sizes that are not block multiples
+    ("int8", 20, 64, 96),
+    ("int4", 3, 128, 256),  # three groups along the down projection's input, two of the gate/up's
+    ("int4", 20, 256, 128),
+])
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_kernel_dequantises_quantized_slots(fmt, tokens, hidden, intermediate, launch):
+    """Quantized slots: the kernel's weights are `dequantize`'s, so it matches the reference on
+    the same QuantizedWeights (which the reference dequantises first)."""
+    from daop_vllm.core.quantized_experts import QuantizedWeights, quantize
+
+    x, topk_ids, topk_weights, w13, w2, slot_of_expert = make_case(tokens, 8, 2, hidden, intermediate, [6, 0, 3, 5])
+    q13, q2 = quantize(w13.cpu(), fmt), quantize(w2.cpu(), fmt)
+    q13, q2 = (QuantizedWeights(q.format, q.data.to(DEVICE), q.scales.to(DEVICE), q.shape) for q in (q13, q2))
+    args = (x, topk_ids, topk_weights, q13, q2, slot_of_expert)
+    got = resident_experts_forward_triton(*args, config=LAUNCHES[launch])
+    torch.testing.assert_close(got, routed_experts_forward(*args), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, routed_experts_forward(x, topk_ids, topk_weights, w13, w2, slot_of_expert),
+                              rtol=1e-4, atol=1e-5), "quantization changes the result: the test can fail"
+
+
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_one_expert_with_all_tokens(launch):
     x, topk_ids, topk_weights, w13, w2, slot_of_expert = make_case(40, 8, 2, 64, 48, [5])
