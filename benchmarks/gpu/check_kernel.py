@@ -10,6 +10,8 @@ and the whole call, against the machine's read rate (a device-to-device copy of 
 and against torch's per-expert matmuls on routing prepared beforehand. GB/s count the expert
 weights a call must read; TFLOP/s its 6*H*I per pair. With --sweep, launch configurations are
 timed per shape and the fastest written as the kernel's JSON configs (daop_vllm/core/triton_configs/).
+With --formats int8 int4, the same for quantized slots (dequantised in the kernel): GB/s count the
+bytes the format stores, the torch baseline stays the bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daop_vllm.core.expert_math import expert_mlp, routed_experts_forward  # noqa: E402
-from daop_vllm.core.triton_configs import LaunchConfig, config_file_name, device_name, launch_config  # noqa: E402
+from daop_vllm.core.quantized_experts import quantize  # noqa: E402
+from daop_vllm.core.triton_configs import (  # noqa: E402
+    LaunchConfig,
+    config_file_name,
+    device_name,
+    launch_config,
+)
 from daop_vllm.core.triton_moe import prepare_launch, resident_experts_forward_triton  # noqa: E402
 from daop_vllm.offline.model_shapes import model_shape  # noqa: E402
 
@@ -117,9 +125,11 @@ def sweep_config(args, base: LaunchConfig, gemv: bool) -> tuple[LaunchConfig, di
     return replace(base, **best), times
 
 
-def run_case(shape, dtype_name: str, tokens_per_expert: int, copy_gbps: float, config: LaunchConfig) -> dict:
+def run_case(shape, dtype_name: str, tokens_per_expert: int, copy_gbps: float, config: LaunchConfig,
+             fmt: str = "bf16") -> dict:
     dtype = DTYPES[dtype_name]
-    args = make_layer(shape, dtype, tokens_per_expert)
+    plain = make_layer(shape, dtype, tokens_per_expert)
+    args = plain if fmt == "bf16" else (*plain[:3], quantize(plain[3], fmt), quantize(plain[4], fmt), plain[5])
     x, topk_ids = args[0], args[1]
     got = resident_experts_forward_triton(*args, config=config)
     want = routed_experts_forward(*args)
@@ -128,13 +138,15 @@ def run_case(shape, dtype_name: str, tokens_per_expert: int, copy_gbps: float, c
     pairs = topk_ids.numel()
     used_slots = int(torch.unique(topk_ids).numel())
     flops = 6 * shape.hidden_size * shape.intermediate_size * pairs
-    weight_bytes = used_slots * shape.expert_bytes(x.element_size())
+    weight_bytes = used_slots * (shape.expert_bytes(x.element_size()) if fmt == "bf16"
+                                 else (args[3].nbytes + args[4].nbytes) // shape.num_experts)
     alone_ms = kernel_alone_ms(args, config)
     call_ms = time_ms(lambda: resident_experts_forward_triton(*args, config=config))
-    torch_ms = time_ms(torch_per_expert(*args))
+    torch_ms = time_ms(torch_per_expert(*plain))
     reference_ms = time_ms(lambda: routed_experts_forward(*args))
     return {
-        "shape": shape.name, "dtype": dtype_name, "tokens_per_expert": tokens_per_expert, "tokens": x.shape[0],
+        "shape": shape.name, "dtype": dtype_name, "format": fmt, "tokens_per_expert": tokens_per_expert,
+        "tokens": x.shape[0],
         "pairs": pairs, "launch": "gemv" if pairs <= config.few_pairs_max else "grouped",
         "max_rel_error": max_err, "ok": max_err < 2e-2,
         "kernel_alone_ms": alone_ms, "call_ms": call_ms, "torch_per_expert_ms": torch_ms,
@@ -149,6 +161,7 @@ def run_case(shape, dtype_name: str, tokens_per_expert: int, copy_gbps: float, c
 def acceptance(rows: list[dict]) -> dict:
     """The targets: the kernel at 70% of the read rate at 1-4 tokens per expert, the call at 0.95x
     torch's per-expert matmuls or better at 64-256."""
+    rows = [r for r in rows if r["format"] == "bf16"]
     few = [r["kernel_share_of_copy_read"] for r in rows if r["tokens_per_expert"] <= 4]
     many = [r["call_over_torch_per_expert"] for r in rows if r["tokens_per_expert"] >= 64]
     return {"min_share_of_read_1_4_tokens": min(few, default=None),
@@ -162,6 +175,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-expert", type=int, nargs="+", default=list(TOKENS_PER_EXPERT))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sweep", type=Path, help="sweep launch configs per shape, write the fastest here as JSON")
+    parser.add_argument("--formats", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
+                        help="the slots' storage (int8/int4: dequantised in the kernel)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("check_kernel.py needs a CUDA device")
@@ -193,10 +208,11 @@ def main() -> None:
                 (args.sweep / file).write_text(json.dumps(config.to_json(), indent=1))
                 result["sweeps"][file] = {"gemv_ms": gemv_times, "grouped_ms": grouped_times,
                                           "chosen": config.to_json()}
-            for tokens_per_expert in args.tokens_per_expert:
-                r = run_case(shape, dtype_name, tokens_per_expert, copy_gbps, config)
+            for fmt, tokens_per_expert in ((f, n) for f in args.formats for n in args.tokens_per_expert):
+                r = run_case(shape, dtype_name, tokens_per_expert, copy_gbps, config, fmt)
                 rows.append(r)
-                print(f"{r['shape']:16s} {r['dtype']:5s} {tokens_per_expert:5d} {r['launch']:>7s} "
+                print(f"{r['shape']:16s} {r['dtype'] if fmt == 'bf16' else fmt:5s} {tokens_per_expert:5d} "
+                      f"{r['launch']:>7s} "
                       f"{r['max_rel_error']:8.1e} {r['kernel_alone_ms']:9.4f} {r['call_ms']:8.4f} "
                       f"{r['torch_per_expert_ms']:8.4f} {r['kernel_weight_gbps']:6.0f} "
                       f"{r['kernel_share_of_copy_read']:7.2f} {r['kernel_tflops']:7.1f} "

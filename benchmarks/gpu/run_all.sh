@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu/run_all.sh sweep       # launch configs swept (bf16 shapes), written to
 #                                              # daop_vllm/core/triton_configs and $OUT (~4 min)
 #   bash benchmarks/gpu/run_all.sh kernel      # check_kernel.py with those configs  (~3 min)
+#   bash benchmarks/gpu/run_all.sh formats     # check_kernel.py on int8/int4 slots, Mixtral (~3 min)
 #   bash benchmarks/gpu/run_all.sh lifecycle   # engine_lifecycle.py, real-size      (~3 min)
 #   bash benchmarks/gpu/run_all.sh policies    # policies.py on the Mixtral trace    (~5 min)
 #   bash benchmarks/gpu/run_all.sh             # tests, kernel and lifecycle (one call)
@@ -34,13 +35,16 @@ for section in $sections; do
       mkdir -p "$OUT/triton_configs" && cp daop_vllm/core/triton_configs/*.json "$OUT/triton_configs/" ;;
     kernel)
       timeout 300 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -30 ;;
+    formats)
+      timeout 300 python benchmarks/gpu/check_kernel.py --shapes mixtral-8x7b --formats int8 int4 \
+        --tokens-per-expert 1 4 64 --out "$OUT/gpu_check_kernel_formats.json" 2>&1 | tail -12 ;;
     lifecycle)
       timeout 300 python benchmarks/gpu/engine_lifecycle.py --out "$OUT/gpu_engine_lifecycle.json" 2>&1 \
         | tee "$OUT/gpu_engine_lifecycle.log" | tail -40 ;;
     policies)
       timeout 420 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
         --profile "$OUT/profiles" --out "$OUT/gpu_policies.json" 2>&1 | tail -45 ;;
-    *) echo "unknown section '$section': accepted tests, sweep, kernel, lifecycle, policies"; status=2 ;;
+    *) echo "unknown section '$section': accepted tests, sweep, kernel, formats, lifecycle, policies"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
