@@ -73,9 +73,10 @@ def greedy_continuations(llm, prompts: list[list[int]], max_tokens: int) -> list
 
 def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: int, forced_len: int,
         num_prompts: int, max_tokens: int, first_predicted_layer: int,
-        formats: list[str] | None = None) -> dict[str, Any]:
+        formats: list[str] | None = None, dtype: str = "float32") -> dict[str, Any]:
     """One engine per configuration, re-placed for each fraction; a stock engine first for the
-    model's own perplexity. With `formats`, one `exact` engine per expert format instead."""
+    model's own perplexity. With `formats`, one `exact` engine per expert format instead.
+    `dtype`: the engines' (vLLM's --dtype)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from tqdm import tqdm
@@ -85,7 +86,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
 
     passages = held_out_passages(model_dir, num_passages + num_prompts, prompt_len + forced_len)
     scored, prompts = passages[:num_passages], [p[:prompt_len] for p in passages[num_passages:]]
-    engine_args = {"model": str(model_dir), "dtype": "float32", "max_model_len": prompt_len + max(forced_len, max_tokens),
+    engine_args = {"model": str(model_dir), "dtype": dtype, "max_model_len": prompt_len + max(forced_len, max_tokens),
                    "max_num_seqs": max(num_passages, num_prompts), "enforce_eager": True, "seed": 0,
                    "gpu_memory_utilization": 0.5, "logits_processors": [ForcedTokens]}
 
@@ -100,7 +101,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
     stock_ids = greedy_continuations(stock, prompts, max_tokens) if formats else None
     stop(stock)
     settings = {
-        "model": str(model_dir), "dense_perplexity": None, "moe_perplexity": moe_perplexity,
+        "model": str(model_dir), "dtype": dtype, "dense_perplexity": None, "moe_perplexity": moe_perplexity,
         "scored_tokens": num_passages * forced_len, "passages": num_passages, "prompt_tokens": prompt_len,
         "agreement_prompts": num_prompts, "agreement_tokens": max_tokens,
     }

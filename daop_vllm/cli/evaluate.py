@@ -30,6 +30,8 @@ def add_parser(commands) -> None:
     quality.add_argument("--format", nargs="+", choices=FORMATS, dest="formats", default=None,
                          help="instead of the modes: exact mode with the experts stored in each of these formats, "
                               "against the model as loaded")
+    quality.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                         help="the engines' dtype (vLLM's --dtype)")
     quality.add_argument("--json", action="store_true", help="print one JSON object")
     quality.add_argument("--out", type=Path, help="also write the JSON here")
     quality.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     if not (Path(model) / "config.json").exists():
         raise DaopConfigError(f"--model {model}: no checkpoint there (config.json missing)")
     result = run(Path(model), args.fractions, args.passages, args.prompt_tokens, args.scored_tokens, args.prompts,
-                 args.max_tokens, args.first_predicted_layer, args.formats)
+                 args.max_tokens, args.first_predicted_layer, args.formats, args.dtype)
     if emit_json(result, args, plot):
         return
     print(f"held-out perplexity of the model (stock vLLM): {result['moe_perplexity']:.3f}")
