@@ -84,9 +84,11 @@ class StepCounts:
 
 def add_to_stats(stats: DaopStats, layers: list[int], executed: torch.Tensor, is_resident: torch.Tensor,
                  prefill: tuple[bool, ...] | None) -> None:
-    """The executed counts [L', R+1, E] of `layers` into the device/CPU counters (every row)
-    and, with the requests' prefill flags [R], the per-phase ones (rows of a request only);
-    is_resident [L', E]. A handful of tensor ops for all layers at once, one read of the sums."""
+    """The executed counts [L', R+1, E] of `layers` into the device/CPU counters and, with the
+    requests' prefill flags [R], the per-phase ones; is_resident [L', E]. In an engine step
+    (flags given) only the rows of a request count: the last row holds padding (CUDA graphs pad
+    a batch to a captured size), which is no one's work; outside steps every row does. A handful
+    of tensor ops for all layers at once, one read of the sums."""
     on_device = (executed * is_resident[:, None, :]).sum(-1)  # [L', R+1] device pairs per request row
     total = executed.sum(-1)
     groups = torch.zeros(executed.shape[1], 3, device="cpu")  # rows summed: all, prefill, decode
@@ -94,6 +96,7 @@ def add_to_stats(stats: DaopStats, layers: list[int], executed: torch.Tensor, is
     if prefill is not None:
         flags = torch.tensor(prefill, dtype=torch.float32, device="cpu")
         groups[:-1, 1], groups[:-1, 2] = flags, 1 - flags
+        groups[-1, 0] = 0  # padding
     sums = torch.stack([on_device, total]) @ groups  # [2, L', 3]: (device, every) x (all, prefill, decode)
     counters = torch.stack([sums[0], sums[1] - sums[0]])  # [2 (device, cpu), L', 3 (phase)]
     names = [("device_expert_tokens", "cpu_expert_tokens")]
@@ -107,12 +110,14 @@ def add_to_stats(stats: DaopStats, layers: list[int], executed: torch.Tensor, is
 
 def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]], batch: StepBatch | None) -> None:
     """The counters of layers that ran on the device alone ((layer, rows, top-k)): every pair
-    a device pair; per phase, the rows of the batch's prompt and generated tokens (as
-    add_to_stats counts them: none where the rows do not match the batch)."""
+    a device pair, padding rows past the batch's left out; per phase, the rows of the batch's
+    prompt and generated tokens (as add_to_stats counts them: none where the rows do not match
+    the batch)."""
     if not resident:
         return
     layers, rows, top_k = (list(column) for column in zip(*resident))
-    counts = {"device_expert_tokens": [n * k for n, k in zip(rows, top_k)]}
+    counted = rows if batch is None else [n if n < batch.num_rows else batch.num_rows for n in rows]
+    counts = {"device_expert_tokens": [n * k for n, k in zip(counted, top_k)]}
     if batch is not None:
         prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill)
         matched = [batch.num_rows <= n for n in rows]

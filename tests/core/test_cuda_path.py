@@ -204,3 +204,28 @@ def test_transfers_per_layer(resident, to_host, to_device):
         torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-5)
     engine.close()
     one_memory.close()
+
+
+@pytest.mark.parametrize("one_memory", [True, False], ids=["one-memory", "two-memories"])
+@pytest.mark.parametrize("resident", [list(range(E)), [0, 1, 2, 3]], ids=["every-expert", "half"])
+def test_padding_rows_count_in_no_counter(resident, one_memory):
+    """CUDA graphs pad a step's rows to a captured size: rows past the batch's are no one's work,
+    and count neither as device nor as CPU expert tokens; outside engine steps every row counts."""
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1, one_memory=one_memory)
+    layers = [engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(2)) for _ in range(L)]
+    for layer in layers:
+        layer.store.w13.normal_()
+        layer.store.w2.normal_()
+    engine.place([resident] * L)
+    engine.begin_step(StepBatch(("a", "b"), (3, 1), (True, False), (True, False)))
+    for layer in layers:  # 4 rows of requests and 2 of padding
+        layer.forward(torch.randn(6, H), torch.randn(6, E))
+    engine.end_step()
+    totals = engine.stats.totals()
+    assert totals["device_expert_tokens"] + totals["cpu_expert_tokens"] == L * 4 * 2
+    assert totals["prefill_device_expert_tokens"] + totals["prefill_cpu_expert_tokens"] == L * 3 * 2
+    layers[0].forward(torch.randn(5, H), torch.randn(5, E))  # outside a step: every row counts
+    engine.end_step()
+    totals = engine.stats.totals()
+    assert totals["device_expert_tokens"] + totals["cpu_expert_tokens"] == L * 4 * 2 + 5 * 2
+    engine.close()
