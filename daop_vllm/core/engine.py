@@ -206,8 +206,8 @@ class DaopEngine:
         """Called after the step's forward: the step's counts folded in, then re-allocation
         (swaps start now, and complete while later steps run)."""
         batch = self.requests.batch
-        add_resident_to_stats(self.stats, self.requests.counts.resident, batch)
-        executed = self.requests.take_counts()
+        executed, resident_layers = self.requests.take_counts()
+        add_resident_to_stats(self.stats, resident_layers, batch)
         if executed is not None:
             resident = torch.stack([layer.cache.is_resident for layer in self.layers]).float()
             add_to_stats(self.stats, list(range(len(self.layers))), executed, resident,

@@ -271,7 +271,7 @@ class DaopMoE:
         once (the engine folds a step's at its end)."""
         self.requests.count(self.layer, executed_ids, chosen_ids)
         if self.requests.batch is None:
-            executed = self.requests.take_counts()
+            executed, _ = self.requests.take_counts()
             add_to_stats(self.stats, [self.layer], executed[self.layer:self.layer + 1], self.cache.is_resident[None].float(),
                          None)
 

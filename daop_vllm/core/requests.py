@@ -104,17 +104,15 @@ class RequestTracker:
             rows = self.on_device("count_rows", host, executed.device)
         self.counts.add(layer, rows, executed, chosen, (self.num_layers, num_requests, self.num_experts))
 
-    def take_counts(self) -> torch.Tensor | None:
-        """The step's executed counts [L, R+1, E] (host), after adding each request's chosen
-        counts to its prompt or decode counts; None when no layer counted."""
-        taken = self.counts.take()
-        if taken is None:
-            return None
-        executed, chosen = taken
-        if self.batch is not None:
+    def take_counts(self) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
+        """The step's executed counts [L, R+1, E] (host; None when no layer counted its
+        routing), after adding each request's chosen counts to its prompt or decode counts; and
+        the layers counted from their shape (StepCounts.add_resident)."""
+        executed, chosen, resident = self.counts.take()
+        if executed is not None and self.batch is not None:
             for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
                 (self.prefill_counts if prefill else self.decode_counts)[req_id] += chosen[:, index]
-        return executed
+        return executed, resident
 
     def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None = None) -> None:
         """Count layer `layer`'s routing [T, K] (host tensors) into each row's request at once,

@@ -45,12 +45,13 @@ class StepCounts:
         follow from the rows alone, and its routing needs no reading (nor re-allocation)."""
         self.resident.append((layer, rows, top_k))
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(executed, chosen) [L, R+1, E] on the host, and zeroed; None when nothing was added."""
-        added = self._added
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[int, int, int]]]:
+        """(executed, chosen) [L, R+1, E] on the host (None when no layer added its routing),
+        and the `resident` layers; all zeroed."""
+        added, resident = self._added, self.resident
         self.clear()
         if not added:
-            return None
+            return None, None, resident
         num_layers, num_requests, num_experts = self._shape
         device = added[0][2].device
         counts = torch.zeros(2 * num_layers * (num_requests + 1) * num_experts, device=device)
@@ -63,11 +64,11 @@ class StepCounts:
         counts = counts.view(2, num_layers, num_requests + 1, num_experts)
         executed = counts[0].cpu()  # the step's one copy (two where a layer was rerouted)
         if not rerouted:
-            return executed, executed
+            return executed, executed, resident
         chosen = executed.clone()
         layers = sorted({layer for layer, *_ in rerouted})
         chosen[layers] = counts[1, layers].cpu()
-        return executed, chosen
+        return executed, chosen, resident
 
     def _flat_indices(self, which: int, added: list) -> torch.Tensor:
         """Flat indices into [2, L, R+1, E] (`which`: executed 0, chosen 1) of every pair of
