@@ -27,7 +27,7 @@ from daop_vllm.core.cpu_executor import (
 )
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
-from daop_vllm.core.quantized_experts import bytes_per_weight, quantize
+from daop_vllm.core.quantized_experts import quantize
 from daop_vllm.offline.model_shapes import MoEShape
 
 MAX_ROTATED_EXPERTS = 512
@@ -126,10 +126,10 @@ def measure(shape: MoEShape, threads: int, tokens: list[int], repeats: int, dtyp
     llc = last_level_cache_bytes()
     element_size = torch.tensor([], dtype=dtype).element_size()
     expert_bytes = shape.expert_bytes(element_size)
-    smallest = expert_bytes / element_size * min(bytes_per_weight(f, element_size) for f in formats)
+    smallest = min(shape.expert_bytes(element_size, f) for f in formats)
     # Rotate through > 4x the L3 in the smallest format, so that weights come from memory; tiny
     # test shapes would need too many calls for that and stop at MAX_ROTATED_EXPERTS ("rotated_bytes" tells).
-    num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // int(smallest)) + 1))
+    num_experts = min(MAX_ROTATED_EXPERTS, max(2, -(-4 * llc // smallest) + 1))
     w13, w2 = _experts(shape, num_experts, dtype)
     stored = {f: (w13, w2) if f == "bf16" else (quantize(w13, f), quantize(w2, f)) for f in formats}
     # the bytes a call reads: values and scales

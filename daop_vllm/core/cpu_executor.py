@@ -39,10 +39,7 @@ import torch
 
 from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
 from daop_vllm.core.expert_math import ExpertWeights, expert_mlp
-from daop_vllm.core.quantized_experts import QuantizedWeights
-
-# The native kernels' weight formats: as the activations (a tensor), or quantized (FMT_* in csrc/cpu_common.h)
-_FORMAT_CODES = {"int8": 1, "int4": 2}
+from daop_vllm.core.quantized_experts import QuantizedWeights, weight_parts
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. With
@@ -133,13 +130,6 @@ def job_state(num_experts: int = 0) -> array.array:
 def _tensor_of(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     """A tensor on `values`' memory: 2 us, where torch.tensor of a list takes 7."""
     return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype, device="cpu")
-
-
-def _parts(weights: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tensors the native kernels read: the values, and the scales of quantized weights."""
-    if isinstance(weights, QuantizedWeights):
-        return weights.data, weights.scales
-    return weights, None
 
 
 def _address(tensor: torch.Tensor | None) -> tuple[int, int]:
@@ -366,7 +356,7 @@ class CpuExpertExecutor:
         """Lay the native experts out in the workspace and start them on the native threads;
         returns the job and the rows its weighted outputs go to."""
         hidden, inter, item = x.shape[1], w2.shape[2], x.element_size()
-        (w13_data, w13_scales), (w2_data, w2_scales) = _parts(w13), _parts(w2)
+        (w13_data, w13_scales, weight_format), (w2_data, w2_scales, _) = weight_parts(w13), weight_parts(w2)
         rows = native[-1].act_row + native[-1].count
         act = workspace.buffer("act", (rows, inter), x.dtype)  # the kernels write every element of these two
         native_out = workspace.buffer("native_out", (rows, hidden), torch.float32)
@@ -384,7 +374,6 @@ class CpuExpertExecutor:
                          out_base + work.act_row * hidden * 4, weights + 4 * work.start,
                          s13_base + work.expert * s13_stride, s2_base + work.expert * s2_stride))
         whole_experts = takes_whole_experts(len(native), self.num_threads, self.whole_experts_from)
-        weight_format = _FORMAT_CODES[w13.format] if isinstance(w13, QuantizedWeights) else 0
         self.kernels.pool_post(self._native_pool, NATIVE_DTYPES[x.dtype], weight_format, inter, hidden, x.data_ptr(),
                                hidden, plan.buffer_info()[0], len(native), int(whole_experts), int(fail),
                                state.buffer_info()[0])

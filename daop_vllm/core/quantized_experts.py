@@ -22,6 +22,8 @@ import torch
 from daop_vllm.core.errors import DaopConfigError
 
 FORMATS = ("bf16", "int8", "int4")
+# The kernels' codes for the weights' format: FMT_* in csrc/cpu_common.h, QUANT in triton_moe.py
+FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
 INT4_GROUP = 128
 _INT4_BLOCK = 64  # columns whose nibbles share 32 bytes
 _INT8_MAX, _INT4_MIN, _INT4_MAX = 127, -8, 7
@@ -56,6 +58,14 @@ class QuantizedWeights:
         """Room for `num_slots` experts of this format on `device`."""
         data, scales = (torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.tensors)
         return QuantizedWeights(self.format, data, scales, torch.Size((num_slots, *self.shape[1:])))
+
+
+def weight_parts(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """What the kernels read of expert weights: the values, the scales (None for weights as
+    loaded) and the format's code."""
+    if isinstance(weights, QuantizedWeights):
+        return weights.data, weights.scales, FORMAT_CODES[weights.format]
+    return weights, None, FORMAT_CODES["bf16"]
 
 
 def check_format(name: str, cols: int | None = None, what: str = "experts") -> None:

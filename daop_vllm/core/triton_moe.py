@@ -21,14 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from daop_vllm.core.quantized_experts import QuantizedWeights
+from daop_vllm.core.quantized_experts import QuantizedWeights, weight_parts
 from daop_vllm.core.triton_configs import LaunchConfig, launch_config
 
 # fp32 experts multiply in fp32: Triton's default for fp32 dots on tensor cores is TF32, which on
 # the H200 was 1e-3 off the reference at unit scale (bf16/fp16 dots ignore this setting).
 FP32_DOT: tl.constexpr = tl.constexpr("ieee")
-# the weights' kind: as the activations, int8, int4 (QUANT)
-_QUANT_CODES = {"int8": 1, "int4": 2}
 
 
 @triton.jit
@@ -179,9 +177,11 @@ def group_pairs_by_slot(
     return pair_of_row, slot_of_block
 
 
-def _parts(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's weight and scale tensors (a weight tensor stands in for scales it has none of)."""
-    return weights.tensors if isinstance(weights, QuantizedWeights) else (weights, weights)
+def _parts(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The kernel's weight and scale tensors (a weight tensor stands in for scales it has none
+    of) and the QUANT code."""
+    data, scales, code = weight_parts(weights)
+    return data, data if scales is None else scales, code
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int, int]:
@@ -205,7 +205,7 @@ def prepare_launch(
     intermediate = two_i // 2
     pairs = topk_ids.numel()
     config = config or launch_config(x.device, x.dtype, slot_of_expert.numel(), hidden, intermediate)
-    quant, (w13, s13), (w2, s2) = _QUANT_CODES.get(getattr(w13, "format", None), 0), _parts(w13), _parts(w2)
+    (w13, s13, quant), (w2, s2, _) = _parts(w13), _parts(w2)
     strides = (x.stride(0), x.stride(1), *w13.stride(), *w2.stride(), *_scale_strides(s13), *_scale_strides(s2))
     if pairs <= config.few_pairs_max:
         ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
@@ -255,7 +255,7 @@ def resident_experts_forward_triton(
     quantized = isinstance(w13, QuantizedWeights)
     assert quantized == isinstance(w2, QuantizedWeights), "w13 and w2 quantized alike"
     assert quantized or x.dtype == w13.dtype == w2.dtype, f"dtypes differ: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}"
-    tensors = (topk_ids, topk_weights, *_parts(w13), *_parts(w2), slot_of_expert)
+    tensors = (topk_ids, topk_weights, *_parts(w13)[:2], *_parts(w2)[:2], slot_of_expert)
     assert all(t.device == x.device for t in tensors), "mixed devices"
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if num_slots == 0 or x.shape[0] == 0:

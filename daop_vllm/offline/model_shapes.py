@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daop_vllm.core.quantized_experts import bytes_per_weight
+
 
 @dataclass(frozen=True)
 class MoEShape:
@@ -21,8 +23,9 @@ class MoEShape:
     prediction_accuracy: float | None = None
     shared_intermediate_size: int = 0
 
-    def expert_bytes(self, element_size: int = 2) -> int:
-        return 3 * self.hidden_size * self.intermediate_size * element_size
+    def expert_bytes(self, element_size: int = 2, expert_format: str = "bf16") -> int:
+        """Bytes of one expert: `element_size` a weight as loaded, or as `expert_format` stores it."""
+        return round(3 * self.hidden_size * self.intermediate_size * bytes_per_weight(expert_format, element_size))
 
     def shared_expert_bytes(self, element_size: int = 2) -> int:
         return 3 * self.hidden_size * self.shared_intermediate_size * element_size

@@ -26,7 +26,6 @@ from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.hardware import FORMAT_READ_SHARE, OUR_CPU_EFFICIENCY, TORCH_CPU_EFFICIENCY, Hardware
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
-from daop_vllm.core.quantized_experts import bytes_per_weight
 from daop_vllm.core.routing import SoftmaxTopK
 from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
@@ -128,7 +127,7 @@ class Simulator:
         host alike: its bytes per expert are what every read and copy moves."""
         self.policy, self.shape, self.hw = policy, shape, hardware
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
-        self.expert_bytes = round(shape.expert_bytes() * bytes_per_weight(expert_format) / 2)
+        self.expert_bytes = shape.expert_bytes(expert_format=expert_format)
         self.cpu_read_share = FORMAT_READ_SHARE[expert_format]
         self.flops_per_token = 6 * shape.hidden_size * shape.intermediate_size
         # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
@@ -389,7 +388,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "calibration_sequences": len(calibration), "scored_sequences": len(scored),
             "prediction_accuracy": prediction_accuracy, "batch": batch,
             "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
-            "expert_bytes": round(shape.expert_bytes() * bytes_per_weight(expert_format) / 2),
+            "expert_bytes": shape.expert_bytes(expert_format=expert_format),
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},
         },
