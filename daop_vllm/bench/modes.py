@@ -100,7 +100,7 @@ def summarize(mode: str, fraction: float, report: dict, ids: list[list[int]], ex
 def prediction_counters(report: dict) -> dict[str, Any]:
     """What a run's DAOP report says of prediction, pre-computation and degradation."""
     totals = report["totals"]
-    precomputed = totals["precomputed_used"] + totals["precomputed_wasted"]
+    precomputed = totals["precomputed_used"] + totals["precomputed_rejected"] + totals["precomputed_wasted"]
     return {
         "prediction_accuracy": _ratio(totals["predictions_correct"], totals["predictions"]),
         "prediction_accuracy_per_layer": [_ratio(layer["predictions_correct"], layer["predictions"])
@@ -108,6 +108,7 @@ def prediction_counters(report: dict) -> dict[str, Any]:
         # of the decode rows' CPU expert work, the share served by pre-computed results
         "precomputed_share": _ratio(totals["precomputed_used"], totals["decode_cpu_expert_tokens"]),
         "wasted_share": _ratio(totals["precomputed_wasted"], precomputed),
+        "rejected_share": _ratio(totals["precomputed_rejected"], precomputed),  # by the staleness gate
         "degraded_rows": totals["degraded"],
         "decode_cpu_share": _ratio(totals["decode_cpu_expert_tokens"],
                                    totals["decode_cpu_expert_tokens"] + totals["decode_device_expert_tokens"]),

@@ -284,6 +284,7 @@ class DaopEngine:
             "mode": self.mode,
             "first_predicted_layer": self.first_predicted_layer,
             "degrade": self.fidelity.degrades if self.mode != "exact" else False,
+            "staleness_tolerance": self.fidelity.staleness_tolerance,
             "device": str(self.device),
             "device_path": self.device_path,
             "routing": str(self.layers[0].route) if self.layers else None,

@@ -83,15 +83,16 @@ class DaopMoE:
         own_scores = self._own_scores_for_degradation(router_logits, decode_rows)
         on_device = (topk_ids, topk_weights, x, *predicting, *own_scores)
         own_ids, own_weights, x_host, *rest = self.transfers.to_host(*on_device)  # the layer's one copy to the host
-        next_prediction = self._prediction_from(rest[:len(predicting)], decode_rows, x.shape[0])
+        next_prediction = self._prediction_from(rest[:len(predicting)], decode_rows, x_host)
         prediction = self._take_prediction(x.shape[0])
-        ids, weights, degraded = self._final_routing(own_ids, own_weights, decode_rows, prediction,
+        fresh = prediction.fresh_rows(x_host, self.fidelity.staleness_tolerance) if prediction is not None else None
+        ids, weights, degraded = self._final_routing(own_ids, own_weights, decode_rows, prediction, fresh,
                                                      rest[len(predicting):])
         executed_ids, executed_weights = topk_ids, topk_weights
         if ids is not own_ids:  # the device runs the routing this layer really uses
             executed_ids, executed_weights = self.transfers.to_device(ids, weights)
         on_cpu = ~self.cache.is_resident[ids]  # [T, K]
-        match = match_precomputed(prediction, ids, weights) if prediction is not None else None
+        match = match_precomputed(prediction, ids, weights, fresh) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
         one_memory = self.cache.shares_host_memory
         if one_memory:  # device and host are one memory: every expert in the executor's one job
@@ -170,16 +171,21 @@ class DaopMoE:
             return ()
         return (self.route.scores(router_logits[self.requests.on_device("decode", decode_rows, router_logits.device)]),)
 
-    def _final_routing(self, ids, weights, decode_rows, prediction, own_scores):
+    def _final_routing(self, ids, weights, decode_rows, prediction, fresh, own_scores):
         """The routing this layer runs: its own router, except decode rows of predicted layers
-        (routed by the prediction in daop mode; degraded where degradation is on)."""
+        (routed by the prediction in daop mode, where the staleness gate lets them; degraded
+        where degradation is on)."""
         degraded = 0
         if not self.predicted or decode_rows is None or decode_rows.numel() == 0:
             return ids, weights, degraded
         if self.fidelity.mode == "daop" and prediction is not None:
             ids, weights = ids.clone(), weights.clone()
-            ids[prediction.rows], weights[prediction.rows] = prediction.ids, prediction.weights
-            degraded = prediction.degraded
+            if fresh is None:
+                ids[prediction.rows], weights[prediction.rows] = prediction.ids, prediction.weights
+            else:
+                rows = prediction.rows[fresh]
+                ids[rows], weights[rows] = prediction.ids[fresh], prediction.weights[fresh]
+            degraded = prediction.degraded(fresh)
         elif own_scores:
             new_ids, new_weights, rows = degrade(ids[decode_rows], weights[decode_rows], own_scores[0],
                                                  self.cache.is_resident)
@@ -202,9 +208,11 @@ class DaopMoE:
             return raw_ids, raw_weights, target.route.scores(logits)
         return raw_ids, raw_weights
 
-    def _prediction_from(self, predicted: list, decode_rows: torch.Tensor | None, num_rows: int) -> Prediction | None:
+    def _prediction_from(self, predicted: list, decode_rows: torch.Tensor | None,
+                         x_host: torch.Tensor) -> Prediction | None:
         """The prediction for layer i+1 from its routing on the host; its host-resident pairs
-        are the ones to pre-compute."""
+        are the ones to pre-compute, on this layer's input x_host (kept for the rows where
+        layer i+1 gates on staleness)."""
         if not predicted:
             return None
         target = self.next_layer
@@ -214,8 +222,9 @@ class DaopMoE:
             ids, weights, degraded = degrade(raw_ids, raw_weights, scores[0], target.cache.is_resident)
         on_cpu = ~target.cache.is_resident[ids]
         pair, k = on_cpu.nonzero(as_tuple=True)
-        return Prediction(self.requests.step, num_rows, decode_rows, raw_ids, ids, weights, int(degraded.sum()),
-                          decode_rows[pair], ids[pair, k], None)
+        inputs = x_host[decode_rows] if target.fidelity.staleness_tolerance is not None else None
+        return Prediction(self.requests.step, x_host.shape[0], decode_rows, raw_ids, ids, weights, degraded,
+                          decode_rows[pair], ids[pair, k], None, inputs)
 
     def _precompute(self, prediction: Prediction, x_host: torch.Tensor | None) -> None:
         """Start the predicted host-resident experts of the next layer on this layer's input,
@@ -286,9 +295,9 @@ class DaopMoE:
         if degraded:
             self.stats.add(self.layer, degraded=degraded)
         if prediction is not None:
-            used = int(match.used.sum())
+            used, rejected = int(match.used.sum()), int(match.rejected.sum())
             self.stats.add(self.layer, predictions=prediction.raw_ids.numel(),
-                           predictions_correct=prediction.correct_predictions(own_ids),
-                           precomputed_used=used, precomputed_wasted=match.used.numel() - used)
+                           predictions_correct=prediction.correct_predictions(own_ids), precomputed_used=used,
+                           precomputed_rejected=rejected, precomputed_wasted=match.used.numel() - used - rejected)
         if self.requests.recording:  # traces keep what the model's own router chose, row by row
             self.requests.record_routes(self.layer, own_ids, own_weights)

@@ -16,6 +16,11 @@ import torch
 from daop_vllm.core.cpu_executor import CpuJob
 
 MODES = ("exact", "verified", "daop")
+# How far a row's input moved between the layer that pre-computed for it and the layer that uses
+# it; the gate uses the cosine distance, which separates good pre-computed results from bad ones
+# as well as the relative distance does on the trained model (benchmarks/stale_inputs.py) and
+# ignores the two layers' different RMSNorm gains.
+STALENESS_DISTANCE = "cosine_distance"
 # The paper: the first four MoE blocks use their own router.
 DEFAULT_FIRST_PREDICTED_LAYER = 4
 
@@ -26,11 +31,17 @@ class Fidelity:
 
     exact: own router, CPU experts on their true input. verified: own router; a CPU expert
     that was predicted uses its result pre-computed from the previous layer's input. daop:
-    decode rows of layers from `first_predicted_layer` on are routed by the prediction."""
+    decode rows of layers from `first_predicted_layer` on are routed by the prediction.
+
+    `staleness_tolerance` gates both per row: a row whose input moved by `STALENESS_DISTANCE`
+    (1 - cosine) of at least the tolerance since the layer before neither uses its pre-computed
+    results nor its predicted routing; it runs as in `exact`. 0: every row does (`exact`'s
+    output); None: no row does (no gate)."""
 
     mode: str = "exact"
     first_predicted_layer: int | None = None  # None: DEFAULT_FIRST_PREDICTED_LAYER, or L-1 if fewer
     degrade: bool | None = None  # None: on in daop, off in verified
+    staleness_tolerance: float | None = None
 
     def first_layer(self, num_layers: int) -> int:
         if self.first_predicted_layer is not None:
@@ -54,10 +65,24 @@ class Prediction:
     raw_ids: torch.Tensor  # [R, K] before degradation: what prediction accuracy counts
     ids: torch.Tensor  # [R, K] after degradation (daop mode routes by these)
     weights: torch.Tensor  # [R, K]
-    degraded: int  # rows whose experts degradation replaced
+    degraded_rows: torch.Tensor  # [R] bool: rows whose experts degradation replaced (empty: none)
     pair_rows: torch.Tensor  # [P] step row of each pre-computed pair
     pair_experts: torch.Tensor  # [P]
     job: CpuJob | None  # its result [P, H] is each pair's unweighted expert output
+    inputs: torch.Tensor | None = None  # [R, H] the predicting layer's input, where a tolerance gates
+
+    def fresh_rows(self, actual: torch.Tensor, tolerance: float | None) -> torch.Tensor | None:
+        """[R] bool: the predicted rows whose input `actual` [T, H] (the consuming layer's) is
+        within `tolerance` of the input they were pre-computed on; None without a gate."""
+        if tolerance is None:
+            return None
+        return input_distance(self.inputs, actual[self.rows], STALENESS_DISTANCE) < tolerance
+
+    def degraded(self, fresh: torch.Tensor | None) -> int:
+        """Degraded rows among those the routing takes from the prediction."""
+        if self.degraded_rows.numel() == 0:
+            return 0
+        return int((self.degraded_rows if fresh is None else self.degraded_rows & fresh).sum())
 
     def correct_predictions(self, true_ids: torch.Tensor) -> int:
         """(row, predicted expert) pairs that the layer's own router also chose; true_ids [T, K]."""
@@ -100,6 +125,15 @@ def degrade(
     return ids, weights, degraded
 
 
+def input_distance(earlier: torch.Tensor, actual: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per row of earlier, actual [R, H]: ||actual - earlier|| / ||actual|| (relative_distance)
+    or 1 - cos(earlier, actual) (cosine_distance), in fp32; 0 for equal rows."""
+    earlier, actual = earlier.float(), actual.float()
+    if metric == "relative_distance":
+        return (actual - earlier).norm(dim=-1) / actual.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return 1 - torch.nn.functional.cosine_similarity(earlier, actual, dim=-1)
+
+
 @dataclass
 class PrecomputedMatch:
     """Which pre-computed pairs a layer's final routing uses."""
@@ -107,13 +141,22 @@ class PrecomputedMatch:
     covered: torch.Tensor  # [T, K] routing entries served by a pre-computed result
     used: torch.Tensor  # [P] pairs the routing uses
     weights: torch.Tensor  # [P] the routing weight of each used pair (0 where unused)
+    rejected: torch.Tensor  # [P] pairs of rows the staleness gate turned away
 
 
-def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.Tensor) -> PrecomputedMatch:
-    """Match the pre-computed pairs against the final routing ids, weights [T, K]."""
+def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.Tensor,
+                      fresh: torch.Tensor | None = None) -> PrecomputedMatch:
+    """Match the pre-computed pairs against the final routing ids, weights [T, K]; with
+    `fresh` ([R] bool, Prediction.fresh_rows), only the pairs of fresh rows."""
     rows = prediction.pair_rows
     match = ids[rows] == prediction.pair_experts[:, None]  # [P, K]
+    rejected = torch.zeros(rows.shape, dtype=torch.bool)
+    if fresh is not None:
+        fresh_step_rows = torch.zeros(ids.shape[0], dtype=torch.bool)
+        fresh_step_rows[prediction.rows] = fresh
+        rejected = ~fresh_step_rows[rows]
+        match &= ~rejected[:, None]
     covered = torch.zeros_like(ids, dtype=torch.bool)
     pair, k = match.nonzero(as_tuple=True)
     covered[rows[pair], k] = True
-    return PrecomputedMatch(covered, match.any(dim=1), (weights[rows] * match).sum(dim=1))
+    return PrecomputedMatch(covered, match.any(dim=1), (weights[rows] * match).sum(dim=1), rejected)

@@ -13,7 +13,8 @@ COUNTERS = (
     "predictions",  # (row, expert) pairs predicted for this layer at the layer before (before degradation)
     "predictions_correct",  # ... of which this layer's own router chose the expert too
     "precomputed_used",  # pre-computed (row, expert) results this layer's routing used
-    "precomputed_wasted",  # ... and those it did not use (computed for nothing)
+    "precomputed_rejected",  # ... and those of rows whose input had moved too far (staleness_tolerance)
+    "precomputed_wasted",  # ... and the rest: results the routing did not use (computed for nothing)
     "degraded",  # decode rows whose host-resident experts degradation replaced (all but one)
     "faults_recovered",  # CPU jobs or swaps that failed and were recovered inside the layer
     "swaps",  # experts brought onto the device by re-allocation

@@ -3,6 +3,8 @@ demo and tools. Module-level so that they pickle to worker processes."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -45,3 +47,15 @@ def place_fraction(model: nn.Module, fraction: float, gpu_memory_utilization: fl
         check_slot_growth(added, DeviceMemory(free, total, gpu_memory_utilization))
     engine.place(resident)
     return engine.resident_experts()
+
+
+def set_staleness_tolerance(model: nn.Module, tolerance: float | None) -> None:
+    """Set the `staleness_tolerance` option between steps (None: no gate)."""
+    engine = _engine(model)
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
+                                      and tolerance >= 0):
+        raise DaopConfigError(f"daop_set_staleness_tolerance takes a number >= 0 or None, got {tolerance!r}")
+    if engine.mode == "exact":
+        raise DaopConfigError('daop option \'staleness_tolerance\' applies to mode "verified" or "daop" only, '
+                              'and the mode is "exact"')
+    engine.set_fidelity(dataclasses.replace(engine.fidelity, staleness_tolerance=tolerance))

@@ -287,8 +287,10 @@ class DaopModelLoader(BaseModelLoader):
     def _mode_report(engine: DaopEngine) -> str:
         if engine.mode == "exact":
             return "exact (own router, CPU experts on their true input)"
+        tolerance = engine.fidelity.staleness_tolerance
         return (f"{engine.mode}, first_predicted_layer {engine.first_predicted_layer}, degrade "
-                f"{'on' if engine.fidelity.degrades else 'off'}; the next layer's CPU experts run in the "
+                f"{'on' if engine.fidelity.degrades else 'off'}, staleness_tolerance "
+                f"{'off' if tolerance is None else tolerance}; the next layer's CPU experts run in the "
                 "executor's threads while the device works (the DAOP op is opaque to torch.compile)")
 
     def _auto_bytes(self, engine: DaopEngine) -> int | None:

@@ -18,7 +18,7 @@ from daop_vllm.core.realloc import REALLOC_POLICIES
 # Re-allocation copies started per engine step, at most (they run beside the steps).
 DEFAULT_MAX_SWAP_BYTES_PER_STEP = 1 << 30
 BUDGET_KEYS = ("resident_experts", "resident_fraction", "expert_memory_gib")
-PREDICTION_KEYS = ("first_predicted_layer", "degrade")  # knobs of the verified and daop modes
+PREDICTION_KEYS = ("first_predicted_layer", "degrade", "staleness_tolerance")  # knobs of the verified and daop modes
 
 
 def _is_int(value: Any) -> bool:
@@ -43,6 +43,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                               ("an integer i with 1 <= i <= L-1 (0-based index of the first MoE layer whose "
                                "experts are predicted)")),
     "degrade": (lambda v: isinstance(v, bool), "true or false"),
+    "staleness_tolerance": (lambda v: _is_number(v) and v >= 0,
+                            "a number >= 0 (a decode row uses its pre-computed results and predicted routing only "
+                            "where 1 - cosine between its inputs at the two layers is below it; 0: never)"),
     "cpu_threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profile": (lambda v: isinstance(v, str) and v != "", "a path to a JSON file of [layer, expert] pairs"),
     "realloc": (lambda v: v in REALLOC_POLICIES, "one of " + ", ".join(f'"{p}"' for p in REALLOC_POLICIES)),
@@ -74,6 +77,7 @@ class DaopOptions:
     mode: str = "exact"
     first_predicted_layer: int | None = None
     degrade: bool | None = None
+    staleness_tolerance: float | None = None
     cpu_threads: int | None = None
     profile: str | None = None
     stats_path: str | None = None
@@ -147,6 +151,7 @@ class DaopOptions:
             mode=mode,
             first_predicted_layer=raw.get("first_predicted_layer"),
             degrade=raw.get("degrade"),
+            staleness_tolerance=raw.get("staleness_tolerance"),
             cpu_threads=raw.get("cpu_threads"),
             profile=raw.get("profile"),
             stats_path=raw.get("stats_path"),
@@ -162,7 +167,7 @@ class DaopOptions:
 
     @property
     def fidelity(self) -> Fidelity:
-        return Fidelity(self.mode, self.first_predicted_layer, self.degrade)
+        return Fidelity(self.mode, self.first_predicted_layer, self.degrade, self.staleness_tolerance)
 
     @property
     def budget(self) -> Budget:

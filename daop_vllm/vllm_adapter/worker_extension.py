@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daop_vllm.vllm_adapter.engine_access import engine_report, place_fraction, reset_counters
+from daop_vllm.vllm_adapter.engine_access import engine_report, place_fraction, reset_counters, set_staleness_tolerance
 
 
 class DaopWorkerExtension:
@@ -21,6 +21,10 @@ class DaopWorkerExtension:
         """Re-place the experts as `resident_fraction=fraction` would at load."""
         return place_fraction(self.model_runner.get_model(), fraction,
                               self.vllm_config.cache_config.gpu_memory_utilization)
+
+    def daop_set_staleness_tolerance(self, tolerance: float | None) -> None:
+        """Gate pre-computed results and predicted routing on staleness from the next step on."""
+        set_staleness_tolerance(self.model_runner.get_model(), tolerance)
 
 
 # The dotted path vLLM's `worker_extension_cls` takes.

@@ -40,6 +40,9 @@ def test_one_budget_key_is_taken(raw, key):
         ({"mode": "exact", "first_predicted_layer": 2}, ["'first_predicted_layer'", '"exact"']),
         ({"mode": "daop", "first_predicted_layer": 0}, ["'first_predicted_layer'", "1 <= i <= L-1", "0"]),
         ({"mode": "daop", "degrade": "yes"}, ["'degrade'", "true or false"]),
+        ({"staleness_tolerance": 0.1}, ["'staleness_tolerance'", '"verified" or "daop" only', '"exact"']),
+        ({"mode": "verified", "staleness_tolerance": -0.1}, ["'staleness_tolerance'", ">= 0", "-0.1"]),
+        ({"mode": "daop", "staleness_tolerance": "tight"}, ["'staleness_tolerance'", "cosine", "'tight'"]),
         ({"cpu_threads": 0}, ["'cpu_threads'", ">= 1"]),
         ({"realloc": "lru"}, ["'realloc'", '"auto", "paper", "off"']),
         ({"swap_threshold": 2}, ["'swap_threshold'", "realloc 'paper' only", "'auto'"]),
@@ -84,6 +87,8 @@ def test_fidelity_defaults_follow_the_mode():
     # the paper's 4, or the last layer of a shallower model
     assert daop.first_layer(32) == 4 and daop.first_layer(4) == 3
     assert DaopOptions.parse({"mode": "daop", "first_predicted_layer": 1}).fidelity.first_layer(32) == 1
+    assert daop.staleness_tolerance is None  # no gate unless asked
+    assert DaopOptions.parse({"mode": "verified", "staleness_tolerance": 0}).fidelity.staleness_tolerance == 0
 
 
 def test_realloc_defaults_to_auto_with_a_hardware_file(tmp_path):

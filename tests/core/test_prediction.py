@@ -71,10 +71,12 @@ def topk(logits):
     return ids.tolist(), (weights / weights.sum()).tolist()
 
 
-def reference(engine, gates, xs, decode, resident, degrades):
-    """Row by row, layer by layer, as the modes are defined."""
+def reference(engine, gates, xs, decode, resident, degrades, tolerance=None):
+    """Row by row, layer by layer, as the modes are defined. Also returns the degraded rows and,
+    per predicted layer, the pre-computed pairs of rows the staleness gate turned away and of
+    those it let through."""
     mode, first = engine.mode, engine.first_predicted_layer
-    outs, degraded = [], 0
+    outs, degraded, rejected, kept_pairs = [], 0, 0, 0
     for i, (layer, x) in enumerate(zip(engine.layers, xs)):
         out = torch.zeros_like(x)
         for t in range(x.shape[0]):
@@ -83,19 +85,29 @@ def reference(engine, gates, xs, decode, resident, degrades):
             if i >= first and decode[t]:
                 probs = torch.softmax(xs[i - 1][t] @ gates[i].t(), -1)
                 predicted, predicted_weights = topk(xs[i - 1][t] @ gates[i].t())
+                row_degraded = False
+                if mode == "daop" and degrades and not any(e in resident for e in predicted) and resident:
+                    row_degraded = True
+                    best = max(resident, key=lambda e: float(probs[e]))
+                    predicted = [predicted[0], best]
+                    kept = probs[predicted]
+                    predicted_weights = (kept / kept.sum()).tolist()
+                pairs = sum(e not in resident for e in predicted)
+                stale = 1 - F.cosine_similarity(xs[i - 1][t], x[t], dim=0)
+                if tolerance is not None and not stale < tolerance:
+                    rejected += pairs
+                    for e, w in zip(ids, weights):
+                        out[t] += w * expert(layer, e, x[t])
+                    continue
+                kept_pairs += pairs
                 if mode == "daop":
                     ids, weights = predicted, predicted_weights
-                    if degrades and not any(e in resident for e in ids) and resident:
-                        degraded += 1
-                        best = max(resident, key=lambda e: float(probs[e]))
-                        ids = [ids[0], best]
-                        kept = probs[ids]
-                        weights = (kept / kept.sum()).tolist()
+                    degraded += row_degraded
                 source = {e: xs[i - 1][t] if e not in resident and e in predicted else x[t] for e in ids}
             for e, w in zip(ids, weights):
                 out[t] += w * expert(layer, e, source[e])
         outs.append(out)
-    return outs, degraded
+    return outs, degraded, rejected, kept_pairs
 
 
 # 2 prompt rows of request a, 1 decode row each of b and c, 1 decode row of d, 2 padding rows
@@ -112,7 +124,7 @@ def test_modes_match_the_per_row_reference(mode, degrades, resident):
     # consecutive layers' inputs are similar (a residual stream), so predictions are mostly right
     xs = [x0 + 0.3 * i * torch.randn(x0.shape, generator=gen) for i in range(L)]
     outs = run_step(engine, xs, BATCH)
-    expected, degraded = reference(engine, gates, xs, DECODE, resident, degrades)
+    expected, degraded, _, _ = reference(engine, gates, xs, DECODE, resident, degrades)
     for out, ref in zip(outs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     totals = engine.stats.totals()
@@ -131,6 +143,65 @@ def test_modes_match_the_per_row_reference(mode, degrades, resident):
         for i in range(1, L):  # at most one CPU expert per decode row in predicted layers
             assert engine.stats.layer(i)["decode_cpu_expert_tokens"] <= sum(DECODE)
     engine.close()
+
+
+def stepped_inputs(seed: int = 7) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(len(DECODE), H, generator=gen)
+    # rows drift by different amounts, so that a tolerance between their distances splits them
+    drift = torch.linspace(0.1, 1.5, len(DECODE))[:, None]
+    return [x0 + drift * i * torch.randn(x0.shape, generator=gen) for i in range(L)]
+
+
+def staleness(xs: list[torch.Tensor]) -> torch.Tensor:
+    """1 - cosine between consecutive layers' inputs of the decode rows, every predicted layer."""
+    decode = torch.tensor(DECODE)
+    return torch.cat([1 - F.cosine_similarity(a[decode], b[decode], dim=-1) for a, b in zip(xs, xs[1:])])
+
+
+@pytest.mark.parametrize("mode, degrades", [("verified", False), ("daop", True), ("daop", False)])
+@pytest.mark.parametrize("tolerance", ["zero", "median", "huge"])
+def test_staleness_tolerance_gates_rows_as_the_reference_does(mode, degrades, tolerance):
+    xs = stepped_inputs()
+    distances = staleness(xs)
+    value = {"zero": 0.0, "median": float(distances.median()), "huge": 10.0}[tolerance]
+    resident = [2, 5]
+    engine, gates = make_engine(Fidelity(mode, first_predicted_layer=1, degrade=degrades,
+                                         staleness_tolerance=value), resident)
+    outs = run_step(engine, xs, BATCH)
+    expected, degraded, rejected, kept = reference(engine, gates, xs, DECODE, resident, degrades, value)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    totals = engine.stats.totals()
+    # every pre-computed pair is used, rejected or wasted
+    assert totals["precomputed_used"] + totals["precomputed_rejected"] + totals["precomputed_wasted"] == rejected + kept
+    assert totals["precomputed_rejected"] == rejected and totals["degraded"] == degraded
+    if tolerance == "zero":
+        assert totals["precomputed_used"] == 0 and rejected > 0
+    elif tolerance == "huge":
+        assert rejected == 0 and totals["precomputed_used"] > 0
+    else:
+        assert 0 < rejected and 0 < totals["precomputed_used"]
+    engine.close()
+
+
+@pytest.mark.parametrize("mode", ["verified", "daop"])
+def test_tolerance_zero_is_exact_and_none_is_no_gate(mode):
+    xs = stepped_inputs(seed=5)
+    exact, _ = make_engine(Fidelity("exact"), [2, 5])
+    expected = run_step(exact, xs, BATCH)
+    exact.close()
+    gated, _ = make_engine(Fidelity(mode, first_predicted_layer=1, staleness_tolerance=0.0), [2, 5])
+    for out, ref in zip(run_step(gated, xs, BATCH), expected):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    gated.close()
+    ungated, _ = make_engine(Fidelity(mode, first_predicted_layer=1), [2, 5])
+    huge, _ = make_engine(Fidelity(mode, first_predicted_layer=1, staleness_tolerance=3.0), [2, 5])
+    for a, b in zip(run_step(ungated, xs, BATCH), run_step(huge, xs, BATCH)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ungated.stats.totals() == huge.stats.totals()
+    ungated.close()
+    huge.close()
 
 
 def test_rows_never_mix_a_batch_equals_its_rows_alone():
