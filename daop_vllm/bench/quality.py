@@ -71,31 +71,36 @@ def greedy_continuations(llm, prompts: list[list[int]], max_tokens: int) -> list
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def engine_starter(model_dir: Path, dtype: str, max_model_len: int, max_num_seqs: int):
+    """A function starting this evaluation's vLLM engine (in-process, forced decoding) with
+    extra engine arguments."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    from daop_vllm.vllm_adapter.forced_tokens import ForcedTokens
+
+    engine_args = {"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len,
+                   "max_num_seqs": max_num_seqs, "enforce_eager": True, "seed": 0,
+                   "gpu_memory_utilization": 0.5, "logits_processors": [ForcedTokens]}
+    return lambda **kwargs: LLM(**engine_args, **kwargs)
+
+
+def stop(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
 def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: int, forced_len: int,
         num_prompts: int, max_tokens: int, first_predicted_layer: int,
         formats: list[str] | None = None, dtype: str = "float32") -> dict[str, Any]:
     """One engine per configuration, re-placed for each fraction; a stock engine first for the
     model's own perplexity. With `formats`, one `exact` engine per expert format instead.
     `dtype`: the engines' (vLLM's --dtype)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from tqdm import tqdm
-    from vllm import LLM
-
-    from daop_vllm.vllm_adapter.forced_tokens import ForcedTokens
 
     passages = held_out_passages(model_dir, num_passages + num_prompts, prompt_len + forced_len)
     scored, prompts = passages[:num_passages], [p[:prompt_len] for p in passages[num_passages:]]
-    engine_args = {"model": str(model_dir), "dtype": dtype, "max_model_len": prompt_len + max(forced_len, max_tokens),
-                   "max_num_seqs": max(num_passages, num_prompts), "enforce_eager": True, "seed": 0,
-                   "gpu_memory_utilization": 0.5, "logits_processors": [ForcedTokens]}
-
-    def start(**kwargs):
-        return LLM(**engine_args, **kwargs)
-
-    def stop(llm) -> None:
-        llm.llm_engine.engine_core.shutdown()
-
+    start = engine_starter(model_dir, dtype, prompt_len + max(forced_len, max_tokens), max(num_passages, num_prompts))
     stock = start()
     moe_perplexity = forced_perplexity(stock, scored, prompt_len)
     stock_ids = greedy_continuations(stock, prompts, max_tokens) if formats else None
@@ -106,7 +111,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
         "agreement_prompts": num_prompts, "agreement_tokens": max_tokens,
     }
     if formats:
-        runs = [_format_run(start, stop, fmt, fractions[0], scored, prompts, prompt_len, max_tokens, moe_perplexity,
+        runs = [_format_run(start, fmt, fractions[0], scored, prompts, prompt_len, max_tokens, moe_perplexity,
                             stock_ids) for fmt in tqdm(formats, desc="eval quality", unit="run")]
         return {**settings, "formats": formats, "runs": runs}
     runs, exact_ids, exact_perplexity = [], {}, {}
@@ -141,7 +146,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
             "paper_prediction_accuracy": PAPER_PREDICTION_ACCURACY, "runs": runs}
 
 
-def _format_run(start, stop, fmt: str, fraction: float, scored, prompts, prompt_len: int, max_tokens: int,
+def _format_run(start, fmt: str, fraction: float, scored, prompts, prompt_len: int, max_tokens: int,
                 moe_perplexity: float, stock_ids: list[list[int]]) -> dict[str, Any]:
     llm = start(load_format="daop", model_loader_extra_config={"resident_fraction": fraction, "realloc": "off",
                                                                 "expert_format": fmt})

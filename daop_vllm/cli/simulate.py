@@ -30,6 +30,10 @@ def add_parser(commands) -> None:
     sim.add_argument("--expert-format", default="bf16", choices=FORMATS,
                      help="the experts' storage, device and host alike (its bytes per expert)")
     sim.add_argument("--first-predicted-layer", type=int, default=4)
+    sim.add_argument("--precomputed-kept", type=fraction, default=1.0,
+                     help="(verified, daop policies) share of predicted rows whose pre-computed results the "
+                          "staleness gate keeps: `eval quality --tolerance` measures it per tolerance as kept_share "
+                          "(default 1: no gate)")
     sim.add_argument("--policies", nargs="+", default=None, help="default: all")
     sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
-                              progress, expert_format=args.expert_format)
+                              progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name

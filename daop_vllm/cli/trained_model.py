@@ -51,6 +51,12 @@ RECIPES = {
                                                    intermediate_size=512, num_heads=4, num_kv_heads=2,
                                                    vocab_size=4096, max_positions=2048),
                seq_len=512, batch_size=8, steps=800, learning_rate=2e-3, warmup_steps=50),
+        # Deeper and narrower, for the accuracy of pre-computation across more layers (a stale input
+        # moves less per layer): 12 layers, about the active parameters per token of shakespeare-moe.
+        Recipe("shakespeare-moe-deep", TinyMixtralShape(num_layers=12, num_experts=8, top_k=2, hidden_size=128,
+                                                        intermediate_size=384, num_heads=2, num_kv_heads=1,
+                                                        vocab_size=4096, max_positions=2048),
+               seq_len=512, batch_size=8, steps=800, learning_rate=2e-3, warmup_steps=50),
         # The demo's model, committed (daop_vllm/demo_model): 9M parameters, 18 MB in bf16, held-out
         # perplexity 57.5 against shakespeare-moe's 77.1 on the same windows (same tokenizer). About 38 minutes.
         Recipe("shakespeare-moe-small", TinyMixtralShape(num_layers=6, num_experts=8, top_k=2, hidden_size=192,

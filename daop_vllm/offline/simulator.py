@@ -97,6 +97,7 @@ class SimResult:
     seconds: float = 0.0
     hits: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [0, 0], "decode": [0, 0]})
     cpu_expert_tokens: int = 0  # decode (token, expert) pairs computed by the CPU
+    precomputed_used: int = 0  # ... of them taken pre-computed
     pcie_bytes: int = 0
     predictions: int = 0
     predictions_correct: int = 0
@@ -114,6 +115,7 @@ class SimResult:
             "cpu_expert_tokens_per_token": self.cpu_expert_tokens / tokens,
             "pcie_bytes_per_token": self.pcie_bytes / tokens,
             "prediction_accuracy": self.predictions_correct / self.predictions if self.predictions else None,
+            "precomputed_share": self.precomputed_used / self.cpu_expert_tokens if self.cpu_expert_tokens else None,
         }
 
 
@@ -122,10 +124,16 @@ class Simulator:
 
     def __init__(self, policy: Policy, shape: MoEShape, hardware: Hardware, placement: list[list[int]],
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
-                 batch: int = 1, seed: int = 0, expert_format: str = "bf16") -> None:
+                 batch: int = 1, seed: int = 0, expert_format: str = "bf16", precomputed_kept: float = 1.0,
+                 degrades: bool | None = None) -> None:
         """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
-        host alike: its bytes per expert are what every read and copy moves."""
+        host alike: its bytes per expert are what every read and copy moves.
+        `precomputed_kept`: the share of predicted rows the staleness gate lets use their
+        pre-computed results (and in daop mode their predicted routing); the others' results
+        were computed all the same, and the consuming layer computes their experts again.
+        `degrades`: the `degrade` option (None: the mode's default)."""
         self.policy, self.shape, self.hw = policy, shape, hardware
+        self.precomputed_kept = precomputed_kept
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
         self.expert_bytes = shape.expert_bytes(expert_format=expert_format)
         self.cpu_read_share = FORMAT_READ_SHARE[expert_format]
@@ -135,7 +143,8 @@ class Simulator:
         L, E = shape.num_layers, shape.num_experts
         placement = policy.resident(placement, E)
         # The engine's own placement, re-allocation and bookkeeping, on 1x1 stand-in experts.
-        fidelity = Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None)
+        fidelity = Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None,
+                            degrades if policy.mode != "exact" else None)
         self.engine = DaopEngine(torch.device("cpu"), cpu_threads=1, fidelity=fidelity,
                                  realloc=policy.realloc, hardware=hardware)
         for _ in range(L):
@@ -237,7 +246,9 @@ class Simulator:
             cache = engine.layers[layer].cache
             true = [r.decode_ids(layer) for r in rows]
             engine.requests.record(layer, torch.tensor(true, dtype=torch.int64).reshape(len(rows), K))
-            used = routing_next if (routing_next is not None and self.policy.mode == "daop") else true
+            used = true
+            if routing_next is not None and self.policy.mode == "daop":  # rows the gate turned away: their own
+                used = [ids if ids is not None else own for ids, own in zip(routing_next, true)]
             now += self._layer_fixed_s()
             device_tokens: dict[int, int] = {}
             cpu_now: dict[int, int] = {}
@@ -256,7 +267,9 @@ class Simulator:
                         device_tokens[expert] = device_tokens.get(expert, 0) + 1
                     else:
                         self.result.cpu_expert_tokens += 1
-                        if (r, expert) not in precomputed:
+                        if (r, expert) in precomputed:
+                            self.result.precomputed_used += 1
+                        else:
                             cpu_now[expert] = cpu_now.get(expert, 0) + 1
             device_end = now + len(copied) * self._copy_s() + sum(map(self._device_expert_s, device_tokens.values()))
             own_end = cpu_free = max(now, cpu_free) + sum(map(self._cpu_expert_s, cpu_now.values()))
@@ -264,8 +277,7 @@ class Simulator:
             # predict the next layer from this layer's input, and start its host experts
             precomputed, routing_next = set(), None
             if layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
-                routing_next, jobs = self._predict_next(rows, layer + 1)
-                precomputed = set(jobs)
+                routing_next, jobs, precomputed = self._predict_next(rows, layer + 1)
                 per_expert: dict[int, int] = {}
                 for _, expert in jobs:
                     per_expert[expert] = per_expert.get(expert, 0) + 1
@@ -277,24 +289,36 @@ class Simulator:
         self._end_step()
         return now + self._attention_s()  # stands in for the final norm and lm_head
 
-    def _predict_next(self, rows: list[_Row], layer: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    def _predict_next(self, rows: list[_Row], layer: int
+                      ) -> tuple[list[list[int] | None], list[tuple[int, int]], set[tuple[int, int]]]:
         """Per row: the predicted experts of `layer` (degraded in daop mode, through the engine's
-        `degrade`), and the (row, expert) pairs the CPU pre-computes for it."""
+        `degrade`; None for a row the staleness gate will turn away), the (row, expert) pairs the
+        CPU pre-computes for it, and those of them the gate will let `layer` use."""
         is_resident = self.engine.layers[layer].cache.is_resident
-        routing, jobs = [], []
+        routing, jobs, kept = [], [], set()
         for r, row in enumerate(rows):
             true = row.decode_ids(layer)
             predicted = self._predict(row, layer, true)
             self.result.predictions += len(predicted)
             self.result.predictions_correct += len(set(predicted) & set(true))
-            if self.policy.mode == "daop":
+            if self.policy.mode == "daop" and self.engine.fidelity.degrades:
                 ids = torch.tensor([predicted])
                 weights = torch.full((1, len(predicted)), 1.0 / len(predicted))
                 ids, _, _ = degrade(ids, weights, self._scores(row, layer, predicted)[None], is_resident)
                 predicted = ids[0].tolist()
-            routing.append(predicted)
-            jobs += [(r, e) for e in predicted if not bool(is_resident[e])]
-        return routing, jobs
+            row_jobs = [(r, e) for e in predicted if not bool(is_resident[e])]
+            jobs += row_jobs
+            if self.precomputed_kept >= 1 or self._gate_keeps(row, layer):
+                routing.append(predicted)
+                kept.update(row_jobs)
+            else:
+                routing.append(None)
+        return routing, jobs, kept
+
+    def _gate_keeps(self, row: _Row, layer: int) -> bool:
+        """Whether the staleness gate lets this row use its prediction at `layer`: a draw with
+        probability `precomputed_kept`, keyed like the prediction, independent of its accuracy."""
+        return random.Random(hash((self.seed, row.index, layer, row.position, 2))).random() < self.precomputed_kept
 
     def _miss(self, layer: int, expert: int) -> None:
         """LRU / on-demand: copy a missing expert (LRU keeps it in place of the least recent)."""
@@ -354,7 +378,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
              resident_fraction: float, calibrate_on: float = 0.2, split: float | None = None,
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
              first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
-             expert_format: str = "bf16") -> dict:
+             expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
     calibrate_on 0, `profile` (if any) places the experts."""
@@ -376,7 +400,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
     results = {}
     for name in policies:
         sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
-                        expert_format=expert_format)
+                        expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -388,6 +412,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "calibration_sequences": len(calibration), "scored_sequences": len(scored),
             "prediction_accuracy": prediction_accuracy, "batch": batch,
             "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
+            "precomputed_kept": precomputed_kept,
             "expert_bytes": shape.expert_bytes(expert_format=expert_format),
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},

@@ -5,6 +5,7 @@ quality evaluation of the modes on it: the same code paths as the demo model and
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,9 +133,41 @@ def test_quality_eval_measures_expert_formats(trained_tiny):
     assert int8["host_expert_bytes"] < bf16["host_expert_bytes"] / 3  # fp32 as loaded: 4 bytes a weight, 1 now
 
 
-def test_simulator_default_prediction_accuracy_is_the_measured_one():
-    from pathlib import Path
+@pytest.mark.vllm
+def test_tolerance_sweep_spans_exact_to_the_ungated_mode(trained_tiny):
+    from daop_vllm.bench.quality_tolerance import SWEPT, run
 
+    result = run([trained_tiny], [0.25], [0.0, 0.05, None], num_passages=4, prompt_len=16, forced_len=48,
+                 first_predicted_layer=1)
+    points = {(p["mode"], p["degrade"], p["tolerance"]): p for p in result["points"]}
+    assert len(points) == len(SWEPT) * 3
+    assert set(result["models"]) == {Path(trained_tiny).name} == {p["model"] for p in result["points"]}
+    for mode, degrade in SWEPT:
+        zero, ungated = points[(mode, degrade, 0.0)], points[(mode, degrade, None)]
+        assert zero["perplexity_over_exact"] == pytest.approx(1, rel=1e-4), "tolerance 0 is exact"
+        assert zero["precomputed_share"] == 0 and zero["kept_share"] == 0
+        assert ungated["kept_share"] == 1 and ungated["precomputed_share"] > 0
+        assert 0 <= points[(mode, degrade, 0.05)]["kept_share"] <= 1
+        assert set(zero) >= {"model", "mode", "resident_fraction", "tolerance", "perplexity_over_exact",
+                             "precomputed_share"}
+
+
+def test_tolerance_sweep_simulates_each_point_at_the_share_its_gate_kept():
+    from daop_vllm.bench.quality_tolerance import _simulate_points
+
+    from ..shared_traces import trace_path
+
+    points = [{"mode": "verified", "degrade": False, "resident_fraction": 0.25, "kept_share": kept}
+              for kept in (0.0, 0.5, None)]
+    simulated = _simulate_points(points, trace_path("mixtral-8x7b-vllm.jsonl.gz"))
+    shares = [p["simulated_precomputed_share"] for p in points]
+    assert shares[0] == 0 < shares[1] < shares[2]
+    speeds = [p["simulated_tokens_per_s"] for p in points]
+    assert speeds[0] < speeds[1] < speeds[2]
+    assert set(simulated["exact_tokens_per_s"]) == {"0.25"}
+
+
+def test_simulator_default_prediction_accuracy_is_the_measured_one():
     from daop_vllm.offline.model_shapes import model_shape
 
     result = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality_shakespeare_moe.json").read_text())
@@ -181,3 +214,20 @@ def test_the_recipe_still_reproduces_the_shipped_model(tmp_path):
     curve = card(str(SHIPPED_MODEL_DIR))["loss_curve"]  # means of 10 steps
     got = [sum(losses[i:i + 10]) / 10 for i in range(0, 30, 10)]
     assert got == pytest.approx(curve[:3], rel=0.01), (got, curve[:3])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tolerance", "0.1", "--format", "int8"], "--tolerance and --format"),
+    (["--simulate-trace", "trace.jsonl.gz"], "--simulate-trace applies to --tolerance only"),
+    (["--tolerance", "0.1", "--simulate-trace", "missing.jsonl.gz"], "missing.jsonl.gz: no such file"),
+    (["--model", "shakespeare-moe", "shakespeare-moe-deep"], "several --model apply to --tolerance only"),
+    (["--model", "no-such-model"], "not a recipe (shakespeare-moe,"),
+])
+def test_eval_quality_refuses_wrong_arguments_in_one_line(args, words, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "daop_vllm.cli", "eval", "quality", *args], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert words in result.stderr

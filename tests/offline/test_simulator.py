@@ -82,6 +82,23 @@ def test_the_synthetic_predictor_is_right_as_often_as_asked(accuracy):
     assert result["policies"]["auto-daop"]["prediction_accuracy"] == pytest.approx(accuracy, abs=0.02)
 
 
+@pytest.mark.parametrize("policy", ["auto-verified", "auto-daop"])
+def test_the_staleness_gate_keeps_the_share_asked_and_its_rejected_rows_cost_cpu_time(policy):
+    from dataclasses import replace
+
+    no_realloc = replace(POLICIES[policy], realloc="off")  # the misses stay misses
+    seq = toy_sequence([1, 2], tokens=400)
+    runs = {kept: Simulator(no_realloc, SHAPE, HW, [[0], [0]], prediction_accuracy=1.0, first_predicted_layer=1,
+                            precomputed_kept=kept).run([seq]) for kept in (1.0, 0.5, 0.0)}
+    # layer 1's CPU expert of every token is pre-computed; layer 0 is never predicted
+    assert runs[1.0]["precomputed_share"] == pytest.approx(0.5)
+    assert runs[0.5]["precomputed_share"] == pytest.approx(0.25, abs=0.03)
+    assert runs[0.0]["precomputed_share"] == 0
+    # a turned-away row's pre-computation ran all the same, and its expert runs again
+    assert runs[0.0]["tokens_per_s"] < runs[0.5]["tokens_per_s"] < runs[1.0]["tokens_per_s"]
+    assert all(r["cpu_expert_tokens_per_token"] == 2 for r in runs.values())
+
+
 def test_paper_ordering_on_the_mixtral_trace():
     """The paper's machine and model at its full-memory point (46.9% resident): everything
     resident beats DAOP, which beats Fiddler's static placement, which beats copying misses."""
