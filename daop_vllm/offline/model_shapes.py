@@ -44,6 +44,7 @@ MODEL_SHAPES = {
         # daop_vllm.cli.trained_model's recipes (Shakespeare, trained here)
         MoEShape("shakespeare-moe", 6, 8, 2, 256, 512, prediction_accuracy=0.803),  # results/quality_shakespeare_moe.json
         MoEShape("shakespeare-moe-small", 6, 8, 2, 192, 256),  # the demo's
+        MoEShape("shakespeare-moe-deep", 12, 8, 2, 128, 384),
         MoEShape("shakespeare-moe-tiny", 2, 8, 2, 64, 128),
     )
 }
