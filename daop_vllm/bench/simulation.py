@@ -1,7 +1,9 @@
 """`daop-vllm bench simulate`: the simulator's evidence in one run - the paper check (a6000,
 Mixtral, 46.9% and 25% resident), tokens/s per policy against resident fraction for each
 machine model, and against batch size at 25% resident; with `--formats`, what each expert format
-buys on the a6000 and h200 presets at 25% and 46.9% resident."""
+buys on the a6000 and h200 presets at 25% and 46.9% resident; with `--streaming`, what streaming
+misses to the device buys: time to first token of long prompts (Mixtral) and decode tokens/s
+against batch size (DeepSeek-V2-Lite), a6000 and h200, 25% resident."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Any
 from daop_vllm.core.hardware import FORMAT_READ_SHARE, load_hardware
 from daop_vllm.core.quantized_experts import FORMATS
 from daop_vllm.offline.model_shapes import model_shape
-from daop_vllm.offline.simulator import POLICIES, simulate
-from daop_vllm.offline.traces import read_traces
+from daop_vllm.offline.simulator import BASE_POLICIES, simulate
+from daop_vllm.offline.traces import TraceSequence, read_traces
 
 # ../shared/reference/daop.md: Mixtral-8x7B on the A6000 machine, batch 1.
 PAPER = {"daop_tokens_per_s": {"0.469": 4.52, "0.25": 3.23}, "daop_over_fiddler_full_memory": 1.404,
@@ -29,7 +31,7 @@ MIXTRAL_ARGS = dict(calibrate_on=0.34, split=0.3)
 def run(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int, progress) -> dict[str, Any]:
     mixtral = list(read_traces(mixtral_trace))
     deepseek = list(read_traces(deepseek_trace))[:deepseek_limit]
-    policies = list(POLICIES)
+    policies = BASE_POLICIES
     mixtral_args = dict(shape=model_shape("mixtral-8x7b"), **MIXTRAL_ARGS)
     fractions = {}
     for preset in PRESETS:
@@ -67,7 +69,7 @@ def run_formats(mixtral_trace: Path, progress) -> dict[str, Any]:
     by_format: dict[str, Any] = {}
     for preset in FORMAT_PRESETS:
         for fraction in FORMAT_FRACTIONS:
-            runs = {fmt: simulate(mixtral, list(POLICIES), model_shape("mixtral-8x7b"), load_hardware(preset), fraction,
+            runs = {fmt: simulate(mixtral, BASE_POLICIES, model_shape("mixtral-8x7b"), load_hardware(preset), fraction,
                                   progress=progress, expert_format=fmt, **MIXTRAL_ARGS)["policies"]
                     for fmt in FORMATS}
             by_format.setdefault(preset, {})[str(fraction)] = {
@@ -81,11 +83,115 @@ def run_formats(mixtral_trace: Path, progress) -> dict[str, Any]:
                     "reads quantized experts at cpu_read_share of its bf16 rate (measured, bench cpu-experts --format)"}
 
 
+STREAM_PRESETS = ["a6000", "h200"]
+PROMPT_TOKENS = [256, 1024, 4096]
+STREAM_BATCHES = [1, 4, 16, 32, 64]
+# the policies the streaming evidence compares: the CPU-only ones (ours and the baselines), ours
+# with streaming, and vLLM's prefetch offloader's way (stream-all)
+STREAM_POLICIES = ["static", "daop", "ondemand", "auto-exact", "auto-verified", "auto-daop", "auto-exact+stream",
+                   "auto-verified+stream", "auto-daop+stream", "stream-all"]
+
+
+def long_prompt(sequences: list[TraceSequence], tokens: int) -> TraceSequence:
+    """A prompt of `tokens` rows per layer: every sequence's rows (prompt, then generated) back to
+    back, repeated as often as needed - no trace has prompts this long - and nothing to decode."""
+    first = sequences[0]
+    prefill = []
+    for layer in range(first.num_layers):
+        rows = [row for seq in sequences for phase in (seq.prefill, seq.decode) for row in phase[layer]]
+        prefill.append([rows[i % len(rows)] for i in range(tokens)])
+    return TraceSequence(f"prompt-{tokens}", first.num_layers, first.num_experts, first.top_k, first.aligned,
+                         prefill, [[] for _ in range(first.num_layers)], model=first.model)
+
+
+def run_streaming(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int | None, progress) -> dict[str, Any]:
+    """Per preset: time to first token of one prompt of each length alone (the Mixtral trace's
+    prompted sequence calibrates the placement), and decode tokens/s of the DeepSeek-V2-Lite trace
+    against batch size, every policy of STREAM_POLICIES."""
+    mixtral = list(read_traces(mixtral_trace))
+    deepseek = list(read_traces(deepseek_trace))[:deepseek_limit]
+    prompts, batches = {}, {}
+    for preset in STREAM_PRESETS:
+        hardware = load_hardware(preset)
+        prompts[preset] = {
+            str(tokens): simulate([mixtral[0], long_prompt(mixtral, tokens)], STREAM_POLICIES,
+                                  model_shape("mixtral-8x7b"), hardware, 0.25, calibrate_on=0.5, progress=progress)
+            for tokens in PROMPT_TOKENS}
+        batches[preset] = {
+            str(batch): simulate(deepseek, STREAM_POLICIES, model_shape("deepseek-v2-lite"), hardware, 0.25,
+                                 calibrate_on=0.2, split=0.5, batch=batch, progress=progress)
+            for batch in STREAM_BATCHES}
+    return {"prompts_mixtral_25pct": prompts, "decode_by_batch_deepseek_25pct": batches,
+            "summary": _streaming_summary(prompts, batches),
+            "note": "prompts of 256-4096 tokens are the Mixtral trace's rows (prompt and generated, every sequence) "
+                    "back to back, repeated: no trace holds prompts that long"}
+
+
+def _best(policies: dict[str, Any], names: list[str], key: str, lowest: bool = False) -> tuple[str, float]:
+    values = {n: policies[n][key] for n in names if policies[n][key] is not None}
+    name = (min if lowest else max)(values, key=values.get)
+    return name, values[name]
+
+
+def _streaming_summary(prompts: dict, batches: dict) -> dict[str, Any]:
+    """Ours with streaming against our best CPU-only policy and against stream-all, per preset,
+    prompt length and batch."""
+    cpu_only = ["auto-exact", "auto-verified", "auto-daop"]
+    streaming = [f"{n}+stream" for n in cpu_only]
+    summary: dict[str, Any] = {}
+    for preset in prompts:
+        ttft = {}
+        for tokens, result in prompts[preset].items():
+            policies = result["policies"]
+            best_cpu, cpu_s = _best(policies, cpu_only, "mean_prefill_s", lowest=True)
+            best_stream, stream_s = _best(policies, streaming, "mean_prefill_s", lowest=True)
+            ttft[tokens] = {"best_cpu_only": best_cpu, "best_cpu_only_s": cpu_s, "best_streaming": best_stream,
+                            "best_streaming_s": stream_s, "stream_all_s": policies["stream-all"]["mean_prefill_s"],
+                            "streaming_over_cpu_only": stream_s / cpu_s}
+        decode = {}
+        for batch, result in batches[preset].items():
+            policies = result["policies"]
+            best_cpu, cpu_rate = _best(policies, cpu_only, "tokens_per_s")
+            best_stream, stream_rate = _best(policies, streaming, "tokens_per_s")
+            decode[batch] = {"best_cpu_only": best_cpu, "best_cpu_only_tokens_per_s": cpu_rate,
+                             "best_streaming": best_stream, "best_streaming_tokens_per_s": stream_rate,
+                             "stream_all_tokens_per_s": policies["stream-all"]["tokens_per_s"],
+                             "streaming_over_cpu_only": stream_rate / cpu_rate}
+        summary[preset] = {"time_to_first_token": ttft, "decode": decode}
+    return summary
+
+
+def plot_streaming(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    presets = list(result["prompts_mixtral_25pct"])
+    fig, axes = plt.subplots(2, len(presets), figsize=(6.5 * len(presets), 9))
+    for column, preset in enumerate(presets):
+        prompts = result["prompts_mixtral_25pct"][preset]
+        batches = result["decode_by_batch_deepseek_25pct"][preset]
+        for name in STREAM_POLICIES:
+            style = dict(marker="o", label=name, linestyle="-" if "stream" in name else "--")
+            axes[0][column].plot([int(t) for t in prompts],
+                                 [prompts[t]["policies"][name]["mean_prefill_s"] for t in prompts], **style)
+            axes[1][column].plot([int(b) for b in batches],
+                                 [batches[b]["policies"][name]["tokens_per_s"] for b in batches], **style)
+        axes[0][column].set(xlabel="prompt tokens", ylabel="time to first token, s (simulated)", xscale="log",
+                            yscale="log", title=f"Mixtral-8x7B, {preset}, 25% resident: one prompt alone")
+        axes[1][column].set(xlabel="sequences in flight (batch)", ylabel="decode tokens/s (simulated)", xscale="log",
+                            yscale="log", title=f"DeepSeek-V2-Lite trace, {preset}, 25% resident")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("misses on the CPU, streamed to the device, or each where cheaper (daop-vllm bench simulate "
+                 "--streaming)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot_formats(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     panels = [(p, f) for p in result["presets"] for f in map(str, result["resident_fractions"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.3), sharey=True)
-    names = list(POLICIES)
+    names = BASE_POLICIES
     width = 0.8 / len(result["formats"])
     for ax, (preset, fraction) in zip(axes, panels):
         runs = result["by_format"][preset][fraction]
@@ -117,7 +223,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, preset in zip(axes, presets):
         runs = result["by_fraction"][preset]
         fractions = [float(f) for f in runs]
-        for name in POLICIES:
+        for name in BASE_POLICIES:
             ax.plot(fractions, [runs[f]["policies"][name]["tokens_per_s"] for f in runs], marker="o", label=name)
         if preset == "a6000":
             ax.scatter([0.469, 0.25], [4.52, 3.23], marker="*", s=150, color="k", zorder=5, label="paper: DAOP")
@@ -125,7 +231,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                title=f"Mixtral-8x7B trace, {preset}")
     ax = axes[-1]
     batches = result["by_batch_deepseek_a6000_25pct"]
-    for name in POLICIES:
+    for name in BASE_POLICIES:
         ax.plot([int(b) for b in batches], [batches[b]["policies"][name]["tokens_per_s"] for b in batches],
                 marker="o", label=name)
     ax.set(xlabel="sequences in flight (batch)", ylabel="tokens/s (simulated)", xscale="log", yscale="log",

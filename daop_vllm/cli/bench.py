@@ -75,6 +75,10 @@ def add_parser(commands) -> None:
     bench_sim.add_argument("--deepseek-limit", type=int, default=64, help="sequences of the DeepSeek trace used")
     bench_sim.add_argument("--formats", action="store_true",
                            help="instead: every expert format on the a6000 and h200 presets, 25%% and 46.9%% resident")
+    bench_sim.add_argument("--streaming", action="store_true",
+                           help="instead: misses on the CPU, streamed, or each where cheaper - time to first token "
+                                "of 256-4096-token prompts (Mixtral) and decode tokens/s at batch 1-64 "
+                                "(DeepSeek-V2-Lite), a6000 and h200, 25%% resident")
     bench_sim.add_argument("--json", action="store_true", help="print one JSON object")
     bench_sim.add_argument("--out", type=Path, help="also write the JSON here")
     bench_sim.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -264,19 +268,43 @@ def _bench_simulate(args: argparse.Namespace) -> None:
         FORMAT_PRESETS,
         FRACTIONS,
         PRESETS,
+        PROMPT_TOKENS,
+        STREAM_BATCHES,
+        STREAM_POLICIES,
+        STREAM_PRESETS,
         plot,
         plot_formats,
+        plot_streaming,
         run,
         run_formats,
+        run_streaming,
     )
     from daop_vllm.core.quantized_experts import FORMATS
-    from daop_vllm.offline.simulator import POLICIES
+    from daop_vllm.offline.simulator import BASE_POLICIES
 
+    if args.formats and args.streaming:
+        raise DaopConfigError("--formats and --streaming are different runs; give one of them")
     for trace in (args.mixtral_trace,) if args.formats else (args.mixtral_trace, args.deepseek_trace):
         if not trace.is_file():
             raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
+    if args.streaming:
+        runs = len(STREAM_PRESETS) * (len(PROMPT_TOKENS) + len(STREAM_BATCHES)) * len(STREAM_POLICIES)
+        with tqdm(total=runs, desc="bench simulate --streaming", unit="policy", disable=args.json) as progress:
+            result = run_streaming(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)
+        if emit_json(result, args, plot_streaming):
+            return
+        for preset, summary in result["summary"].items():
+            for tokens, row in summary["time_to_first_token"].items():
+                print(f"{preset}, Mixtral, {tokens}-token prompt: time to first token {row['best_streaming_s']:.3f} s "
+                      f"({row['best_streaming']}) against {row['best_cpu_only_s']:.3f} s ({row['best_cpu_only']}), "
+                      f"stream-all {row['stream_all_s']:.3f} s")
+            for batch, row in summary["decode"].items():
+                print(f"{preset}, DeepSeek-V2-Lite, batch {batch}: {row['best_streaming_tokens_per_s']:.1f} tok/s "
+                      f"({row['best_streaming']}) = {row['streaming_over_cpu_only']:.2f}x {row['best_cpu_only']}, "
+                      f"stream-all {row['stream_all_tokens_per_s']:.1f}")
+        return
     if args.formats:
-        runs = len(FORMAT_PRESETS) * len(FORMAT_FRACTIONS) * len(FORMATS) * len(POLICIES)
+        runs = len(FORMAT_PRESETS) * len(FORMAT_FRACTIONS) * len(FORMATS) * len(BASE_POLICIES)
         with tqdm(total=runs, desc="bench simulate --formats", unit="policy", disable=args.json) as progress:
             result = run_formats(args.mixtral_trace, progress)
         if emit_json(result, args, plot_formats):
@@ -288,7 +316,7 @@ def _bench_simulate(args: argparse.Namespace) -> None:
                     " tok/s" for fmt, runs in formats.items()))
         return
     runs = len(PRESETS) * len(FRACTIONS) + len(BATCHES)
-    with tqdm(total=runs * 9, desc="bench simulate", unit="policy", disable=args.json) as progress:
+    with tqdm(total=runs * len(BASE_POLICIES), desc="bench simulate", unit="policy", disable=args.json) as progress:
         result = run(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)
     if emit_json(result, args, plot):
         return

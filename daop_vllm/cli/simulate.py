@@ -34,6 +34,9 @@ def add_parser(commands) -> None:
                      help="(verified, daop policies) share of predicted rows whose pre-computed results the "
                           "staleness gate keeps: `eval quality --tolerance` measures it per tolerance as kept_share "
                           "(default 1: no gate)")
+    sim.add_argument("--staging-slots", type=int, default=None,
+                     help="(streaming policies: +stream, stream-all) experts a layer may have in flight to the device "
+                          "at once (default 4)")
     sim.add_argument("--policies", nargs="+", default=None, help="default: all")
     sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from daop_vllm.core.hardware import load_hardware
-    from daop_vllm.offline.simulator import PAPER_PREDICTION_ACCURACY, POLICIES, simulate
+    from daop_vllm.offline.simulator import DEFAULT_STAGING_SLOTS, PAPER_PREDICTION_ACCURACY, POLICIES, simulate
     from daop_vllm.offline.traces import read_traces
 
     policies = args.policies or list(POLICIES)
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> None:
         raise DaopConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
     if args.batch < 1:
         raise DaopConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.staging_slots is not None and args.staging_slots < 1:
+        raise DaopConfigError(f"--staging-slots must be >= 1, got {args.staging_slots}")
     seqs = list(read_traces(args.trace))[: args.limit]
     if not seqs:
         raise DaopConfigError(f"{args.trace} holds no sequences")
@@ -65,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
         try:
             result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
-                              progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept)
+                              progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept,
+                              staging_slots=args.staging_slots or DEFAULT_STAGING_SLOTS)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name
@@ -78,10 +84,10 @@ def run(args: argparse.Namespace) -> None:
           f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, {args.expert_format} experts, "
           f"{settings['scored_sequences']} sequences scored")
     static = result["policies"].get("static", {}).get("tokens_per_s")
-    print(f"{'policy':>14} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")
+    print(f"{'policy':>20} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")
     for name, r in result["policies"].items():
         ratio = f"{r['tokens_per_s'] / static:9.2f}" if static else f"{'-':>9}"
-        print(f"{name:>14} {r['tokens_per_s']:8.2f} {ratio} {100 * r['decode_hit_rate']:9.1f}% "
+        print(f"{name:>20} {r['tokens_per_s']:8.2f} {ratio} {100 * r['decode_hit_rate']:9.1f}% "
               f"{r['cpu_expert_tokens_per_token']:9.2f} {r['pcie_bytes_per_token'] / 1e6:13.1f}")
 
 

@@ -31,12 +31,14 @@ class StepBatch:
 
     def row_request(self, total_rows: int) -> torch.Tensor:
         """[total_rows] index into req_ids per row; -1 for padding rows past the requests."""
-        index = torch.repeat_interleave(torch.arange(len(self.rows), device="cpu"), self._rows_tensor())
+        index = torch.repeat_interleave(torch.arange(len(self.rows), device="cpu"), self._rows_tensor(),
+                                        output_size=self.num_rows)
         return torch.cat([index, torch.full((total_rows - index.numel(),), -1, dtype=torch.int64, device="cpu")])
 
     def row_is_prefill(self, total_rows: int) -> torch.Tensor:
         """[total_rows] True for prompt rows (padding rows are neither phase)."""
-        flags = torch.repeat_interleave(torch.tensor(self.prefill, dtype=torch.bool, device="cpu"), self._rows_tensor())
+        flags = torch.repeat_interleave(torch.tensor(self.prefill, dtype=torch.bool, device="cpu"), self._rows_tensor(),
+                                        output_size=self.num_rows)  # known: no pass over the counts
         return torch.cat([flags, torch.zeros(total_rows - flags.numel(), dtype=torch.bool, device="cpu")])
 
     def _rows_tensor(self) -> torch.Tensor:

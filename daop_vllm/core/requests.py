@@ -118,20 +118,28 @@ class RequestTracker:
         """Count layer `layer`'s routing [T, K] (host tensors) into each row's request at once,
         and keep the rows themselves when recording traces (the simulator's and tests' path; a
         layer's forward counts through `count`)."""
-        phases = self.row_phases(topk_ids.shape[0])
+        self.record_layers(topk_ids[None], layer)
+        if topk_weights is not None:
+            self.record_routes(layer, topk_ids, topk_weights)
+
+    def record_layers(self, topk_ids: torch.Tensor, first_layer: int = 0) -> None:
+        """`record` for consecutive layers at once: topk_ids [L', T, K] from `first_layer` on."""
+        phases = self.row_phases(topk_ids.shape[1])
         if phases is None:
             return
         row_request, _ = phases
         real = row_request >= 0
-        # [requests, E] tokens per expert of each request's rows, in one scatter
-        counts = torch.zeros(len(self.batch.req_ids), self.num_experts, device="cpu")
-        requests = row_request[real][:, None].expand(-1, topk_ids.shape[1])
-        counts.index_put_((requests.flatten(), topk_ids[real].flatten()), torch.ones(requests.numel(), device="cpu"),
-                           accumulate=True)
+        num_layers, _, top_k = topk_ids.shape
+        # [requests, L', E] tokens per expert of each request's rows, in one scatter
+        counts = torch.zeros(len(self.batch.req_ids), num_layers, self.num_experts, device="cpu")
+        ids = topk_ids[:, real]
+        requests = row_request[real][None, :, None].expand(num_layers, -1, top_k)
+        layers = torch.arange(num_layers, device="cpu")[:, None, None].expand_as(ids)
+        counts.index_put_((requests.flatten(), layers.flatten(), ids.flatten()),
+                          torch.ones(ids.numel(), device="cpu"), accumulate=True)
         for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
-            (self.prefill_counts if prefill else self.decode_counts)[req_id][layer] += counts[index]
-        if topk_weights is not None:
-            self.record_routes(layer, topk_ids, topk_weights)
+            (self.prefill_counts if prefill else self.decode_counts)[req_id][first_layer:first_layer + num_layers] \
+                += counts[index]
 
     def record_routes(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Keep each request's rows of layer `layer`'s routing (host tensors), for its trace."""

@@ -27,6 +27,7 @@ from daop_vllm.core.hardware import FORMAT_READ_SHARE, OUR_CPU_EFFICIENCY, TORCH
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
 from daop_vllm.core.routing import SoftmaxTopK
+from daop_vllm.core.streaming import MissCosts, layer_timeline, plan_streaming
 from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
 from daop_vllm.offline.traces import TraceSequence
@@ -44,6 +45,7 @@ class Policy:
     mode: str = "exact"
     cpu_efficiency: float = OUR_CPU_EFFICIENCY
     description: str = ""
+    stream: str = "off"  # misses computed on the CPU ("cpu"): streamed through staging slots (streaming.py)
 
     def resident(self, profile_placement: list[list[int]], num_experts: int) -> list[list[int]]:
         """This policy's initial resident experts per layer, given the profile's placement."""
@@ -54,22 +56,36 @@ class Policy:
         return profile_placement
 
 
+_POLICIES = (
+    Policy("gpu", "all", "cpu", description="every expert resident (the memory-unlimited bound)"),
+    Policy("static", "profile", "cpu", cpu_efficiency=TORCH_CPU_EFFICIENCY,
+           description="Fiddler: profile placement, misses computed on the CPU with PyTorch"),
+    Policy("lru", "profile", "lru", description="mixtral-offloading: per-layer LRU cache, misses copied"),
+    Policy("ondemand", "profile", "copy", description="every miss copied to the device, not kept"),
+    Policy("all-cpu", "none", "cpu", description="llama.cpp --cpu-moe: every expert on the CPU"),
+    Policy("daop", "profile", "cpu", "paper", "daop", TORCH_CPU_EFFICIENCY,
+           description="the paper: re-allocation after prefill, predicted routing, degradation, PyTorch CPU"),
+    Policy("auto-exact", "profile", "cpu", "auto", "exact", description="ours: realloc auto, exact"),
+    Policy("auto-verified", "profile", "cpu", "auto", "verified", description="ours: realloc auto, verified"),
+    Policy("auto-daop", "profile", "cpu", "auto", "daop", description="ours: realloc auto, predicted routing"),
+)
 POLICIES = {
     p.name: p
     for p in (
-        Policy("gpu", "all", "cpu", description="every expert resident (the memory-unlimited bound)"),
-        Policy("static", "profile", "cpu", cpu_efficiency=TORCH_CPU_EFFICIENCY,
-               description="Fiddler: profile placement, misses computed on the CPU with PyTorch"),
-        Policy("lru", "profile", "lru", description="mixtral-offloading: per-layer LRU cache, misses copied"),
-        Policy("ondemand", "profile", "copy", description="every miss copied to the device, not kept"),
-        Policy("all-cpu", "none", "cpu", description="llama.cpp --cpu-moe: every expert on the CPU"),
-        Policy("daop", "profile", "cpu", "paper", "daop", TORCH_CPU_EFFICIENCY,
-               description="the paper: re-allocation after prefill, predicted routing, degradation, PyTorch CPU"),
-        Policy("auto-exact", "profile", "cpu", "auto", "exact", description="ours: realloc auto, exact"),
-        Policy("auto-verified", "profile", "cpu", "auto", "verified", description="ours: realloc auto, verified"),
-        Policy("auto-daop", "profile", "cpu", "auto", "daop", description="ours: realloc auto, predicted routing"),
+        *_POLICIES,
+        *(dataclasses.replace(p, name=f"{p.name}+stream", stream="auto",
+                              description=f"{p.description}; each miss on the CPU or streamed, whichever ends the "
+                                          "layer sooner")
+          for p in _POLICIES if p.name.startswith("auto-")),
+        Policy("stream-all", "profile", "cpu", stream="all",
+               description="vLLM's prefetch offloader: every miss copied through the staging slots, overlapped; "
+                           "CPU idle"),
     )
 }
+BASE_POLICIES = [p.name for p in _POLICIES]  # without streaming (the paper's comparison and our first results)
+# Experts a layer may have in flight to the device at once (streaming.py), the same for every
+# policy that streams; the engine alternates two such sets between consecutive layers.
+DEFAULT_STAGING_SLOTS = 4
 
 
 @dataclass
@@ -97,6 +113,10 @@ class SimResult:
     seconds: float = 0.0
     hits: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [0, 0], "decode": [0, 0]})
     cpu_expert_tokens: int = 0  # decode (token, expert) pairs computed by the CPU
+    streamed: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # experts streamed
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    prompts: int = 0
     precomputed_used: int = 0  # ... of them taken pre-computed
     pcie_bytes: int = 0
     predictions: int = 0
@@ -116,6 +136,11 @@ class SimResult:
             "pcie_bytes_per_token": self.pcie_bytes / tokens,
             "prediction_accuracy": self.predictions_correct / self.predictions if self.predictions else None,
             "precomputed_share": self.precomputed_used / self.cpu_expert_tokens if self.cpu_expert_tokens else None,
+            "prefill_streamed_experts": self.streamed["prefill"],
+            "decode_streamed_experts": self.streamed["decode"],
+            # a prompt's step alone (TTFT when nothing else runs), and prompt tokens per second of those steps
+            "mean_prefill_s": self.prefill_seconds / self.prompts if self.prompts else None,
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else None,
         }
 
 
@@ -125,14 +150,16 @@ class Simulator:
     def __init__(self, policy: Policy, shape: MoEShape, hardware: Hardware, placement: list[list[int]],
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
                  batch: int = 1, seed: int = 0, expert_format: str = "bf16", precomputed_kept: float = 1.0,
-                 degrades: bool | None = None) -> None:
+                 degrades: bool | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS) -> None:
         """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
         host alike: its bytes per expert are what every read and copy moves.
         `precomputed_kept`: the share of predicted rows the staleness gate lets use their
         pre-computed results (and in daop mode their predicted routing); the others' results
         were computed all the same, and the consuming layer computes their experts again.
-        `degrades`: the `degrade` option (None: the mode's default)."""
+        `degrades`: the `degrade` option (None: the mode's default). `staging_slots`: experts a
+        layer may have in flight to the device when its policy streams."""
         self.policy, self.shape, self.hw = policy, shape, hardware
+        self.staging_slots = staging_slots
         self.precomputed_kept = precomputed_kept
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
         self.expert_bytes = shape.expert_bytes(expert_format=expert_format)
@@ -156,6 +183,7 @@ class Simulator:
         self.lru = [OrderedDict((e, None) for e in experts) for experts in placement]
         self.slots = [len(experts) for experts in placement]
         self.result = SimResult()
+        self.miss_costs = MissCosts(self._cpu_expert_s, self._device_expert_s, self._copy_s())
 
     # --- costs -------------------------------------------------------------------------------
     def _device_expert_s(self, tokens: int) -> float:
@@ -208,14 +236,18 @@ class Simulator:
         tokens = len(row.prefill[0])
         engine.begin_step(StepBatch((str(row.index),), (tokens,), (True,), (True,), (row.decode_len,)))
         seconds = 0.0
-        for layer, token_rows in enumerate(row.prefill):
+        routing = []
+        for token_rows in row.prefill:
             ids = torch.tensor(token_rows, dtype=torch.int64).reshape(len(token_rows), -1)
             if ids.shape[0] != tokens:  # unaligned trace: the engine's batch wants every row
                 ids = ids[torch.arange(tokens) * ids.shape[0] // tokens]
-            engine.requests.record(layer, ids)
+            routing.append(ids)
+        engine.requests.record_layers(torch.stack(routing))
+        for layer, ids in enumerate(routing):
             per_expert = torch.bincount(ids.flatten(), minlength=self.shape.num_experts).tolist()
             resident = engine.layers[layer].cache.is_resident.tolist()  # at the start of the layer
-            device_s = cpu_s = copy_s = 0.0
+            device_s = copy_s = 0.0
+            host: list[int] = []  # tokens of each host expert the CPU or a staging slot computes
             for expert, count in enumerate(per_expert):
                 if not count:
                     continue
@@ -224,14 +256,32 @@ class Simulator:
                     self.result.hits["prefill"][0] += count
                     device_s += self._device_expert_s(count)
                 elif self.policy.misses == "cpu":
-                    cpu_s += self._cpu_expert_s(count)
+                    host.append(count)
                 else:
                     self._miss(layer, expert)
                     copy_s += self._copy_s()
                     device_s += self._device_expert_s(count)
-            seconds += self._layer_fixed_s(tokens) + max(device_s + copy_s, cpu_s)
+            device_end, cpu_end = self._place_misses("prefill", host, device_s + copy_s, 0.0)
+            seconds += self._layer_fixed_s(tokens) + max(device_end, cpu_end)
         self._end_step()
+        self.result.prefill_seconds += seconds
+        self.result.prefill_tokens += tokens
+        self.result.prompts += 1
         return seconds
+
+    def _place_misses(self, phase: str, host: list[int], device_busy_s: float,
+                      cpu_busy_s: float) -> tuple[float, float]:
+        """(device end, CPU end) of a layer whose host experts have `host` tokens each, after the
+        device's `device_busy_s` and the CPU's `cpu_busy_s`, streaming those the policy's plan
+        sends to the device."""
+        streamed = plan_streaming(host, self.miss_costs, device_busy_s, self.staging_slots, self.policy.stream,
+                                  cpu_busy_s)
+        count = sum(streamed)
+        self.result.streamed[phase] += count
+        self.result.pcie_bytes += count * self.expert_bytes
+        if phase == "decode":
+            self.result.cpu_expert_tokens -= sum(t for t, s in zip(host, streamed) if s)
+        return layer_timeline(host, streamed, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s)
 
     def _decode_step(self, rows: list[_Row]) -> float:
         """One generated token for every row in flight."""
@@ -242,10 +292,10 @@ class Simulator:
         precomputed_done = 0.0  # when the CPU finishes the pre-computation this layer consumes
         precomputed: set[tuple[int, int]] = set()  # (row, expert) pairs pre-computed for this layer
         routing_next: list[list[int]] | None = None  # daop: this layer's routing, predicted at the one before
-        for layer in range(self.shape.num_layers):
+        routing = [[r.decode_ids(layer) for r in rows] for layer in range(self.shape.num_layers)]
+        engine.requests.record_layers(torch.tensor(routing, dtype=torch.int64).reshape(len(routing), len(rows), K))
+        for layer, true in enumerate(routing):
             cache = engine.layers[layer].cache
-            true = [r.decode_ids(layer) for r in rows]
-            engine.requests.record(layer, torch.tensor(true, dtype=torch.int64).reshape(len(rows), K))
             used = true
             if routing_next is not None and self.policy.mode == "daop":  # rows the gate turned away: their own
                 used = [ids if ids is not None else own for ids, own in zip(routing_next, true)]
@@ -271,8 +321,10 @@ class Simulator:
                             self.result.precomputed_used += 1
                         else:
                             cpu_now[expert] = cpu_now.get(expert, 0) + 1
-            device_end = now + len(copied) * self._copy_s() + sum(map(self._device_expert_s, device_tokens.values()))
-            own_end = cpu_free = max(now, cpu_free) + sum(map(self._cpu_expert_s, cpu_now.values()))
+            device_s = len(copied) * self._copy_s() + sum(map(self._device_expert_s, device_tokens.values()))
+            device_s, cpu_s = self._place_misses("decode", list(cpu_now.values()), device_s, max(0.0, cpu_free - now))
+            device_end, own_end = now + device_s, now + cpu_s
+            cpu_free = own_end
             consumed_done = precomputed_done
             # predict the next layer from this layer's input, and start its host experts
             precomputed, routing_next = set(), None
@@ -378,7 +430,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
              resident_fraction: float, calibrate_on: float = 0.2, split: float | None = None,
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
              first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
-             expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None) -> dict:
+             expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None,
+             staging_slots: int = DEFAULT_STAGING_SLOTS) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
     calibrate_on 0, `profile` (if any) places the experts."""
@@ -400,7 +453,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
     results = {}
     for name in policies:
         sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
-                        expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades)
+                        expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades,
+                        staging_slots=staging_slots)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -412,7 +466,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "calibration_sequences": len(calibration), "scored_sequences": len(scored),
             "prediction_accuracy": prediction_accuracy, "batch": batch,
             "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
-            "precomputed_kept": precomputed_kept,
+            "precomputed_kept": precomputed_kept, "staging_slots": staging_slots,
             "expert_bytes": shape.expert_bytes(expert_format=expert_format),
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},

@@ -99,6 +99,50 @@ def test_the_staleness_gate_keeps_the_share_asked_and_its_rejected_rows_cost_cpu
     assert all(r["cpu_expert_tokens_per_token"] == 2 for r in runs.values())
 
 
+def prompt_sequence(expert: int, tokens: int, decode_experts: list[list[int]] | None = None) -> TraceSequence:
+    """A prompt of `tokens` rows all routed to `expert` in both layers; decode rows as given."""
+    decode = decode_experts or [[], []]
+    return TraceSequence("prompt", 2, 4, 1, True, [[[expert]] * tokens] * 2, [[[e] for e in d] for d in decode])
+
+
+def test_a_long_prompt_streams_its_host_expert_where_the_cpu_is_slower():
+    from dataclasses import replace
+
+    expert_bytes, flops = 3 * 1024 * 2048 * 2, 6 * 1024 * 2048
+    cpu = max(expert_bytes / (50e9 * 0.92), 1000 * flops / 1e12)  # 12.6 ms: compute-bound
+    streamed = expert_bytes / 10e9 + max(expert_bytes / 1000e9, 1000 * flops / 100e12)  # copy 1.26 ms, then run
+    runs = {}
+    for name in ("auto-exact", "auto-exact+stream", "stream-all"):
+        sim = Simulator(replace(POLICIES[name], realloc="off"), SHAPE, HW, [[0], [0]])
+        runs[name] = sim.run([prompt_sequence(1, 1000)])
+        fixed = sim._layer_fixed_s(1000)
+    assert runs["auto-exact"]["mean_prefill_s"] == pytest.approx(2 * (fixed + cpu))
+    for name in ("auto-exact+stream", "stream-all"):
+        assert runs[name]["mean_prefill_s"] == pytest.approx(2 * (fixed + streamed))
+        assert runs[name]["prefill_streamed_experts"] == 2 and runs[name]["decode_streamed_experts"] == 0
+    assert runs["auto-exact"]["prefill_streamed_experts"] == 0
+    assert runs["auto-exact"]["prefill_tokens_per_s"] == pytest.approx(1000 / runs["auto-exact"]["mean_prefill_s"])
+
+
+def test_decode_streams_the_misses_that_end_the_layer_sooner_and_the_cpu_takes_the_rest():
+    from dataclasses import replace
+
+    fast_pcie = Hardware("toy", pcie_gbps=100.0, device_gbps=1000.0, cpu_gbps=50.0, device_tflops=100.0, cpu_tflops=1.0)
+    seq_rows = [[1, 2, 3] * 4] * 2  # three rows per step in flight, each on another host expert
+    seqs = [TraceSequence(f"s{i}", 2, 4, 1, True, [[], []], [[[rows[j]] for j in range(i, 12, 3)] for rows in seq_rows])
+            for i in range(3)]
+    runs = {name: Simulator(replace(POLICIES[name], realloc="off"), SHAPE, fast_pcie, [[0], [0]], batch=3).run(seqs)
+            for name in ("auto-exact", "auto-exact+stream", "stream-all")}
+    # CPU 0.27 ms an expert, a copy 0.13: two of the three streamed, one on the CPU, per layer and step
+    assert runs["auto-exact+stream"]["decode_streamed_experts"] == 2 * 2 * 4
+    assert runs["auto-exact+stream"]["cpu_expert_tokens_per_token"] == pytest.approx(2 / 3)
+    assert runs["stream-all"]["decode_streamed_experts"] == 3 * 2 * 4
+    assert runs["stream-all"]["cpu_expert_tokens_per_token"] == 0
+    assert runs["auto-exact"]["cpu_expert_tokens_per_token"] == 2
+    speed = {name: r["tokens_per_s"] for name, r in runs.items()}
+    assert speed["auto-exact+stream"] > max(speed["auto-exact"], speed["stream-all"]), speed
+
+
 def test_paper_ordering_on_the_mixtral_trace():
     """The paper's machine and model at its full-memory point (46.9% resident): everything
     resident beats DAOP, which beats Fiddler's static placement, which beats copying misses."""

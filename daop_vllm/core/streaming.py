@@ -1,0 +1,82 @@
+"""Where each of a layer's host-resident experts runs in a step: on the CPU, or copied over PCIe
+into a staging slot on the device and run there (DAOP's mechanism 2: whichever finishes the layer
+sooner). The engine and the simulator both plan with `plan_streaming`.
+
+Timeline of one layer: the device first runs the resident experts (`device_busy_s`), then each
+streamed expert once its copy has landed; copies go one after the other, and with S staging
+slots the copy of the i-th streamed expert waits until the (i-S)-th has run and freed its slot.
+The CPU runs its experts meanwhile. The layer ends when both sides are done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+STREAM_MODES = ("auto", "off", "all")
+
+
+@dataclass(frozen=True)
+class MissCosts:
+    """Seconds for one expert: on the CPU and on the device for n tokens, and its copy."""
+
+    cpu_s: Callable[[int], float]
+    device_s: Callable[[int], float]
+    copy_s: float
+
+
+def layer_timeline(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCosts, device_busy_s: float,
+                   staging_slots: int, cpu_busy_s: float = 0.0) -> tuple[float, float]:
+    """(device end, CPU end) of the layer with the host experts of `tokens` (tokens per expert)
+    split as `streamed`, the device busy for `device_busy_s` and the CPU for `cpu_busy_s` first.
+    Streamed experts are copied heaviest first (the device's longest jobs start first, the rule
+    that minimises a two-stage pipeline with equal first stages)."""
+    on_device = sorted((t for t, s in zip(tokens, streamed) if s), reverse=True)
+    if on_device and staging_slots < 1:
+        raise ValueError("streaming needs at least one staging slot")
+    copy_free, device_free, ends = 0.0, device_busy_s, []
+    for i, count in enumerate(on_device):
+        start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
+        copy_free = start + costs.copy_s
+        device_free = max(device_free, copy_free) + costs.device_s(count)
+        ends.append(device_free)
+    return device_free, cpu_busy_s + sum(costs.cpu_s(t) for t, s in zip(tokens, streamed) if not s)
+
+
+def layer_seconds(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCosts, device_busy_s: float,
+                  staging_slots: int, cpu_busy_s: float = 0.0) -> float:
+    """When the layer ends (layer_timeline)."""
+    return max(layer_timeline(tokens, streamed, costs, device_busy_s, staging_slots, cpu_busy_s))
+
+
+def plan_streaming(tokens: Sequence[int], costs: MissCosts, device_busy_s: float, staging_slots: int,
+                   mode: str = "auto", cpu_busy_s: float = 0.0) -> list[bool]:
+    """Per host expert (tokens per expert this step), whether it is streamed. `auto`: a greedy
+    that streams the heaviest experts, one more at a time while that ends the layer sooner (an
+    expert's copy costs the same whatever its tokens, so the heaviest take the most CPU time off
+    per copy), or every one where that ends it sooner still (so never slower than either side
+    alone); `all`: every one (through the staging slots); `off`: none. O(n log n)."""
+    if mode not in STREAM_MODES:
+        raise ValueError(f"stream mode {mode!r}; known: {', '.join(STREAM_MODES)}")
+    if mode == "off" or staging_slots < 1:
+        return [False] * len(tokens)
+    if mode == "all":
+        return [True] * len(tokens)
+    order = sorted(range(len(tokens)), key=lambda e: -tokens[e])
+    cpu = cpu_busy_s + sum(costs.cpu_s(t) for t in tokens)
+    copy_free, device_free, ends = 0.0, device_busy_s, []
+    best, chosen = max(device_free, cpu), 0
+    for i, expert in enumerate(order):  # layer_timeline's pipeline, one expert more each time
+        start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
+        copy_free = start + costs.copy_s
+        device_free = max(device_free, copy_free) + costs.device_s(tokens[expert])
+        ends.append(device_free)
+        cpu -= costs.cpu_s(tokens[expert])
+        if chosen == i and max(device_free, cpu) < best:
+            best, chosen = max(device_free, cpu), i + 1
+    if max(device_free, cpu) < best:  # every expert streamed
+        chosen = len(order)
+    streamed = [False] * len(tokens)
+    for expert in order[:chosen]:
+        streamed[expert] = True
+    return streamed
