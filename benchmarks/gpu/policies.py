@@ -44,6 +44,7 @@ from daop_vllm.core.prediction import Fidelity  # noqa: E402
 from daop_vllm.core.routing import SoftmaxTopK  # noqa: E402
 from daop_vllm.offline.model_shapes import MoEShape  # noqa: E402
 from daop_vllm.offline.simulator import (  # noqa: E402
+    BASE_POLICIES,
     PAPER_PREDICTION_ACCURACY,
     POLICIES,
     simulate,
@@ -280,7 +281,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed decode steps per policy and setting")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", default=BASE_POLICIES,
+                        help="default: those without streaming (the engine streams nothing yet)")
     parser.add_argument("--first-predicted-layer", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU executor threads (default: physical cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daop_vllm.offline.simulator import POLICIES
+from daop_vllm.offline.simulator import BASE_POLICIES
 
 TINY_TRACE = Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral.jsonl.gz"  # recorded by our own trace_path
 
@@ -26,7 +26,7 @@ def test_policies_benchmark_runs_every_policy_at_a_tiny_size(tmp_path):
     assert report["measured"]["cpu_executor_gbps"] > 0
     assert [(r["resident_fraction"], r["batch"]) for r in report["runs"]] == [(0.25, 1), (0.25, 3), (0.5, 1), (0.5, 3)]
     for run in report["runs"]:
-        assert set(run["policies"]) == set(POLICIES)
+        assert set(run["policies"]) == set(BASE_POLICIES)
         for name, r in run["policies"].items():
             assert r["tokens_per_s"] > 0 and r["h200_preset_tokens_per_s"] > 0, name
         assert run["policies"]["gpu"]["decode_hit_rate"] == 1
