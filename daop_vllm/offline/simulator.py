@@ -27,7 +27,7 @@ from daop_vllm.core.hardware import FORMAT_READ_SHARE, OUR_CPU_EFFICIENCY, TORCH
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
 from daop_vllm.core.routing import SoftmaxTopK
-from daop_vllm.core.streaming import MissCosts, layer_timeline, plan_streaming
+from daop_vllm.core.streaming import expert_costs, layer_timeline, plan_streaming
 from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
 from daop_vllm.offline.traces import TraceSequence
@@ -163,7 +163,6 @@ class Simulator:
         self.precomputed_kept = precomputed_kept
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
         self.expert_bytes = shape.expert_bytes(expert_format=expert_format)
-        self.cpu_read_share = FORMAT_READ_SHARE[expert_format]
         self.flops_per_token = 6 * shape.hidden_size * shape.intermediate_size
         # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
         self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2)
@@ -183,17 +182,11 @@ class Simulator:
         self.lru = [OrderedDict((e, None) for e in experts) for experts in placement]
         self.slots = [len(experts) for experts in placement]
         self.result = SimResult()
-        self.miss_costs = MissCosts(self._cpu_expert_s, self._device_expert_s, self._copy_s())
+        self.miss_costs = expert_costs(hardware, self.expert_bytes, self.flops_per_token, policy.cpu_efficiency,
+                                       FORMAT_READ_SHARE[expert_format])
+        self._device_expert_s, self._cpu_expert_s = self.miss_costs.device_s, self.miss_costs.cpu_s
 
     # --- costs -------------------------------------------------------------------------------
-    def _device_expert_s(self, tokens: int) -> float:
-        return max(self.expert_bytes / (self.hw.device_gbps * 1e9),
-                   tokens * self.flops_per_token / (self.hw.device_tflops * 1e12))
-
-    def _cpu_expert_s(self, tokens: int) -> float:
-        return max(self.expert_bytes / (self.hw.cpu_gbps * 1e9 * self.policy.cpu_efficiency * self.cpu_read_share),
-                   tokens * self.flops_per_token / (self.hw.cpu_tflops * 1e12))
-
     def _attention_s(self, tokens: int = 1) -> float:
         """Attention projections of one layer (KV-cache reads left out: short contexts)."""
         return self._device_weights_s(self.attention_bytes, tokens)
@@ -208,7 +201,7 @@ class Simulator:
         return max(weight_bytes / (self.hw.device_gbps * 1e9), tokens * weight_bytes / (self.hw.device_tflops * 1e12))
 
     def _copy_s(self) -> float:
-        return self.expert_bytes / (self.hw.pcie_gbps * 1e9)
+        return self.miss_costs.copy_s
 
     # --- routing -----------------------------------------------------------------------------
     def _predict(self, row: _Row, layer: int, true_ids: list[int]) -> list[int]:

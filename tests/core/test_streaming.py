@@ -7,7 +7,7 @@ import random
 import pytest
 
 from daop_vllm.core.hardware import HARDWARE_PRESETS
-from daop_vllm.core.streaming import MissCosts, layer_seconds, plan_streaming
+from daop_vllm.core.streaming import MissCosts, expert_costs, layer_seconds, plan_streaming
 
 # round numbers: a CPU expert costs 1 s a token, a copy 3 s, a device expert 0.5 s whatever its tokens
 HAND = MissCosts(cpu_s=lambda n: 1.0 * n, device_s=lambda n: 0.5, copy_s=3.0)
@@ -68,12 +68,8 @@ def exhaustive(tokens, costs, busy, slots) -> float:
                for split in itertools.product([False, True], repeat=len(tokens)))
 
 
-def preset_costs(name: str, expert_bytes: float, flops_per_token: float) -> MissCosts:
-    hw = HARDWARE_PRESETS[name]
-    return MissCosts(
-        cpu_s=lambda n: max(expert_bytes / (hw.cpu_gbps * 1e9), n * flops_per_token / (hw.cpu_tflops * 1e12)),
-        device_s=lambda n: max(expert_bytes / (hw.device_gbps * 1e9), n * flops_per_token / (hw.device_tflops * 1e12)),
-        copy_s=expert_bytes / (hw.pcie_gbps * 1e9))
+def preset_costs(name: str, expert_bytes: int, flops_per_token: int) -> MissCosts:
+    return expert_costs(HARDWARE_PRESETS[name], expert_bytes, flops_per_token)
 
 
 MIXTRAL = (3 * 4096 * 14336 * 2, 6 * 4096 * 14336)  # expert bytes in bf16, FLOPs per token
