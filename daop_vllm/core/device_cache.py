@@ -33,7 +33,7 @@ class SlotTablePublisher:
         self._copied[index] = event
 
 
-def _empty_slots(weights: torch.Tensor | QuantizedWeights, num_slots: int, device: torch.device):
+def empty_slots(weights: torch.Tensor | QuantizedWeights, num_slots: int, device: torch.device):
     if isinstance(weights, QuantizedWeights):
         return weights.empty_slots(num_slots, device)
     return torch.empty((num_slots, *weights.shape[1:]), dtype=weights.dtype, device=device)
@@ -68,7 +68,7 @@ class DeviceExpertCache:
         if self.shares_host_memory:
             self.w13, self.w2 = store.w13, store.w2
         else:
-            self.w13, self.w2 = (_empty_slots(w, num_slots, device) for w in (store.w13, store.w2))
+            self.w13, self.w2 = (empty_slots(w, num_slots, device) for w in (store.w13, store.w2))
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")

@@ -18,6 +18,8 @@ from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
+from daop_vllm.core.staging import StagingSlots
+from daop_vllm.core.streaming import STREAM_MODES, expert_costs
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.realloc import (
@@ -50,11 +52,15 @@ class DaopEngine:
         budget_asked: dict[str, Any] | None = None,
         fail_every: int | None = None,
         one_memory: bool | None = None,
+        stream: str = "off",
+        staging_slots: int = 0,
     ) -> None:
         """`budget_asked`: the budget option as the user gave it ({} or None: auto), for the
         report; `fail_every`: tests only, every n-th CPU job fails (see CpuExpertExecutor);
         `one_memory`: whether device and host are one memory (default: the device is the CPU;
-        False on the CPU runs the CUDA path's structure there, see DeviceExpertCache).
+        False on the CPU runs the CUDA path's structure there, see DeviceExpertCache);
+        `stream` and `staging_slots`: host experts a step runs on the device instead (the options
+        of those names; streaming.py, staging.py).
         Every host tensor is made on the CPU explicitly, so the engine may be built under
         `with torch.device(<accelerator>)`, as vLLM builds models."""
         if realloc not in REALLOC_POLICIES:
@@ -63,6 +69,10 @@ class DaopEngine:
         self.one_memory = one_memory
         self.fidelity = fidelity or Fidelity()
         self.realloc = realloc
+        if stream not in STREAM_MODES:
+            raise ValueError(f"stream must be one of {STREAM_MODES}, got {stream!r}")
+        self.stream, self.staging_slots = stream, staging_slots
+        self.staging: StagingSlots | None = None
         self.swap_threshold = swap_threshold
         self.hardware = hardware or HARDWARE_PRESETS[CPU_ONLY_STAND_IN]
         self.max_swap_bytes_per_step = max_swap_bytes_per_step
@@ -172,9 +182,21 @@ class DaopEngine:
                 layer.cache.finish_swaps(wait=True)  # no copy may still write into slots about to be freed
                 layer.cache = DeviceExpertCache(layer.store, len(experts), self.device, self.one_memory)
             layer.cache.fill(experts)
+        self._set_up_streaming()
         self._link_layers()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _set_up_streaming(self) -> None:
+        """The shared staging rows (once the experts' format is final: at the first `place`)."""
+        if self.stream == "off" or self.staging_slots < 1:
+            return
+        if self.staging is None:
+            layer = self.layers[0]
+            self.staging = StagingSlots(layer.store, self.staging_slots, self.device, layer.cache.shares_host_memory)
+        for layer in self.layers:
+            layer.stream_mode, layer.staging = self.stream, self.staging
+            layer.stream_costs = expert_costs(self.hardware, layer.store.expert_bytes, layer.store.flops_per_token)
 
     def slot_bytes_added(self, resident: list[list[int]]) -> int:
         """Device bytes `place(resident)` would allocate beyond the slots held now (0 where
@@ -209,7 +231,7 @@ class DaopEngine:
         executed, resident_layers = self.requests.take_counts()
         add_resident_to_stats(self.stats, resident_layers, batch)
         if executed is not None:
-            resident = torch.stack([layer.cache.is_resident for layer in self.layers]).float()
+            resident = torch.stack([layer.computed_on_device() for layer in self.layers]).float()
             add_to_stats(self.stats, list(range(len(self.layers))), executed, resident,
                          batch.prefill if batch is not None else None)
         if batch is not None and self.realloc != "off":
@@ -220,6 +242,8 @@ class DaopEngine:
                         self._reallocate(self.requests.prefill_counts[req_id], budget)
             elif any(batch.prefill_completes) or self.requests.step % AUTO_INTERVAL_STEPS == 0:
                 self._reallocate(self.requests.expected_demand(self.layers[0].route.top_k), budget)
+        for layer in self.layers:
+            layer.streamed_this_step = None
         self.requests.end_step()
 
     def drop_request(self, req_id: str, finished: bool = True) -> None:
@@ -291,6 +315,9 @@ class DaopEngine:
             "cpu_threads": self.executor.num_threads,
             "cpu_jobs": self.executor.jobs_submitted,
             "expert_format": self.expert_format,
+            "stream": self.stream,
+            "staging_slots": self.staging_slots if self.stream != "off" else 0,
+            "staging_bytes": self.staging.nbytes if self.staging is not None else 0,
             "host_expert_bytes": sum(layer.store.host_bytes for layer in self.layers),
             "host_expert_bytes_pinned": sum(layer.store.host_bytes for layer in self.layers if layer.store.pinned),
             "cpu_busy_seconds": round(self.executor.busy_seconds, 6),

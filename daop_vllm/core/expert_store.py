@@ -72,6 +72,12 @@ class HostExpertStore:
         return self.w13.shape[0]
 
     @property
+    def flops_per_token(self) -> int:
+        """FLOPs of one token through one expert: a multiply-add per weight of w1, w3 and w2."""
+        _, hidden, intermediate = self.w2.shape
+        return 6 * hidden * intermediate
+
+    @property
     def expert_bytes(self) -> int:
         """Host bytes of one expert (w1, w3 and w2) as stored, scales included: what the CPU reads."""
         if isinstance(self.w13, QuantizedWeights):

@@ -16,8 +16,10 @@ from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
+from daop_vllm.core.staging import StagingSlots
 from daop_vllm.core.stats import DaopStats
 from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
+from daop_vllm.core.streaming import MissCosts, plan_streaming
 from daop_vllm.core.transfers import HostTransfers
 
 RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -63,6 +65,11 @@ class DaopMoE:
         # Where device and host are one memory: a call that runs the layer's routed experts (ids < 0
         # skipped) on x at once, if one is faster than the executor's job (DaopEngine.use_experts_call)
         self.experts_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # Streaming (streaming.py): "off", "auto" or "all", the shared staging rows, the cost model
+        self.stream_mode = "off"
+        self.staging: StagingSlots | None = None
+        self.stream_costs: MissCosts | None = None
+        self.streamed_this_step: torch.Tensor | None = None  # [E] experts this step streamed: device work
         with torch.inference_mode(False):  # a normal tensor: the executor checks a table once per version
             self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
 
@@ -95,7 +102,10 @@ class DaopMoE:
         match = match_precomputed(prediction, ids, weights, fresh) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
         one_memory = self.cache.shares_host_memory
-        if one_memory:  # device and host are one memory: every expert in the executor's one job
+        streamed = self._plan_streaming(ids, on_cpu, to_compute, match)
+        if streamed and not one_memory:
+            to_compute = to_compute & ~self._streamed_mask(streamed)[ids]
+        if one_memory:  # device and host are one memory: every expert in the executor's one job (streamed too)
             to_compute = to_compute | ~on_cpu
         job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
@@ -109,12 +119,15 @@ class DaopMoE:
             self._precompute(next_prediction, x_host)
         if own_work and in_one_call:
             own_out = self.experts_call(x_host, job_ids, weights)
+        staged = self.staging.stage(self.store, streamed[:self.staging.num_slots]) if streamed and not one_memory else None
         if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(
                 x, executed_ids, executed_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
             )
         else:
             out = torch.zeros_like(x)
+        if staged is not None:  # the copies ran beside the resident experts
+            out += self._streamed_forward(x, executed_ids, executed_weights, streamed, staged)
         cpu_out = self._cpu_result(own_job, own_out, job_ids, weights, job_table, prediction, match, x_host)
         if cpu_out is not None:
             job = own_job if own_job is not None and own_job.owns(cpu_out) else None
@@ -127,9 +140,72 @@ class DaopMoE:
         """Whether this step's work is one call of every routed expert: every expert of the
         layer resident, or device and host one memory (where the resident experts are host
         experts too); nothing predicted for it or by it, no trace recorded (traces need the ids
-        on the host)."""
+        on the host), nothing streamed (where device and host are one memory only `stream`
+        "all" streams: its bookkeeping, for tests)."""
+        streams = self.stream_mode == "all" and not self.cache.holds_every_expert
         return ((self.cache.holds_every_expert or self.cache.shares_host_memory) and not self.predicted
-                and self.next_layer is None and not self.requests.recording)
+                and self.next_layer is None and not self.requests.recording and not streams)
+
+    def _plan_streaming(self, ids: torch.Tensor, on_cpu: torch.Tensor, to_compute: torch.Tensor,
+                        match) -> list[int]:
+        """The host experts this step streams (streaming.plan_streaming on their tokens), heaviest
+        first; counted in the stats. Experts with pre-computed results this step stay on the CPU
+        (their results are partly there already), and where device and host are one memory
+        only `stream` "all" streams (there is nothing to copy to)."""
+        self.streamed_this_step = None
+        if self.staging is None or self.stream_mode == "off" or not bool(to_compute.any()):
+            return []
+        if self.cache.shares_host_memory and self.stream_mode != "all":
+            return []
+        num_experts = self.store.num_experts
+        tokens = torch.bincount(ids[to_compute], minlength=num_experts)
+        if match is not None and bool(match.covered.any()):
+            tokens[torch.bincount(ids[match.covered], minlength=num_experts) > 0] = 0
+        host = tokens.nonzero().squeeze(1)
+        if host.numel() == 0:
+            return []
+        resident_tokens = torch.bincount(ids[~on_cpu], minlength=num_experts)
+        costs = self.stream_costs
+        device_busy = sum(costs.device_s(n) for n in resident_tokens[resident_tokens > 0].tolist())
+        counts = tokens[host].tolist()
+        plan = plan_streaming(counts, costs, device_busy, self.staging.num_slots, self.stream_mode)
+        streamed = [e for _, e in sorted(((n, e) for n, e, s in zip(counts, host.tolist(), plan) if s), reverse=True)]
+        if streamed:
+            self.streamed_this_step = self._streamed_mask(streamed)
+            self._count_streamed(ids, to_compute, streamed)
+        return streamed
+
+    def _streamed_mask(self, experts: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.store.num_experts, dtype=torch.bool, device="cpu")
+        mask[experts] = True
+        return mask
+
+    def _count_streamed(self, ids: torch.Tensor, to_compute: torch.Tensor, streamed: list[int]) -> None:
+        """Streamed experts, their bytes (none copied where device and host are one memory),
+        and per phase the experts streamed for the phase's rows."""
+        counts = {"streamed_experts": len(streamed),
+                  "stream_bytes": 0 if self.cache.shares_host_memory else len(streamed) * self.store.expert_bytes}
+        phases = self.requests.row_phases(ids.shape[0])
+        if phases is not None:
+            row_request, row_prefill = phases
+            pairs = to_compute & self.streamed_this_step[ids]  # [T, K]
+            for phase, rows in (("prefill", row_prefill), ("decode", (row_request >= 0) & ~row_prefill)):
+                counts[f"{phase}_streamed_experts"] = int(torch.unique(ids[pairs & rows[:, None]]).numel())
+        self.stats.add(self.layer, **counts)
+
+    def _streamed_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
+                          staged: tuple) -> torch.Tensor:
+        """The streamed experts' share on the device: `staged` holds the first staging round
+        (already copying); further rounds reuse the rows once the round before has run."""
+        rounds = self.staging.num_slots
+        out = None
+        for start in range(0, len(experts), rounds):
+            if start:
+                staged = self.staging.stage(self.store, experts[start:start + rounds])
+            self.staging.ready()
+            part = self.device_forward(x, ids, weights, *staged)
+            out = part if out is None else out + part
+        return out
 
     def _every_expert_at_once(self, x: torch.Tensor, topk_ids: torch.Tensor,
                               topk_weights: torch.Tensor) -> torch.Tensor:
@@ -281,8 +357,15 @@ class DaopMoE:
         self.requests.count(self.layer, executed_ids, chosen_ids)
         if self.requests.batch is None:
             executed, _ = self.requests.take_counts()
-            add_to_stats(self.stats, [self.layer], executed[self.layer:self.layer + 1], self.cache.is_resident[None].float(),
-                         None)
+            add_to_stats(self.stats, [self.layer], executed[self.layer:self.layer + 1],
+                         self.computed_on_device()[None].float(), None)
+            self.streamed_this_step = None
+
+    def computed_on_device(self) -> torch.Tensor:
+        """[E] experts whose pairs this step ran on the device: resident, or streamed."""
+        if self.streamed_this_step is None:
+            return self.cache.is_resident
+        return self.cache.is_resident | self.streamed_this_step
 
     def _count_resident(self, rows: int, top_k: int) -> None:
         """A device-only layer's counts, from its shape alone (no reading of its routing)."""

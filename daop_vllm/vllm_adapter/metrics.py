@@ -24,6 +24,8 @@ LAYER_COUNTERS = {
     "precomputed_rejected": "pre-computed (row, expert) results of rows whose input had moved too far to use them",
     "precomputed_wasted": "pre-computed (row, expert) results the layer's routing did not use",
     "degraded": "decode rows whose host-resident experts degradation replaced",
+    "streamed_experts": "host experts copied to a staging slot and run on the device for a step",
+    "stream_bytes": "bytes copied to the device for streamed experts",
     "swaps": "experts brought onto the device by re-allocation",
     "swap_bytes": "bytes copied to the device by re-allocation",
     "faults_recovered": "CPU executor or swap failures recovered inside the layer",
