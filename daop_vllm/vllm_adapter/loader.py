@@ -175,7 +175,8 @@ class DaopModelLoader(BaseModelLoader):
         engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
                             swap_threshold=self.options.swap_threshold, hardware=hardware,
                             max_swap_bytes_per_step=self.options.max_swap_bytes_per_step,
-                            budget_asked=self.options.budget_asked, fail_every=self.options.test_cpu_fault_every)
+                            budget_asked=self.options.budget_asked, fail_every=self.options.test_cpu_fault_every,
+                            stream=self.options.stream)
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
         model.daop_engine = engine
@@ -189,6 +190,7 @@ class DaopModelLoader(BaseModelLoader):
         if self.options.expert_format != "bf16":
             engine.quantize_experts(self.options.expert_format)
             release_loaded_experts(model)
+        engine.staging_slots = self.options.staging_slots or engine.layers[0].route.top_k
         engine.place(
             plan_for_budget(self.options.budget, len(engine.layers), engine.num_experts, engine.expert_bytes,
                             self._auto_bytes(engine), self._profile(engine))
@@ -234,6 +236,7 @@ class DaopModelLoader(BaseModelLoader):
             f"  host experts:  {report['host_expert_bytes'] / 2**30:.2f} GiB"
             f"{' pinned' if report['host_expert_bytes_pinned'] else ''}, {self._format_report(engine)}",
             f"  realloc:       {self._realloc_report(engine)}",
+            f"  stream:        {self._stream_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}{self._final_write_note()}",
             *([f"  TEST ONLY:     every {self.options.test_cpu_fault_every}th CPU expert job fails "
                "(test_cpu_fault_every)"] if self.options.test_cpu_fault_every else []),
@@ -284,6 +287,21 @@ class DaopModelLoader(BaseModelLoader):
                 f"{' (stand-in: no PCIe on this machine)' if engine.device.type != 'cuda' else ''}); {copies}")
 
     @staticmethod
+    def _stream_report(engine: DaopEngine) -> str:
+        if engine.stream == "off":
+            return "off (every host expert on the CPU)"
+        what = {"auto": "each host expert of a step on the CPU or copied to the device, whichever ends the layer "
+                        "sooner (cost model above)",
+                "all": "every host expert of a step copied to the device and run there"}[engine.stream]
+        if engine.device.type != "cuda":
+            where = ("device and host are one memory: nothing to copy, so nothing streams" if engine.stream == "auto"
+                     else "device and host are one memory: its bookkeeping only (counted, nothing copied)")
+        else:
+            where = (f"{engine.staging_slots} staging slots shared by the layers, "
+                     f"{engine.staging.nbytes / 2**30:.2f} GiB (untested on a GPU)")
+        return f"{engine.stream}: {what}; {where}"
+
+    @staticmethod
     def _mode_report(engine: DaopEngine) -> str:
         if engine.mode == "exact":
             return "exact (own router, CPU experts on their true input)"
@@ -299,7 +317,10 @@ class DaopModelLoader(BaseModelLoader):
             return None
         budget = auto_budget(self._vllm_config, self.options.kv_reserve_tokens, engine.device)
         logger.info("daop: auto budget: %s", budget.explain())
-        return budget.expert_bytes
+        staging = engine.staging_slots * engine.expert_bytes if engine.stream != "off" else 0
+        if staging:
+            logger.info("daop: auto budget: %.2f GiB of it for %d staging slots", staging / 2**30, engine.staging_slots)
+        return max(0, budget.expert_bytes - staging)
 
 
 def kv_bytes_per_token(vllm_config: VllmConfig) -> int:

@@ -14,6 +14,7 @@ from daop_vllm.core.placement import Budget
 from daop_vllm.core.prediction import MODES, Fidelity
 from daop_vllm.core.quantized_experts import FORMATS, check_format
 from daop_vllm.core.realloc import REALLOC_POLICIES
+from daop_vllm.core.streaming import STREAM_MODES
 
 # Re-allocation copies started per engine step, at most (they run beside the steps).
 DEFAULT_MAX_SWAP_BYTES_PER_STEP = 1 << 30
@@ -59,6 +60,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "kv_reserve_tokens": (lambda v: _is_int(v) and v >= 1,
                           "an integer number of tokens >= 1 (the auto budget keeps KV cache for max_num_seqs "
                           "sequences of this many tokens before it gives device memory to experts)"),
+    "stream": (lambda v: v in STREAM_MODES,
+               "one of " + ", ".join(f'"{m}"' for m in STREAM_MODES) + " (host experts a step runs on the device "
+               "instead, copied: where the plan finds that faster, never, or every one)"),
+    "staging_slots": (lambda v: _is_int(v) and v >= 1,
+                      "an integer n >= 1 (device rows for streamed experts, shared by the layers; default top-k)"),
     "expert_format": (lambda v: v in FORMATS,
                       "one of " + ", ".join(f'"{f}"' for f in FORMATS) + " (how host experts are stored: bf16 as "
                       "loaded, or quantized once at load)"),
@@ -89,6 +95,8 @@ class DaopOptions:
     test_cpu_fault_every: int | None = None
     kv_reserve_tokens: int | None = None
     expert_format: str = "bf16"
+    stream: str = "auto"
+    staging_slots: int | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | str | None) -> DaopOptions:
@@ -143,6 +151,9 @@ class DaopOptions:
                     f"daop option {key!r} applies to realloc {' or '.join(map(repr, policies))} only, and realloc "
                     f"is {realloc!r}; set \"realloc\" too, or drop the option"
                 )
+        if raw.get("stream", "auto") == "off" and "staging_slots" in raw:
+            raise DaopConfigError('daop option \'staging_slots\' applies to stream "auto" or "all" only, and stream '
+                                  'is "off"; drop one of them')
         if raw.get("hardware", "auto") != "auto":
             load_hardware(raw["hardware"])
         return cls(
@@ -163,6 +174,8 @@ class DaopOptions:
             test_cpu_fault_every=raw.get("test_cpu_fault_every"),
             kv_reserve_tokens=raw.get("kv_reserve_tokens"),
             expert_format=raw.get("expert_format", "bf16"),
+            stream=raw.get("stream", "auto"),
+            staging_slots=raw.get("staging_slots"),
         )
 
     @property
