@@ -18,8 +18,6 @@ from daop_vllm.core.device_path import pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
-from daop_vllm.core.staging import StagingSlots
-from daop_vllm.core.streaming import STREAM_MODES, expert_costs
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.realloc import (
@@ -29,9 +27,11 @@ from daop_vllm.core.realloc import (
     paper_swaps,
 )
 from daop_vllm.core.requests import RequestTracker
+from daop_vllm.core.staging import StagingSlots
 from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
 from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
+from daop_vllm.core.streaming import STREAM_MODES, expert_costs
 from daop_vllm.core.trace_writer import TraceWriter
 from daop_vllm.core.transfers import HostTransfers
 

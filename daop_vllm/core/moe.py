@@ -119,7 +119,9 @@ class DaopMoE:
             self._precompute(next_prediction, x_host)
         if own_work and in_one_call:
             own_out = self.experts_call(x_host, job_ids, weights)
-        staged = self.staging.stage(self.store, streamed[:self.staging.num_slots]) if streamed and not one_memory else None
+        staged = None  # the first staging round's copies start before the resident experts' kernel
+        if streamed and not one_memory:
+            staged = self.staging.stage(self.store, streamed[:self.staging.num_slots])
         if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(
                 x, executed_ids, executed_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert

@@ -19,7 +19,7 @@ COUNTERS = (
     "faults_recovered",  # CPU jobs or swaps that failed and were recovered inside the layer
     "streamed_experts",  # host experts a step copied to a staging slot and ran on the device (streaming.py)
     "stream_bytes",  # bytes copied for that (0 where device and host share memory)
-    "prefill_streamed_experts",  # ... experts streamed for prompt rows (an expert streamed for both phases counts in both)
+    "prefill_streamed_experts",  # ... streamed for prompt rows (an expert streamed for both phases counts in both)
     "decode_streamed_experts",  # ... and for generated rows
     "swaps",  # experts brought onto the device by re-allocation
     "swap_bytes",  # bytes copied to the device for those swaps (0 where device and host share memory)

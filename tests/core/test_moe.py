@@ -24,8 +24,8 @@ def dense_moe(x, logits, w13, w2):
     return out, ids
 
 
-def make_engine(cpu_threads=2):
-    engine = DaopEngine(torch.device("cpu"), cpu_threads=cpu_threads)
+def make_engine(cpu_threads=2, **engine_options):
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=cpu_threads, **engine_options)
     gen = torch.Generator().manual_seed(0)
     for _ in range(L):
         layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))

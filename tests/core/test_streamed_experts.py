@@ -8,10 +8,10 @@ import torch
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.hardware import Hardware
-from daop_vllm.core.routing import SoftmaxTopK
 from daop_vllm.core.staging import StagingSlots
 
-from .test_moe import E, H, I, K, L, dense_moe
+from .test_moe import E, H, K, L, dense_moe
+from .test_moe import make_engine as make_moe_engine
 
 # PCIe as fast as the device's memory: streaming misses pays; and so slow that it never does
 FAST_PCIE = Hardware("fast-pcie", pcie_gbps=1000.0, device_gbps=1000.0, cpu_gbps=10.0)
@@ -19,14 +19,7 @@ SLOW_PCIE = Hardware("slow-pcie", pcie_gbps=0.001, device_gbps=1000.0, cpu_gbps=
 
 
 def make_engine(stream: str, staging_slots: int, one_memory: bool, hardware: Hardware | None = None) -> DaopEngine:
-    engine = DaopEngine(torch.device("cpu"), cpu_threads=2, one_memory=one_memory, stream=stream,
-                        staging_slots=staging_slots, hardware=hardware)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(L):
-        layer = engine.add_layer(E, H, I, torch.float32, SoftmaxTopK(K))
-        layer.store.w13.copy_(torch.randn(layer.store.w13.shape, generator=gen) * 0.2)
-        layer.store.w2.copy_(torch.randn(layer.store.w2.shape, generator=gen) * 0.2)
-    return engine
+    return make_moe_engine(one_memory=one_memory, stream=stream, staging_slots=staging_slots, hardware=hardware)
 
 
 def run_layers(engine, tokens: int, seed: int = 1):
