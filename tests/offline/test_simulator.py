@@ -175,3 +175,15 @@ def test_simulate_command_prints_json_and_refuses_bad_input():
     assert "unknown policy 'fiddler'" in bad.stderr and "static" in bad.stderr
     shape = subprocess.run([*command, "--model-shape", "deepseek-v2-lite"], capture_output=True, text=True)
     assert shape.returncode == 2 and "model shape deepseek-v2-lite has 26" in shape.stderr
+
+
+def test_long_prompts_repeat_the_trace_rows_of_every_sequence():
+    from daop_vllm.bench.simulation import long_prompt
+
+    trace = Path(__file__).resolve().parents[1] / "data" / "tiny-mixtral.jsonl.gz"
+    seqs = list(read_traces(trace))
+    prompt = long_prompt(seqs, 1000)
+    rows = [row for seq in seqs for phase in (seq.prefill, seq.decode) for row in phase[0]]
+    assert len(rows) < 1000, "the check needs a prompt longer than the trace"
+    assert all(len(layer) == 1000 for layer in prompt.prefill) and not any(prompt.decode)
+    assert prompt.prefill[0][:len(rows)] == rows and prompt.prefill[0][len(rows)] == rows[0]
