@@ -131,7 +131,7 @@ def run(model_dir: Path, fractions: list[float], num_passages: int, prompt_len: 
                 if mode == "exact":  # CONFIGS starts with exact: every later run compares with it
                     exact_ids[fraction], exact_perplexity[fraction] = ids, perplexity
                 counters = prediction_counters(report)
-                del counters["wasted_share"]  # not part of this result's schema (#12)
+                del counters["wasted_share"], counters["rejected_share"]  # not in this result's schema (#12)
                 runs.append({
                     "mode": mode, "format": report["expert_format"], "degrade": report["degrade"],
                     "resident_fraction": fraction,

@@ -39,6 +39,15 @@ def empty_slots(weights: torch.Tensor | QuantizedWeights, num_slots: int, device
     return torch.empty((num_slots, *weights.shape[1:]), dtype=weights.dtype, device=device)
 
 
+def copy_experts(w13, w2, store: HostExpertStore, slot_experts: list[tuple[int, int]]) -> None:
+    """Queue the copies of each (slot, expert)'s weights from `store` into slot rows w13, w2 (on
+    the current stream; at once on the CPU), in the store's format."""
+    for slots, stored in ((w13, store.w13), (w2, store.w2)):
+        for slot_tensor, stored_tensor in zip(tensors_of(slots), tensors_of(stored), strict=True):
+            for slot, expert in slot_experts:
+                slot_tensor[slot].copy_(stored_tensor[expert], non_blocking=True)
+
+
 class DeviceExpertCache:
     """`num_slots` experts of one layer held on `device`, plus the slot table.
 
@@ -136,9 +145,7 @@ class DeviceExpertCache:
     def _copy_to_slot(self, slot: int, expert: int) -> None:
         """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the
         CPU), in the store's format."""
-        for slots, stored in ((self.w13, self.store.w13), (self.w2, self.store.w2)):
-            for slot_tensor, stored_tensor in zip(tensors_of(slots), tensors_of(stored), strict=True):
-                slot_tensor[slot].copy_(stored_tensor[expert], non_blocking=True)
+        copy_experts(self.w13, self.w2, self.store, [(slot, expert)])
 
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;

@@ -104,7 +104,7 @@ class DaopMoE:
         one_memory = self.cache.shares_host_memory
         streamed = self._plan_streaming(ids, on_cpu, to_compute, match)
         if streamed and not one_memory:
-            to_compute = to_compute & ~self._streamed_mask(streamed)[ids]
+            to_compute = to_compute & ~self.streamed_this_step[ids]
         if one_memory:  # device and host are one memory: every expert in the executor's one job (streamed too)
             to_compute = to_compute | ~on_cpu
         job_table = self._store_index if one_memory else self.cache.host_slot_table
@@ -151,9 +151,10 @@ class DaopMoE:
     def _plan_streaming(self, ids: torch.Tensor, on_cpu: torch.Tensor, to_compute: torch.Tensor,
                         match) -> list[int]:
         """The host experts this step streams (streaming.plan_streaming on their tokens), heaviest
-        first; counted in the stats. Experts with pre-computed results this step stay on the CPU
-        (their results are partly there already), and where device and host are one memory
-        only `stream` "all" streams (there is nothing to copy to)."""
+        first, also as the mask `streamed_this_step`; counted in the stats. Experts with
+        pre-computed results this step stay on the CPU (their results are partly there already),
+        and where device and host are one memory only `stream` "all" streams (there is nothing
+        to copy to)."""
         self.streamed_this_step = None
         if self.staging is None or self.stream_mode == "off" or not bool(to_compute.any()):
             return []
@@ -173,14 +174,10 @@ class DaopMoE:
         plan = plan_streaming(counts, costs, device_busy, self.staging.num_slots, self.stream_mode)
         streamed = [e for _, e in sorted(((n, e) for n, e, s in zip(counts, host.tolist(), plan) if s), reverse=True)]
         if streamed:
-            self.streamed_this_step = self._streamed_mask(streamed)
+            self.streamed_this_step = torch.zeros(num_experts, dtype=torch.bool, device="cpu")
+            self.streamed_this_step[streamed] = True
             self._count_streamed(ids, to_compute, streamed)
         return streamed
-
-    def _streamed_mask(self, experts: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.store.num_experts, dtype=torch.bool, device="cpu")
-        mask[experts] = True
-        return mask
 
     def _count_streamed(self, ids: torch.Tensor, to_compute: torch.Tensor, streamed: list[int]) -> None:
         """Streamed experts, their bytes (none copied where device and host are one memory),

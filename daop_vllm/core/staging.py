@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from daop_vllm.core.device_cache import empty_slots
+from daop_vllm.core.device_cache import copy_experts, empty_slots
 from daop_vllm.core.expert_math import ExpertWeights
 from daop_vllm.core.expert_store import HostExpertStore, tensors_of
 
@@ -49,11 +49,11 @@ class StagingSlots:
             return store.w13, store.w2, table
         table[experts] = torch.arange(len(experts), device="cpu")
         if self.stream is None:
-            self._copy(store, experts)
+            copy_experts(self.w13, self.w2, store, list(enumerate(experts)))
             return self.w13, self.w2, table.to(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier kernels may still read the rows
         with torch.cuda.stream(self.stream):
-            self._copy(store, experts)
+            copy_experts(self.w13, self.w2, store, list(enumerate(experts)))
             self._copied = torch.cuda.Event()
             self._copied.record(self.stream)
         return self.w13, self.w2, table.pin_memory().to(self.device, non_blocking=True)
@@ -64,8 +64,3 @@ class StagingSlots:
             torch.cuda.current_stream(self.device).wait_event(self._copied)
             self._copied = None
 
-    def _copy(self, store: HostExpertStore, experts: list[int]) -> None:
-        for rows, stored in ((self.w13, store.w13), (self.w2, store.w2)):
-            for row_tensor, stored_tensor in zip(tensors_of(rows), tensors_of(stored), strict=True):
-                for row, expert in enumerate(experts):
-                    row_tensor[row].copy_(stored_tensor[expert], non_blocking=True)

@@ -10,7 +10,7 @@ The CPU runs its experts meanwhile. The layer ends when both sides are done.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from daop_vllm.core.hardware import OUR_CPU_EFFICIENCY, Hardware
@@ -49,13 +49,23 @@ def layer_timeline(tokens: Sequence[int], streamed: Sequence[bool], costs: MissC
     on_device = sorted((t for t, s in zip(tokens, streamed) if s), reverse=True)
     if on_device and staging_slots < 1:
         raise ValueError("streaming needs at least one staging slot")
+    device_end = device_busy_s
+    for device_end in _device_pipeline(on_device, costs, device_busy_s, staging_slots):
+        pass
+    return device_end, cpu_busy_s + sum(costs.cpu_s(t) for t, s in zip(tokens, streamed) if not s)
+
+
+def _device_pipeline(counts: Sequence[int], costs: MissCosts, device_busy_s: float,
+                     staging_slots: int) -> Iterator[float]:
+    """The device's end after each streamed expert of `counts` (tokens, in copy order): copies
+    one after the other, the i-th waiting for the (i-S)-th to have run and freed its slot."""
     copy_free, device_free, ends = 0.0, device_busy_s, []
-    for i, count in enumerate(on_device):
+    for i, count in enumerate(counts):
         start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
         copy_free = start + costs.copy_s
         device_free = max(device_free, copy_free) + costs.device_s(count)
         ends.append(device_free)
-    return device_free, cpu_busy_s + sum(costs.cpu_s(t) for t, s in zip(tokens, streamed) if not s)
+        yield device_free
 
 
 def layer_seconds(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCosts, device_busy_s: float,
@@ -79,13 +89,10 @@ def plan_streaming(tokens: Sequence[int], costs: MissCosts, device_busy_s: float
         return [True] * len(tokens)
     order = sorted(range(len(tokens)), key=lambda e: -tokens[e])
     cpu = cpu_busy_s + sum(costs.cpu_s(t) for t in tokens)
-    copy_free, device_free, ends = 0.0, device_busy_s, []
+    device_free = device_busy_s
     best, chosen = max(device_free, cpu), 0
-    for i, expert in enumerate(order):  # layer_timeline's pipeline, one expert more each time
-        start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
-        copy_free = start + costs.copy_s
-        device_free = max(device_free, copy_free) + costs.device_s(tokens[expert])
-        ends.append(device_free)
+    pipeline = _device_pipeline([tokens[e] for e in order], costs, device_busy_s, staging_slots)
+    for i, (expert, device_free) in enumerate(zip(order, pipeline)):  # one expert more each time
         cpu -= costs.cpu_s(tokens[expert])
         if chosen == i and max(device_free, cpu) < best:
             best, chosen = max(device_free, cpu), i + 1

@@ -84,7 +84,7 @@ POLICIES = {
 }
 BASE_POLICIES = [p.name for p in _POLICIES]  # without streaming (the paper's comparison and our first results)
 # Experts a layer may have in flight to the device at once (streaming.py), the same for every
-# policy that streams; the engine alternates two such sets between consecutive layers.
+# policy that streams (the engine's option `staging_slots`: rows shared by the layers).
 DEFAULT_STAGING_SLOTS = 4
 
 
