@@ -8,12 +8,15 @@ Triton only: runs on the GPU test machine, which has no vLLM).
 A stack of Mixtral-shaped MoE layers (random bf16 weights; fewer than 32 layers, results scaled
 to 32 as the output says), each layer's attention stood in by a matmul that reads the weights of
 Mixtral's attention projections. Decode steps at batch 1 and 16, the rows' experts replayed from
-the trace. Policies as in `daop-vllm simulate`, through the engine's own device cache,
-Triton kernel, CPU executor, predictor and re-allocation; `lru` and `ondemand` copy misses
-through the device cache. The routing of every step is on the device before the timed steps.
-Prints tokens/s per policy and the ratio to `static`, the measured PCIe and CPU rates, and what
-the simulator's preset predicts for the same settings; with --profile, each step split into host
-and device time per policy.
+the trace; with --prompt-tokens, also the time to first token of one prompt of each length alone
+(the trace's rows back to back, as `bench simulate --streaming`). Policies as in `daop-vllm
+simulate`, through the engine's own device cache, Triton kernel, CPU executor, predictor,
+re-allocation and streaming (`+stream`, `stream-all`: the engine's `stream` option, staging rows
+of DEFAULT_STAGING_SLOTS experts); `lru` and `ondemand` copy misses through the device cache. The
+routing of every step is on the device before the timed steps. Prints tokens/s per policy and the
+ratio to `static`, the measured PCIe and CPU rates, and what the simulator's preset predicts for
+the same settings (the simulator also stages decode experts a layer early from the prediction,
+which the engine does not); with --profile, each step split into host and device time per policy.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from daop_vllm.bench.simulation import long_prompt  # noqa: E402
 from daop_vllm.core.batch import StepBatch  # noqa: E402
 from daop_vllm.core.cpu_executor import physical_core_count  # noqa: E402
 from daop_vllm.core.device_cache import DeviceExpertCache  # noqa: E402
@@ -45,6 +49,7 @@ from daop_vllm.core.routing import SoftmaxTopK  # noqa: E402
 from daop_vllm.offline.model_shapes import MoEShape  # noqa: E402
 from daop_vllm.offline.simulator import (  # noqa: E402
     BASE_POLICIES,
+    DEFAULT_STAGING_SLOTS,
     PAPER_PREDICTION_ACCURACY,
     POLICIES,
     simulate,
@@ -101,7 +106,7 @@ class Replay:
 
 
 def build_engine(shape: MoEShape, device: torch.device, threads: int) -> DaopEngine:
-    engine = DaopEngine(device, cpu_threads=threads)
+    engine = DaopEngine(device, cpu_threads=threads, staging_slots=DEFAULT_STAGING_SLOTS)
     gen = torch.Generator(device=device).manual_seed(0)
     for _ in range(shape.num_layers):
         layer = engine.add_layer(shape.num_experts, shape.hidden_size, shape.intermediate_size, torch.bfloat16,
@@ -126,6 +131,7 @@ def configure(engine: DaopEngine, policy, placement, replay_box: list, first_pre
             layer.cache = DeviceExpertCache(layer.store, engine.num_experts, engine.device)
             layer.cache.fill(experts)
     engine.set_fidelity(Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None))
+    engine.set_stream(policy.stream)
 
 
 def copy_misses(engine: DaopEngine, policy, layer: int, ids: torch.Tensor, static: list[int], lru: OrderedDict) -> None:
@@ -235,6 +241,39 @@ def run_policy(engine, policy, shape, seqs, placement, batch, steps, attention_w
     return result
 
 
+def time_prompt(engine, policy, shape, prompt, placement, attention_w, first_predicted_layer,
+                repeats: int = 3) -> dict:
+    """Seconds of one prompt's step alone (its time to first token), scaled to 32 layers: median
+    of `repeats`, each from the policy's initial placement (re-allocation after a prefill moves it)."""
+    placement = policy.resident(placement, shape.num_experts)
+    device = engine.device
+    tokens = len(prompt.prefill[0])
+    logits = [logits_choosing(torch.tensor(rows, dtype=torch.int64), shape.num_experts).to(device)
+              for rows in prompt.prefill]
+    x0 = torch.randn(tokens, shape.hidden_size, device=device, dtype=torch.bfloat16)
+    times = []
+    for repeat in range(repeats + 1):  # the first warms up
+        configure(engine, policy, placement, [None], first_predicted_layer)
+        engine.begin_step(StepBatch(("prompt",), (tokens,), (True,), (True,), (1,)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        x = x0
+        for layer, layer_logits in zip(engine.layers, logits):
+            x = (x @ attention_w)[:, : shape.hidden_size]
+            x = x0 + 0.0 * layer.forward(x, layer_logits)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if repeat:
+            times.append(time.perf_counter() - start)
+        engine.end_step()
+        report = engine.report()["totals"]
+        engine.drop_request("prompt")
+        engine.stats.reset()
+    return {"time_to_first_token_s": statistics.median(times) * MIXTRAL_LAYERS / shape.num_layers,
+            "prefill_streamed_experts": report.get("prefill_streamed_experts", 0)}
+
+
 def measure_rates(engine: DaopEngine) -> dict:
     """PCIe (pinned host -> device, one expert) and the CPU executor (one token, one expert)."""
     store = engine.layers[0].store
@@ -272,6 +311,17 @@ def measure_rates(engine: DaopEngine) -> dict:
     return rates
 
 
+def print_run(fraction: float, batch: int, measured: dict) -> None:
+    print(f"fraction {fraction}, batch {batch}:")
+    for name, r in measured.items():
+        idle = r.get("profile", {}).get("device_idle_share")
+        print(f"  {name:>18} {r['tokens_per_s']:8.2f} tok/s  x{r['over_static'] or 0:5.2f} static   "
+              f"h200 preset {r['h200_preset_tokens_per_s']:8.2f}"
+              + (f"   device idle {100 * idle:.0f}%" if idle is not None else "")
+              + (f"   {r['tokens_per_s'] / r['roofline_tokens_per_s']:.0%} of the read roofline"
+                 if name == "gpu" and "roofline_tokens_per_s" in r else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", type=Path, default=Path(".gpu/mixtral-8x7b-vllm.jsonl.gz"))
@@ -281,8 +331,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed decode steps per policy and setting")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--policies", nargs="+", default=BASE_POLICIES,
-                        help="default: those without streaming (the engine streams nothing yet)")
+    parser.add_argument("--policies", nargs="+", default=BASE_POLICIES, choices=list(POLICIES),
+                        help="default: those without streaming")
+    parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[],
+                        help="also time one prompt of each length alone, per policy and fraction (those whose "
+                             "misses stay host experts: not lru, ondemand)")
     parser.add_argument("--first-predicted-layer", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU executor threads (default: physical cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +367,9 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "layers_run": shape.num_layers, "scaled_to_layers": MIXTRAL_LAYERS, "hidden": args.hidden,
               "intermediate": args.intermediate, "cpu_threads": threads, "caller_torch_threads": 1, "steps": args.steps,
-              "prediction_accuracy": PAPER_PREDICTION_ACCURACY, "measured": rates, "runs": []}
+              "prediction_accuracy": PAPER_PREDICTION_ACCURACY, "staging_slots": DEFAULT_STAGING_SLOTS,
+              "measured": rates, "runs": [], "prompts": []}
+    prompt_policies = [n for n in args.policies if POLICIES[n].misses == "cpu"]  # lru / ondemand copy per decode step
     for fraction in args.fractions:
         slots = math.floor(fraction * shape.num_layers * shape.num_experts)
         placement = plan_residency(slots, shape.num_layers, shape.num_experts,
@@ -333,14 +388,21 @@ def main() -> None:
                 r["over_static"] = r["tokens_per_s"] / static if static else None
                 r["h200_preset_tokens_per_s"] = predicted[name]["tokens_per_s"] * shape.num_layers / MIXTRAL_LAYERS
             result["runs"].append({"resident_fraction": fraction, "batch": batch, "policies": measured})
-            print(f"fraction {fraction}, batch {batch}:")
+            print_run(fraction, batch, measured)
+        for tokens in args.prompt_tokens:
+            prompt = long_prompt(trimmed, tokens)
+            measured = {name: time_prompt(engine, POLICIES[name], shape, prompt, placement, attention_w,
+                                          args.first_predicted_layer) for name in prompt_policies}
+            predicted = simulate([prompt], prompt_policies, shape, load_hardware("h200"), fraction, calibrate_on=0,
+                                 first_predicted_layer=args.first_predicted_layer, profile=profile)["policies"]
             for name, r in measured.items():
-                idle = r.get("profile", {}).get("device_idle_share")
-                print(f"  {name:>14} {r['tokens_per_s']:8.2f} tok/s  x{r['over_static'] or 0:5.2f} static   "
-                      f"h200 preset {r['h200_preset_tokens_per_s']:8.2f}"
-                      + (f"   device idle {100 * idle:.0f}%" if idle is not None else "")
-                      + (f"   {r['tokens_per_s'] / r['roofline_tokens_per_s']:.0%} of the read roofline"
-                         if name == "gpu" and "roofline_tokens_per_s" in r else ""))
+                r["h200_preset_time_to_first_token_s"] = predicted[name]["mean_prefill_s"] * MIXTRAL_LAYERS \
+                    / shape.num_layers
+            result["prompts"].append({"resident_fraction": fraction, "prompt_tokens": tokens, "policies": measured})
+            print(f"fraction {fraction}, one {tokens}-token prompt:")
+            for name, r in measured.items():
+                print(f"  {name:>18} time to first token {r['time_to_first_token_s']:8.3f} s   h200 preset "
+                      f"{r['h200_preset_time_to_first_token_s']:8.3f} s   streamed {r['prefill_streamed_experts']}")
     result["seconds"] = time.perf_counter() - started
     print(f"measured: {rates}; {result['seconds']:.0f} s")
     engine.close()

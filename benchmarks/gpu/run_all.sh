@@ -7,8 +7,10 @@
 #   bash benchmarks/gpu/run_all.sh formats     # check_kernel.py on int8/int4 slots, Mixtral (~3 min)
 #   bash benchmarks/gpu/run_all.sh lifecycle   # engine_lifecycle.py, real-size      (~3 min)
 #   bash benchmarks/gpu/run_all.sh policies    # policies.py on the Mixtral trace    (~5 min)
+#   bash benchmarks/gpu/run_all.sh streaming   # policies.py with and without streaming: batch 1
+#                                              # and 32, prompts of 256 and 2048 tokens (~6 min, untimed yet)
 #   bash benchmarks/gpu/run_all.sh             # tests, kernel and lifecycle (one call)
-# policies reads the trace from .gpu/ (git-ignored), copied here before the call and carried:
+# policies and streaming read the trace from .gpu/ (git-ignored), copied here before the call and carried:
 #   mkdir -p .gpu && cp ../shared/traces/mixtral-8x7b-vllm.jsonl.gz .gpu/     (carry [".gpu"])
 # The machine has torch and Triton but no vLLM; the C extension is built in place when a
 # compiler is there (else the CPU executor runs on torch, and the JSON says so). Results land in $OUT.
@@ -44,7 +46,12 @@ for section in $sections; do
     policies)
       timeout 420 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz \
         --profile "$OUT/profiles" --out "$OUT/gpu_policies.json" 2>&1 | tail -45 ;;
-    *) echo "unknown section '$section': accepted tests, sweep, kernel, formats, lifecycle, policies"; status=2 ;;
+    streaming)
+      timeout 480 python benchmarks/gpu/policies.py --trace .gpu/mixtral-8x7b-vllm.jsonl.gz --fractions 0.25 \
+        --batches 1 32 --prompt-tokens 256 2048 --policies static auto-exact auto-daop auto-exact+stream \
+        auto-daop+stream stream-all --out "$OUT/gpu_streaming.json" 2>&1 | tail -30 ;;
+    *) echo "unknown section '$section': accepted tests, sweep, kernel, formats, lifecycle, policies, streaming"
+       status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done

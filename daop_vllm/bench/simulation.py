@@ -104,10 +104,12 @@ def long_prompt(sequences: list[TraceSequence], tokens: int) -> TraceSequence:
                          prefill, [[] for _ in range(first.num_layers)], model=first.model)
 
 
-def run_streaming(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int | None, progress) -> dict[str, Any]:
+def run_streaming(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int | None, progress,
+                  max_batched_tokens: int | None = 2048) -> dict[str, Any]:
     """Per preset: time to first token of one prompt of each length alone (the Mixtral trace's
     prompted sequence calibrates the placement), and decode tokens/s of the DeepSeek-V2-Lite trace
-    against batch size, every policy of STREAM_POLICIES."""
+    against batch size, every policy of STREAM_POLICIES; prompts join the decode steps in pieces
+    within `max_batched_tokens` a step, as vLLM's scheduler mixes them."""
     mixtral = list(read_traces(mixtral_trace))
     deepseek = list(read_traces(deepseek_trace))[:deepseek_limit]
     prompts, batches = {}, {}
@@ -115,14 +117,17 @@ def run_streaming(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int
         hardware = load_hardware(preset)
         prompts[preset] = {
             str(tokens): simulate([mixtral[0], long_prompt(mixtral, tokens)], STREAM_POLICIES,
-                                  model_shape("mixtral-8x7b"), hardware, 0.25, calibrate_on=0.5, progress=progress)
+                                  model_shape("mixtral-8x7b"), hardware, 0.25, calibrate_on=0.5, progress=progress,
+                                  max_batched_tokens=max_batched_tokens)
             for tokens in PROMPT_TOKENS}
         batches[preset] = {
             str(batch): simulate(deepseek, STREAM_POLICIES, model_shape("deepseek-v2-lite"), hardware, 0.25,
-                                 calibrate_on=0.2, split=0.5, batch=batch, progress=progress)
+                                 calibrate_on=0.2, split=0.5, batch=batch, progress=progress,
+                                 max_batched_tokens=max_batched_tokens)
             for batch in STREAM_BATCHES}
     return {"prompts_mixtral_25pct": prompts, "decode_by_batch_deepseek_25pct": batches,
             "summary": _streaming_summary(prompts, batches),
+            "max_num_batched_tokens": max_batched_tokens,
             "note": "prompts of 256-4096 tokens are the Mixtral trace's rows (prompt and generated, every sequence) "
                     "back to back, repeated: no trace holds prompts that long"}
 

@@ -79,6 +79,9 @@ def add_parser(commands) -> None:
                            help="instead: misses on the CPU, streamed, or each where cheaper - time to first token "
                                 "of 256-4096-token prompts (Mixtral) and decode tokens/s at batch 1-64 "
                                 "(DeepSeek-V2-Lite), a6000 and h200, 25%% resident")
+    bench_sim.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                           help="(--streaming) vLLM's token budget per step: prompts join the decode steps in pieces "
+                                "(default 2048, vLLM's for serving)")
     bench_sim.add_argument("--json", action="store_true", help="print one JSON object")
     bench_sim.add_argument("--out", type=Path, help="also write the JSON here")
     bench_sim.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -287,10 +290,14 @@ def _bench_simulate(args: argparse.Namespace) -> None:
     for trace in (args.mixtral_trace,) if args.formats else (args.mixtral_trace, args.deepseek_trace):
         if not trace.is_file():
             raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
+    if args.streaming and args.max_num_batched_tokens < max(STREAM_BATCHES):
+        raise DaopConfigError(f"--max-num-batched-tokens must be at least the largest batch ({max(STREAM_BATCHES)}): "
+                              f"every step gives each decoding sequence a token; got {args.max_num_batched_tokens}")
     if args.streaming:
         runs = len(STREAM_PRESETS) * (len(PROMPT_TOKENS) + len(STREAM_BATCHES)) * len(STREAM_POLICIES)
         with tqdm(total=runs, desc="bench simulate --streaming", unit="policy", disable=args.json) as progress:
-            result = run_streaming(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress)
+            result = run_streaming(args.mixtral_trace, args.deepseek_trace, args.deepseek_limit, progress,
+                                   args.max_num_batched_tokens)
         if emit_json(result, args, plot_streaming):
             return
         for preset, summary in result["summary"].items():

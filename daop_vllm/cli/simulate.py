@@ -37,6 +37,9 @@ def add_parser(commands) -> None:
     sim.add_argument("--staging-slots", type=int, default=None,
                      help="(streaming policies: +stream, stream-all) experts a layer may have in flight to the device "
                           "at once (default 4)")
+    sim.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help="vLLM's token budget per step: prompts join the decode steps in pieces within it (chunked "
+                          "prefill); default: each prompt whole, in a step of its own")
     sim.add_argument("--policies", nargs="+", default=None, help="default: all")
     sim.add_argument("--limit", type=int, default=None, help="use the first N sequences of the trace")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
             result = simulate(seqs, policies, shape, load_hardware(args.hardware), args.resident_fraction,
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
                               progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept,
-                              staging_slots=args.staging_slots or DEFAULT_STAGING_SLOTS)
+                              staging_slots=args.staging_slots or DEFAULT_STAGING_SLOTS,
+                              max_batched_tokens=args.max_num_batched_tokens)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name

@@ -187,9 +187,18 @@ class DaopEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def set_stream(self, mode: str) -> None:
+        """The `stream` option for the steps to come (the staging rows are made once)."""
+        if mode not in STREAM_MODES:
+            raise ValueError(f"stream must be one of {STREAM_MODES}, got {mode!r}")
+        self.stream = mode
+        self._set_up_streaming()
+
     def _set_up_streaming(self) -> None:
         """The shared staging rows (once the experts' format is final: at the first `place`)."""
         if self.stream == "off" or self.staging_slots < 1:
+            for layer in self.layers:
+                layer.stream_mode = "off"
             return
         if self.staging is None:
             layer = self.layers[0]

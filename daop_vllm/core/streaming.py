@@ -41,29 +41,37 @@ def expert_costs(hardware: Hardware, expert_bytes: int, flops_per_token: int,
 
 
 def layer_timeline(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCosts, device_busy_s: float,
-                   staging_slots: int, cpu_busy_s: float = 0.0) -> tuple[float, float]:
+                   staging_slots: int, cpu_busy_s: float = 0.0, staged: Sequence[tuple[int, float]] = (),
+                   copy_start_s: float = 0.0) -> tuple[float, float]:
     """(device end, CPU end) of the layer with the host experts of `tokens` (tokens per expert)
     split as `streamed`, the device busy for `device_busy_s` and the CPU for `cpu_busy_s` first.
-    Streamed experts are copied heaviest first (the device's longest jobs start first, the rule
-    that minimises a two-stage pipeline with equal first stages)."""
-    on_device = sorted((t for t, s in zip(tokens, streamed) if s), reverse=True)
+    `staged`: (tokens, when its copy lands) of experts staged a layer early, run first; the
+    others' copies start at `copy_start_s` (when the link is free), heaviest first (the device's
+    longest jobs start first, the rule that minimises a two-stage pipeline with equal first
+    stages)."""
+    on_device = [*(t for t, _ in staged), *sorted((t for t, s in zip(tokens, streamed) if s), reverse=True)]
     if on_device and staging_slots < 1:
         raise ValueError("streaming needs at least one staging slot")
     device_end = device_busy_s
-    for device_end in _device_pipeline(on_device, costs, device_busy_s, staging_slots):
+    for device_end in _device_pipeline(on_device, costs, device_busy_s, staging_slots, [r for _, r in staged],
+                                       copy_start_s):
         pass
     return device_end, cpu_busy_s + sum(costs.cpu_s(t) for t, s in zip(tokens, streamed) if not s)
 
 
-def _device_pipeline(counts: Sequence[int], costs: MissCosts, device_busy_s: float,
-                     staging_slots: int) -> Iterator[float]:
-    """The device's end after each streamed expert of `counts` (tokens, in copy order): copies
-    one after the other, the i-th waiting for the (i-S)-th to have run and freed its slot."""
-    copy_free, device_free, ends = 0.0, device_busy_s, []
+def _device_pipeline(counts: Sequence[int], costs: MissCosts, device_busy_s: float, staging_slots: int,
+                     landed: Sequence[float] = (), copy_start_s: float = 0.0) -> Iterator[float]:
+    """The device's end after each streamed expert of `counts` (tokens, in copy order): the first
+    len(landed) already copied (landing at those times), the others copied one after the other
+    from `copy_start_s`, the i-th waiting for the (i-S)-th to have run and freed its slot."""
+    copy_free, device_free, ends = copy_start_s, device_busy_s, []
     for i, count in enumerate(counts):
-        start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
-        copy_free = start + costs.copy_s
-        device_free = max(device_free, copy_free) + costs.device_s(count)
+        if i < len(landed):
+            ready = landed[i]
+        else:
+            start = copy_free if i < staging_slots else max(copy_free, ends[i - staging_slots])
+            copy_free = ready = start + costs.copy_s
+        device_free = max(device_free, ready) + costs.device_s(count)
         ends.append(device_free)
         yield device_free
 
@@ -75,12 +83,14 @@ def layer_seconds(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCo
 
 
 def plan_streaming(tokens: Sequence[int], costs: MissCosts, device_busy_s: float, staging_slots: int,
-                   mode: str = "auto", cpu_busy_s: float = 0.0) -> list[bool]:
+                   mode: str = "auto", cpu_busy_s: float = 0.0, staged: Sequence[tuple[int, float]] = (),
+                   copy_start_s: float = 0.0) -> list[bool]:
     """Per host expert (tokens per expert this step), whether it is streamed. `auto`: a greedy
     that streams the heaviest experts, one more at a time while that ends the layer sooner (an
     expert's copy costs the same whatever its tokens, so the heaviest take the most CPU time off
     per copy), or every one where that ends it sooner still (so never slower than either side
-    alone); `all`: every one (through the staging slots); `off`: none. O(n log n)."""
+    alone); `all`: every one (through the staging slots); `off`: none. `staged` and
+    `copy_start_s` as in layer_timeline (a negative start: copies issued a layer early). O(n log n)."""
     if mode not in STREAM_MODES:
         raise ValueError(f"stream mode {mode!r}; known: {', '.join(STREAM_MODES)}")
     if mode == "off" or staging_slots < 1:
@@ -90,8 +100,11 @@ def plan_streaming(tokens: Sequence[int], costs: MissCosts, device_busy_s: float
     order = sorted(range(len(tokens)), key=lambda e: -tokens[e])
     cpu = cpu_busy_s + sum(costs.cpu_s(t) for t in tokens)
     device_free = device_busy_s
+    pipeline = _device_pipeline([*(t for t, _ in staged), *(tokens[e] for e in order)], costs, device_busy_s,
+                                staging_slots, [r for _, r in staged], copy_start_s)
+    for _, device_free in zip(staged, pipeline):  # staged a layer early: on the device whatever the plan
+        pass
     best, chosen = max(device_free, cpu), 0
-    pipeline = _device_pipeline([tokens[e] for e in order], costs, device_busy_s, staging_slots)
     for i, (expert, device_free) in enumerate(zip(order, pipeline)):  # one expert more each time
         cpu -= costs.cpu_s(tokens[expert])
         if chosen == i and max(device_free, cpu) < best:

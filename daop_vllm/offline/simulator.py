@@ -98,6 +98,10 @@ class _Row:
     position: int = 0  # next decode token
 
     @property
+    def prompt_len(self) -> int:
+        return len(self.prefill[0]) if self.prefill else 0
+
+    @property
     def decode_len(self) -> int:
         return max(map(len, self.decode)) if self.decode else 0
 
@@ -108,15 +112,27 @@ class _Row:
 
 
 @dataclass
+class _Prompt:
+    """A sequence whose prompt is being computed: tokens done, and when its first step began."""
+
+    row: _Row
+    done: int = 0
+    started: float | None = None
+
+
+@dataclass
 class SimResult:
     output_tokens: int = 0
     seconds: float = 0.0
     hits: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [0, 0], "decode": [0, 0]})
     cpu_expert_tokens: int = 0  # decode (token, expert) pairs computed by the CPU
     streamed: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # experts streamed
-    prefill_seconds: float = 0.0
+    staged_early: int = 0  # decode: experts staged a layer early from the prediction
+    staged_early_used: int = 0  # ... of them routed to at their layer
+    prefill_step_seconds: float = 0.0  # steps that hold prompt tokens
     prefill_tokens: int = 0
     prompts: int = 0
+    time_to_first_token: float = 0.0  # summed over the prompts: their first step's start to their last's end
     precomputed_used: int = 0  # ... of them taken pre-computed
     pcie_bytes: int = 0
     predictions: int = 0
@@ -138,9 +154,12 @@ class SimResult:
             "precomputed_share": self.precomputed_used / self.cpu_expert_tokens if self.cpu_expert_tokens else None,
             "prefill_streamed_experts": self.streamed["prefill"],
             "decode_streamed_experts": self.streamed["decode"],
-            # a prompt's step alone (TTFT when nothing else runs), and prompt tokens per second of those steps
-            "mean_prefill_s": self.prefill_seconds / self.prompts if self.prompts else None,
-            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else None,
+            "decode_staged_early": self.staged_early,
+            "decode_staged_early_used": self.staged_early_used,
+            # time to first token, and prompt tokens per second of the steps that hold them
+            "mean_prefill_s": self.time_to_first_token / self.prompts if self.prompts else None,
+            "prefill_tokens_per_s": (self.prefill_tokens / self.prefill_step_seconds
+                                     if self.prefill_step_seconds else None),
         }
 
 
@@ -150,14 +169,20 @@ class Simulator:
     def __init__(self, policy: Policy, shape: MoEShape, hardware: Hardware, placement: list[list[int]],
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
                  batch: int = 1, seed: int = 0, expert_format: str = "bf16", precomputed_kept: float = 1.0,
-                 degrades: bool | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS) -> None:
+                 degrades: bool | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS,
+                 max_batched_tokens: int | None = None) -> None:
         """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
         host alike: its bytes per expert are what every read and copy moves.
         `precomputed_kept`: the share of predicted rows the staleness gate lets use their
         pre-computed results (and in daop mode their predicted routing); the others' results
         were computed all the same, and the consuming layer computes their experts again.
         `degrades`: the `degrade` option (None: the mode's default). `staging_slots`: experts a
-        layer may have in flight to the device when its policy streams."""
+        layer may have in flight to the device when its policy streams. `max_batched_tokens`:
+        vLLM's token budget per step (run); None: each prompt whole, in a step of its own."""
+        if max_batched_tokens is not None and max_batched_tokens < batch:
+            raise ValueError(f"max_batched_tokens {max_batched_tokens} is below the batch ({batch}): every step "
+                             "gives each decoding sequence a token")
+        self.max_batched_tokens = max_batched_tokens
         self.policy, self.shape, self.hw = policy, shape, hardware
         self.staging_slots = staging_slots
         self.precomputed_kept = precomputed_kept
@@ -178,7 +203,9 @@ class Simulator:
         for index in range(L):
             self.engine.set_router(index, lambda x: x)
         self.engine.place(placement)
-        self.first_predicted = first_predicted_layer if policy.mode != "exact" else L
+        # predicted layers: pre-computed in verified and daop mode; staged a layer early where the policy streams
+        self.first_predicted = first_predicted_layer if policy.mode != "exact" or policy.stream == "auto" else L
+        self.link_free = 0.0  # when PCIe is done with the copies issued so far in this step
         self.lru = [OrderedDict((e, None) for e in experts) for experts in placement]
         self.slots = [len(experts) for experts in placement]
         self.result = SimResult()
@@ -222,79 +249,39 @@ class Simulator:
         return scores / scores.sum()
 
     # --- steps -------------------------------------------------------------------------------
-    def _prefill(self, row: _Row) -> float:
-        """One prompt in one step: per layer, resident experts on the device and the others
-        where the policy puts misses (compute-bound at prompt sizes)."""
-        engine = self.engine
-        tokens = len(row.prefill[0])
-        engine.begin_step(StepBatch((str(row.index),), (tokens,), (True,), (True,), (row.decode_len,)))
-        seconds = 0.0
-        routing = []
-        for token_rows in row.prefill:
-            ids = torch.tensor(token_rows, dtype=torch.int64).reshape(len(token_rows), -1)
-            if ids.shape[0] != tokens:  # unaligned trace: the engine's batch wants every row
-                ids = ids[torch.arange(tokens) * ids.shape[0] // tokens]
-            routing.append(ids)
-        engine.requests.record_layers(torch.stack(routing))
-        for layer, ids in enumerate(routing):
-            per_expert = torch.bincount(ids.flatten(), minlength=self.shape.num_experts).tolist()
-            resident = engine.layers[layer].cache.is_resident.tolist()  # at the start of the layer
-            device_s = copy_s = 0.0
-            host: list[int] = []  # tokens of each host expert the CPU or a staging slot computes
-            for expert, count in enumerate(per_expert):
-                if not count:
-                    continue
-                self.result.hits["prefill"][1] += count
-                if resident[expert]:
-                    self.result.hits["prefill"][0] += count
-                    device_s += self._device_expert_s(count)
-                elif self.policy.misses == "cpu":
-                    host.append(count)
-                else:
-                    self._miss(layer, expert)
-                    copy_s += self._copy_s()
-                    device_s += self._device_expert_s(count)
-            device_end, cpu_end = self._place_misses("prefill", host, device_s + copy_s, 0.0)
-            seconds += self._layer_fixed_s(tokens) + max(device_end, cpu_end)
-        self._end_step()
-        self.result.prefill_seconds += seconds
-        self.result.prefill_tokens += tokens
-        self.result.prompts += 1
-        return seconds
-
-    def _place_misses(self, phase: str, host: list[int], device_busy_s: float,
-                      cpu_busy_s: float) -> tuple[float, float]:
-        """(device end, CPU end) of a layer whose host experts have `host` tokens each, after the
-        device's `device_busy_s` and the CPU's `cpu_busy_s`, streaming those the policy's plan
-        sends to the device."""
-        streamed = plan_streaming(host, self.miss_costs, device_busy_s, self.staging_slots, self.policy.stream,
-                                  cpu_busy_s)
-        count = sum(streamed)
-        self.result.streamed[phase] += count
-        self.result.pcie_bytes += count * self.expert_bytes
-        if phase == "decode":
-            self.result.cpu_expert_tokens -= sum(t for t, s in zip(host, streamed) if s)
-        return layer_timeline(host, streamed, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s)
-
-    def _decode_step(self, rows: list[_Row]) -> float:
-        """One generated token for every row in flight."""
+    def _step(self, decoding: list[_Row], chunks: list[tuple[_Row, int, int]]) -> float:
+        """One engine step: a generated token of every row in `decoding` and, per chunk (row,
+        start, end), that piece of its prompt, as vLLM's scheduler mixes them. Per layer the
+        resident experts run on the device and the others where the policy puts misses; decode
+        rows' next layers are predicted (pre-computed on the CPU, or staged a layer early when
+        the policy streams)."""
         engine, K = self.engine, self.shape.top_k
-        engine.begin_step(StepBatch(tuple(str(r.index) for r in rows), (1,) * len(rows), (False,) * len(rows),
-                                    (False,) * len(rows), tuple(r.decode_len - r.position for r in rows)))
-        now = cpu_free = 0.0
+        engine.begin_step(StepBatch(
+            tuple(str(r.index) for r in (*decoding, *(c[0] for c in chunks))),
+            (1,) * len(decoding) + tuple(end - start for _, start, end in chunks),
+            (False,) * len(decoding) + (True,) * len(chunks),
+            (False,) * len(decoding) + tuple(end == r.prompt_len for r, _, end in chunks),
+            tuple(r.decode_len - r.position for r in decoding) + tuple(r.decode_len for r, _, _ in chunks)))
+        routing = [[r.decode_ids(layer) for r in decoding] for layer in range(self.shape.num_layers)]
+        prompt_ids = [self._prompt_ids(layer, chunks) for layer in range(self.shape.num_layers)]
+        step_ids = torch.tensor(routing, dtype=torch.int64).reshape(len(routing), len(decoding), K)
+        engine.requests.record_layers(torch.cat([step_ids, torch.stack(prompt_ids)], 1) if chunks else step_ids)
+        tokens = len(decoding) + sum(end - start for _, start, end in chunks)
+        now = cpu_free = self.link_free = 0.0
         precomputed_done = 0.0  # when the CPU finishes the pre-computation this layer consumes
         precomputed: set[tuple[int, int]] = set()  # (row, expert) pairs pre-computed for this layer
-        routing_next: list[list[int]] | None = None  # daop: this layer's routing, predicted at the one before
-        routing = [[r.decode_ids(layer) for r in rows] for layer in range(self.shape.num_layers)]
-        engine.requests.record_layers(torch.tensor(routing, dtype=torch.int64).reshape(len(routing), len(rows), K))
+        routing_next: list[list[int] | None] | None = None  # daop: this layer's routing, predicted at the one before
+        staged_next: dict[int, float] = {}  # experts staged a layer early for this layer: when each copy lands
         for layer, true in enumerate(routing):
             cache = engine.layers[layer].cache
             used = true
             if routing_next is not None and self.policy.mode == "daop":  # rows the gate turned away: their own
                 used = [ids if ids is not None else own for ids, own in zip(routing_next, true)]
-            now += self._layer_fixed_s()
+            resident = cache.is_resident.tolist()  # at the start of the layer, for the prompt rows
+            now += self._layer_fixed_s(tokens)
             device_tokens: dict[int, int] = {}
             cpu_now: dict[int, int] = {}
+            staged_tokens: dict[int, int] = {}
             copied: set[int] = set()  # a missing expert is copied once per step, for all its rows
             for r, ids in enumerate(used):
                 for expert in ids:
@@ -308,31 +295,120 @@ class Simulator:
                             self.lru[layer].move_to_end(expert)
                         self.result.hits["decode"][0] += hit
                         device_tokens[expert] = device_tokens.get(expert, 0) + 1
+                    elif expert in staged_next:
+                        staged_tokens[expert] = staged_tokens.get(expert, 0) + 1
                     else:
                         self.result.cpu_expert_tokens += 1
                         if (r, expert) in precomputed:
                             self.result.precomputed_used += 1
                         else:
                             cpu_now[expert] = cpu_now.get(expert, 0) + 1
+            decode_now = dict(cpu_now)
+            for expert, count in enumerate(torch.bincount(prompt_ids[layer].flatten(),
+                                                          minlength=self.shape.num_experts).tolist()):
+                if not count:
+                    continue
+                self.result.hits["prefill"][1] += count
+                if resident[expert] or expert in copied:
+                    self.result.hits["prefill"][0] += count if resident[expert] else 0
+                    device_tokens[expert] = device_tokens.get(expert, 0) + count
+                elif self.policy.misses == "cpu":
+                    target = staged_tokens if expert in staged_next else cpu_now
+                    target[expert] = target.get(expert, 0) + count
+                else:
+                    self._miss(layer, expert)
+                    copied.add(expert)
+                    device_tokens[expert] = device_tokens.get(expert, 0) + count
+            self.result.staged_early_used += len(staged_tokens)
             device_s = len(copied) * self._copy_s() + sum(map(self._device_expert_s, device_tokens.values()))
-            device_s, cpu_s = self._place_misses("decode", list(cpu_now.values()), device_s, max(0.0, cpu_free - now))
+            staged = [(staged_tokens[e], staged_next[e] - now) for e in sorted(staged_next, key=staged_next.get)
+                      if e in staged_tokens]
+            host = list(cpu_now)  # decode pairs first in each count, then the prompt rows'
+            device_s, cpu_s, copies = self._place_misses([cpu_now[e] for e in host],
+                                                         [decode_now.get(e, 0) for e in host], device_s,
+                                                         max(0.0, cpu_free - now), staged,
+                                                         max(0.0, self.link_free - now))
             device_end, own_end = now + device_s, now + cpu_s
+            self.link_free = max(self.link_free, now) + copies * self._copy_s()
             cpu_free = own_end
             consumed_done = precomputed_done
-            # predict the next layer from this layer's input, and start its host experts
-            precomputed, routing_next = set(), None
-            if layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
-                routing_next, jobs, precomputed = self._predict_next(rows, layer + 1)
+            next_start = max(device_end, own_end, consumed_done)
+            # predict the next layer from this layer's input: pre-compute its host experts, or stage them
+            precomputed, routing_next, staged_next = set(), None, {}
+            if decoding and layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
+                routing_next, jobs, precomputed = self._predict_next(decoding, layer + 1)
+                staged_next = self._stage_early(layer + 1, jobs, next_start + self._layer_fixed_s(tokens),
+                                                device_s, max(0.0, cpu_free - next_start))
+                jobs = [(r, e) for r, e in jobs if e not in staged_next]
+                precomputed = {pair for pair in precomputed if pair[1] not in staged_next}
+                if self.policy.mode == "exact":  # the prediction stages, and is never computed on
+                    jobs, precomputed, routing_next = [], set(), None
                 per_expert: dict[int, int] = {}
                 for _, expert in jobs:
                     per_expert[expert] = per_expert.get(expert, 0) + 1
                 cpu_free = max(now, cpu_free) + sum(map(self._cpu_expert_s, per_expert.values()))
                 precomputed_done = cpu_free
-            now = max(device_end, own_end, consumed_done)
-        for row in rows:
+            now = next_start
+        for row in decoding:
             row.position += 1
         self._end_step()
-        return now + self._attention_s()  # stands in for the final norm and lm_head
+        samples = bool(decoding) or any(end == row.prompt_len for row, _, end in chunks)
+        return now + (self._attention_s() if samples else 0.0)  # stands in for the final norm and lm_head
+
+    def _prompt_ids(self, layer: int, chunks: list[tuple[_Row, int, int]]) -> torch.Tensor:
+        """[tokens, K] the chunks' experts at `layer`: unaligned traces have fewer rows in some
+        layers, mapped proportionally (the engine's batch wants every row)."""
+        parts = []
+        for row, start, end in chunks:
+            rows = row.prefill[layer]
+            ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+            parts.append(ids[torch.arange(start, end) * len(rows) // row.prompt_len])
+        return torch.cat(parts) if parts else torch.zeros(0, self.shape.top_k, dtype=torch.int64)
+
+    def _place_misses(self, host: list[int], decode: list[int], device_busy_s: float, cpu_busy_s: float,
+                      staged: list[tuple[int, float]], copy_start_s: float) -> tuple[float, float, int]:
+        """(device end, CPU end, experts copied) of a layer whose host experts have `host` tokens
+        each (`decode` of them decode rows'), after the device's `device_busy_s` and the CPU's
+        `cpu_busy_s`, streaming those the policy's plan sends to the device; `staged` (tokens,
+        landing) were staged a layer early. A streamed expert counts in each phase it serves."""
+        streamed = plan_streaming(host, self.miss_costs, device_busy_s, self.staging_slots, self.policy.stream,
+                                  cpu_busy_s, staged, copy_start_s)
+        count = sum(streamed)
+        self.result.streamed["decode"] += sum(1 for d, s in zip(decode, streamed) if s and d)
+        self.result.streamed["prefill"] += sum(1 for t, d, s in zip(host, decode, streamed) if s and t > d)
+        self.result.pcie_bytes += count * self.expert_bytes
+        self.result.cpu_expert_tokens -= sum(d for d, s in zip(decode, streamed) if s)
+        return (*layer_timeline(host, streamed, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s,
+                                staged, copy_start_s), count)
+
+    def _stage_early(self, layer: int, jobs: list[tuple[int, int]], start_s: float, device_busy_s: float,
+                     cpu_busy_s: float) -> dict[int, float]:
+        """Our streaming policies: the predicted host experts of `layer` (its (row, expert)
+        `jobs`) the plan streams, copied from now into that layer's staging rows (one set per
+        layer parity, at most `staging_slots`), heaviest first, as long as a copy starts before
+        the layer's experts do at `start_s` (one that would not gain a head start waits for the
+        layer's own routing, which a prediction may have got wrong); returns when each lands.
+        The plan sees the device and CPU busy as this layer. `stream-all` (vLLM's prefetch
+        offloader) predicts nothing."""
+        if self.policy.stream != "auto" or not jobs:
+            return {}
+        per_expert: dict[int, int] = {}
+        for _, expert in jobs:
+            per_expert[expert] = per_expert.get(expert, 0) + 1
+        experts = sorted(per_expert, key=lambda e: -per_expert[e])
+        counts = [per_expert[e] for e in experts]
+        plan = plan_streaming(counts, self.miss_costs, device_busy_s, self.staging_slots, self.policy.stream,
+                              cpu_busy_s, copy_start_s=self.link_free - start_s)
+        landed: dict[int, float] = {}
+        for expert in [e for e, s in zip(experts, plan) if s][:self.staging_slots]:
+            if self.link_free >= start_s:
+                break
+            self.link_free += self._copy_s()
+            landed[expert] = self.link_free
+        self.result.staged_early += len(landed)
+        self.result.streamed["decode"] += len(landed)
+        self.result.pcie_bytes += len(landed) * self.expert_bytes
+        return landed
 
     def _predict_next(self, rows: list[_Row], layer: int
                       ) -> tuple[list[list[int] | None], list[tuple[int, int]], set[tuple[int, int]]]:
@@ -381,26 +457,40 @@ class Simulator:
         self.result.pcie_bytes += (sum(swaps) - swaps_before) * self.expert_bytes
 
     def run(self, sequences: list[TraceSequence]) -> dict[str, float | None]:
-        """Continuous batching of `batch` sequences: a sequence's prompt is one step, then it
-        decodes with the others in flight; a finished one makes room for the next."""
+        """Continuous batching of `batch` sequences, a finished one making room for the next.
+        With `max_batched_tokens` unset a prompt is one step of its own; set, every step has a
+        token of each decoding row and, within that token budget, pieces of the prompts in
+        flight, oldest first (vLLM's chunked prefill)."""
         waiting = [_Row(i, s.prefill, s.decode) for i, s in enumerate(sequences)]
         waiting.reverse()
         running: list[_Row] = []
-        while waiting or running:
-            while waiting and len(running) < self.batch:
+        prompts: list[_Prompt] = []
+        while waiting or running or prompts:
+            while waiting and len(running) + len(prompts) < self.batch:
                 row = waiting.pop()
-                if row.prefill and row.prefill[0]:
-                    self.result.seconds += self._prefill(row)
-                if row.decode_len:
-                    running.append(row)
+                if row.prompt_len:
+                    prompts.append(_Prompt(row))
                 else:
-                    self.engine.drop_request(str(row.index))
-            if running:
-                self.result.seconds += self._decode_step(running)
-                self.result.output_tokens += len(running)
-                for row in [r for r in running if r.position >= r.decode_len]:
-                    running.remove(row)
-                    self.engine.drop_request(str(row.index))
+                    self._start_decoding(row, running)
+            if self.max_batched_tokens is None:
+                for prompt in prompts:
+                    self._timed_step([], [(prompt, prompt.row.prompt_len)])
+            elif running or prompts:
+                budget, chunks = self.max_batched_tokens - len(running), []
+                for prompt in prompts:
+                    take = min(prompt.row.prompt_len - prompt.done, budget)
+                    if take > 0:
+                        chunks.append((prompt, take))
+                        budget -= take
+                self._timed_step(running, chunks)
+            for prompt in [p for p in prompts if p.done == p.row.prompt_len]:
+                prompts.remove(prompt)
+                self._start_decoding(prompt.row, running)
+            if self.max_batched_tokens is None and running:
+                self._timed_step(running, [])
+            for row in [r for r in running if r.position >= r.decode_len]:
+                running.remove(row)
+                self.engine.drop_request(str(row.index))
         self.engine.close()
         summary = self.result.summary()
         # if every CPU (token, expert) were one expert read at the CPU's full streaming rate
@@ -408,6 +498,28 @@ class Simulator:
         summary["cpu_bandwidth_bound_tokens_per_s"] = 1 / cpu_s if cpu_s else None
         return summary
 
+    def _start_decoding(self, row: _Row, running: list[_Row]) -> None:
+        if row.decode_len:
+            running.append(row)
+        else:
+            self.engine.drop_request(str(row.index))
+
+    def _timed_step(self, decoding: list[_Row], chunks: list[tuple[_Prompt, int]]) -> None:
+        """A step of `decoding` and (prompt, tokens) `chunks`, on the clock; a prompt's time to
+        first token runs from the start of its first step to the end of its last."""
+        started = self.result.seconds
+        seconds = self._step(decoding, [(p.row, p.done, p.done + n) for p, n in chunks])
+        self.result.seconds += seconds
+        self.result.output_tokens += len(decoding)
+        if chunks:
+            self.result.prefill_step_seconds += seconds
+        for prompt, tokens in chunks:
+            prompt.started = started if prompt.started is None else prompt.started
+            prompt.done += tokens
+            self.result.prefill_tokens += tokens
+            if prompt.done == prompt.row.prompt_len:
+                self.result.prompts += 1
+                self.result.time_to_first_token += self.result.seconds - prompt.started
 
 def split_for_simulation(seq: TraceSequence, split: float | None) -> TraceSequence:
     """`split_sequence` for prefill-only sequences; a decode-only one gives its first `split`
@@ -424,7 +536,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
              first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
              expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None,
-             staging_slots: int = DEFAULT_STAGING_SLOTS) -> dict:
+             staging_slots: int = DEFAULT_STAGING_SLOTS, max_batched_tokens: int | None = None) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
     calibrate_on 0, `profile` (if any) places the experts."""
@@ -447,7 +559,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
     for name in policies:
         sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
                         expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades,
-                        staging_slots=staging_slots)
+                        staging_slots=staging_slots, max_batched_tokens=max_batched_tokens)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -460,6 +572,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "prediction_accuracy": prediction_accuracy, "batch": batch,
             "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
             "precomputed_kept": precomputed_kept, "staging_slots": staging_slots,
+            "max_batched_tokens": max_batched_tokens,
             "expert_bytes": shape.expert_bytes(expert_format=expert_format),
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},

@@ -51,3 +51,25 @@ def test_policies_benchmark_profiles_each_policy(tmp_path):
         assert profile["device_busy_ms"] is None, "no device on the CPU: the split needs CUDA"
         table = (profiles / "fraction0.5" / f"{name}-batch1.txt").read_text()
         assert "Self CPU" in table and "aten::" in table, table[:500]
+
+
+def test_policies_benchmark_times_prompts_with_and_without_streaming(tmp_path):
+    out = tmp_path / "streaming.json"
+    policies = ["static", "auto-exact", "auto-exact+stream", "stream-all", "ondemand"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--trace", str(TINY_TRACE), "--layers", "2", "--hidden", "64",
+         "--intermediate", "128", "--steps", "2", "--batches", "2", "--fractions", "0.25", "--prompt-tokens", "16",
+         "--policies", *policies, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"][0]["policies"]) == set(policies)
+    [prompt] = report["prompts"]
+    assert prompt["prompt_tokens"] == 16
+    assert set(prompt["policies"]) == set(policies) - {"ondemand"}, "copying policies take no prompt timing"
+    for name, r in prompt["policies"].items():
+        assert r["time_to_first_token_s"] > 0 and r["h200_preset_time_to_first_token_s"] > 0, name
+    # one memory here: only stream "all" streams (its bookkeeping), every host expert the prompt routes to
+    assert prompt["policies"]["stream-all"]["prefill_streamed_experts"] > 0
+    assert prompt["policies"]["auto-exact"]["prefill_streamed_experts"] == 0

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from daop_vllm.core.hardware import HARDWARE_PRESETS
-from daop_vllm.core.streaming import MissCosts, expert_costs, layer_seconds, plan_streaming
+from daop_vllm.core.streaming import MissCosts, expert_costs, layer_seconds, layer_timeline, plan_streaming
 
 # round numbers: a CPU expert costs 1 s a token, a copy 3 s, a device expert 0.5 s whatever its tokens
 HAND = MissCosts(cpu_s=lambda n: 1.0 * n, device_s=lambda n: 0.5, copy_s=3.0)
@@ -53,6 +53,17 @@ def test_auto_is_never_slower_than_either_side_alone():
                              slots, cpu_busy)
         for alone in ([False] * len(tokens), [True] * len(tokens)):
             assert plan <= layer_seconds(tokens, alone, HAND, busy, slots, cpu_busy)
+
+
+def test_experts_staged_a_layer_early_run_first_and_a_busy_link_delays_the_rest():
+    # staged, landed at -1 (before the layer): it runs [0, 0.5]; the link is free from 2: the next copy [2, 5]
+    assert layer_timeline([5], [True], HAND, 0.0, 2, staged=[(4, -1.0)], copy_start_s=2.0) == (5.5, 0.0)
+    assert layer_timeline([], [], HAND, 1.0, 1, staged=[(4, 2.0)]) == (2.5, 0.0)  # waits for its copy to land
+    # a head start (copies issued a layer early, from -3) makes a copy worth it that would not be otherwise
+    assert plan_streaming([2], HAND, 0.0, 1) == [False]
+    assert plan_streaming([2], HAND, 0.0, 1, copy_start_s=-3.0) == [True]  # lands at 0, runs [0, 0.5]
+    # the staged expert holds the only slot until it has run: the next copy starts then
+    assert layer_timeline([5], [True], HAND, 0.0, 1, staged=[(4, 1.0)], copy_start_s=0.0) == (5.0, 0.0)
 
 
 def test_a_full_staging_budget_makes_copies_wait_for_a_free_slot():

@@ -116,9 +116,10 @@ def test_a_long_prompt_streams_its_host_expert_where_the_cpu_is_slower():
         sim = Simulator(replace(POLICIES[name], realloc="off"), SHAPE, HW, [[0], [0]])
         runs[name] = sim.run([prompt_sequence(1, 1000)])
         fixed = sim._layer_fixed_s(1000)
-    assert runs["auto-exact"]["mean_prefill_s"] == pytest.approx(2 * (fixed + cpu))
+    lm_head = sim._attention_s()  # the first token's
+    assert runs["auto-exact"]["mean_prefill_s"] == pytest.approx(2 * (fixed + cpu) + lm_head)
     for name in ("auto-exact+stream", "stream-all"):
-        assert runs[name]["mean_prefill_s"] == pytest.approx(2 * (fixed + streamed))
+        assert runs[name]["mean_prefill_s"] == pytest.approx(2 * (fixed + streamed) + lm_head)
         assert runs[name]["prefill_streamed_experts"] == 2 and runs[name]["decode_streamed_experts"] == 0
     assert runs["auto-exact"]["prefill_streamed_experts"] == 0
     assert runs["auto-exact"]["prefill_tokens_per_s"] == pytest.approx(1000 / runs["auto-exact"]["mean_prefill_s"])
@@ -187,3 +188,70 @@ def test_long_prompts_repeat_the_trace_rows_of_every_sequence():
     assert len(rows) < 1000, "the check needs a prompt longer than the trace"
     assert all(len(layer) == 1000 for layer in prompt.prefill) and not any(prompt.decode)
     assert prompt.prefill[0][:len(rows)] == rows and prompt.prefill[0][len(rows)] == rows[0]
+
+
+def test_decode_stages_the_predicted_next_layers_expert_a_layer_early():
+    from dataclasses import replace
+
+    pcie = Hardware("toy", pcie_gbps=31.5, device_gbps=1000.0, cpu_gbps=50.0, device_tflops=100.0, cpu_tflops=1.0)
+    expert_bytes = 3 * 1024 * 2048 * 2
+    copy, cpu, device = expert_bytes / 31.5e9, expert_bytes / (50e9 * 0.92), expert_bytes / 1000e9
+    attention = 2.5 * 1024**2 * 2 / 1000e9
+    assert copy + device > cpu > copy + device - cpu, "a copy loses to the CPU, unless it starts a layer early"
+    policy = replace(POLICIES["auto-exact+stream"], realloc="off")
+    runs = {first: Simulator(policy, SHAPE, pcie, [[0], [0]], prediction_accuracy=1.0, first_predicted_layer=first)
+            .run([toy_sequence([1, 2], tokens=5)]) for first in (1, 2)}  # layer 2: nothing predicted
+    # not predicted: the CPU takes both layers' experts
+    assert runs[2]["tokens_per_s"] == pytest.approx(1 / (2 * (attention + cpu) + attention))
+    assert runs[2]["decode_staged_early"] == runs[2]["decode_streamed_experts"] == 0
+    # layer 1's expert, predicted at layer 0, is copied while the CPU runs layer 0's: the copy lands
+    # `copy` after layer 0's experts started, and layer 1's expert runs then
+    assert runs[1]["tokens_per_s"] == pytest.approx(1 / (attention + copy + device + attention))
+    assert runs[1]["decode_staged_early"] == runs[1]["decode_staged_early_used"] == 5
+    assert runs[1]["cpu_expert_tokens_per_token"] == 1
+    # a prediction that is always wrong stages the wrong expert: its layer then runs as unpredicted
+    wrong = Simulator(policy, SHAPE, pcie, [[0], [0]], prediction_accuracy=0.0, first_predicted_layer=1)
+    result = wrong.run([toy_sequence([1, 2], tokens=5)])
+    assert result["decode_staged_early"] >= 1 and result["decode_staged_early_used"] == 0  # (wrong host experts)
+    assert result["cpu_expert_tokens_per_token"] == 2
+    assert result["tokens_per_s"] == pytest.approx(runs[2]["tokens_per_s"])
+
+
+def test_stream_all_and_exact_policies_without_streaming_predict_nothing():
+    for name in ("stream-all", "auto-exact"):
+        result = Simulator(POLICIES[name], SHAPE, HW, [[0], [0]], first_predicted_layer=1).run(
+            [toy_sequence([1, 2], tokens=3)])
+        assert result["prediction_accuracy"] is None and result["decode_staged_early"] == 0
+
+
+def test_a_token_budget_chunks_a_lone_prompt_at_no_cost_where_it_is_compute_bound():
+    from dataclasses import replace
+
+    policy = replace(POLICIES["auto-exact"], realloc="off")
+    whole = Simulator(policy, SHAPE, HW, [[0], [0]]).run([prompt_sequence(1, 1000)])
+    chunked = Simulator(policy, SHAPE, HW, [[0], [0]], max_batched_tokens=256).run([prompt_sequence(1, 1000)])
+    # four steps of 256, 256, 256 and 232 tokens, each compute-bound on both sides; one first token
+    assert chunked["mean_prefill_s"] == pytest.approx(whole["mean_prefill_s"])
+    assert chunked["prefill_tokens_per_s"] == pytest.approx(whole["prefill_tokens_per_s"])
+    with pytest.raises(ValueError, match="max_batched_tokens 2 is below the batch"):
+        Simulator(policy, SHAPE, HW, [[0], [0]], batch=4, max_batched_tokens=2)
+
+
+def test_a_token_budget_mixes_prompt_pieces_into_the_decode_steps():
+    from dataclasses import replace
+
+    policy = replace(POLICIES["static"], realloc="off")
+    short = prompt_sequence(2, 1, [[3] * 8, [3] * 8])  # a one-token prompt, then 8 tokens to generate
+    long = prompt_sequence(1, 1024)
+    runs = {budget: Simulator(policy, SHAPE, HW, [[0], [0]], batch=2, max_batched_tokens=budget).run([short, long])
+            for budget in (None, 257)}
+    # unmixed: the two prompts in steps of their own, then 8 decode steps; mixed (257 tokens a
+    # step): the short prompt and 256 of the long one, then 3 steps of a decode token and 256
+    # prompt tokens, then the last 5 decode steps alone - the decode rows' weights read once with
+    # the prompt's, so the whole run is shorter and the long prompt's first token later
+    for result in runs.values():
+        assert result["tokens_per_s"] is not None and result["decode_hit_rate"] == 0
+    seconds = {b: 8 / r["tokens_per_s"] for b, r in runs.items()}
+    assert seconds[257] < seconds[None]
+    assert runs[257]["mean_prefill_s"] > runs[None]["mean_prefill_s"]
+    assert runs[257]["prefill_hit_rate"] == runs[None]["prefill_hit_rate"] == 0
