@@ -15,8 +15,8 @@ re-allocation and streaming (`+stream`, `stream-all`: the engine's `stream` opti
 of DEFAULT_STAGING_SLOTS experts); `lru` and `ondemand` copy misses through the device cache. The
 routing of every step is on the device before the timed steps. Prints tokens/s per policy and the
 ratio to `static`, the measured PCIe and CPU rates, and what the simulator's preset predicts for
-the same settings (the simulator also stages decode experts a layer early from the prediction,
-which the engine does not); with --profile, each step split into host and device time per policy.
+the same settings (both stage decode experts a layer early from the prediction in the streaming
+policies); with --profile, each step split into host and device time per policy.
 """
 
 from __future__ import annotations

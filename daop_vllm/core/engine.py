@@ -127,15 +127,21 @@ class DaopEngine:
         self._link_layers()
 
     def _link_layers(self) -> None:
-        """Each layer before a predicted one predicts it (once the model's layers are all there)."""
+        """Each layer before a predicted one predicts it (once the model's layers are all there);
+        with `stream` "auto" and device and host two memories, each layer before one from the
+        first predicted layer on (exact mode too, for staging only) with a router stages its
+        predicted host experts early."""
         first = self.first_predicted_layer
         for layer in self.layers:
             layer.fidelity = self.fidelity
             layer.predicted = first is not None and layer.layer >= first
+        stages = self.stream == "auto" and self.staging is not None and not self.staging.shares_host_memory
+        first_staged = self.fidelity.first_layer(len(self.layers))
         for layer, following in zip(self.layers, self.layers[1:]):
             if following.predicted and following.router_logits is None:
                 raise ValueError(f"mode {self.mode!r} predicts layer {following.layer}'s experts: set_router it first")
-            layer.next_layer = following if following.predicted else None
+            layer.stages_next = stages and following.layer >= first_staged and following.router_logits is not None
+            layer.next_layer = following if following.predicted or layer.stages_next else None
 
     @property
     def num_experts(self) -> int:
@@ -193,6 +199,7 @@ class DaopEngine:
             raise ValueError(f"stream must be one of {STREAM_MODES}, got {mode!r}")
         self.stream = mode
         self._set_up_streaming()
+        self._link_layers()
 
     def _set_up_streaming(self) -> None:
         """The shared staging rows (once the experts' format is final: at the first `place`)."""

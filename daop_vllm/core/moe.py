@@ -16,10 +16,10 @@ from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
 from daop_vllm.core.requests import RequestTracker
-from daop_vllm.core.staging import StagingSlots
+from daop_vllm.core.staging import BANKS, StagingSlots
 from daop_vllm.core.stats import DaopStats
 from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
-from daop_vllm.core.streaming import MissCosts, plan_streaming
+from daop_vllm.core.streaming import MissCosts, plan_early_staging, plan_streaming
 from daop_vllm.core.transfers import HostTransfers
 
 RoutingFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -70,6 +70,7 @@ class DaopMoE:
         self.staging: StagingSlots | None = None
         self.stream_costs: MissCosts | None = None
         self.streamed_this_step: torch.Tensor | None = None  # [E] experts this step streamed: device work
+        self.stages_next = False  # copies the next layer's predicted host experts a layer early (stream "auto")
         with torch.inference_mode(False):  # a normal tensor: the executor checks a table once per version
             self._store_index = torch.arange(store.num_experts, device="cpu")  # every expert by its store index
 
@@ -102,8 +103,8 @@ class DaopMoE:
         match = match_precomputed(prediction, ids, weights, fresh) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
         one_memory = self.cache.shares_host_memory
-        streamed = self._plan_streaming(ids, on_cpu, to_compute, match)
-        if streamed and not one_memory:
+        streamed, early = self._plan_streaming(ids, on_cpu, to_compute, match, prediction)
+        if self.streamed_this_step is not None and not one_memory:
             to_compute = to_compute & ~self.streamed_this_step[ids]
         if one_memory:  # device and host are one memory: every expert in the executor's one job (streamed too)
             to_compute = to_compute | ~on_cpu
@@ -115,21 +116,32 @@ class DaopMoE:
         if own_work and not in_one_call:
             own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table,
                                            lane=_OWN_LANE)
+        stage_next = []
         if next_prediction is not None:
+            stage_next = self._choose_staged_early(next_prediction, ids, to_compute)
             self._precompute(next_prediction, x_host)
         if own_work and in_one_call:
             own_out = self.experts_call(x_host, job_ids, weights)
+        bank = self.layer % BANKS
+        early_out = None
+        if early:  # staged a layer early: run first, so that this layer's own copies may reuse the rows
+            self.staging.ready(bank)
+            early_out = self.device_forward(x, executed_ids, executed_weights, *prediction.staged)
         staged = None  # the first staging round's copies start before the resident experts' kernel
         if streamed and not one_memory:
-            staged = self.staging.stage(self.store, streamed[:self.staging.num_slots])
+            staged = self.staging.stage(self.store, streamed[:self.staging.num_slots], bank)
+        if stage_next:  # after this layer's own copies: they are needed first
+            self._stage_next(next_prediction, stage_next)
         if not one_memory and not bool(on_cpu.all()):
             out = self.device_forward(
                 x, executed_ids, executed_weights, self.cache.w13, self.cache.w2, self.cache.slot_of_expert
             )
         else:
             out = torch.zeros_like(x)
+        if early_out is not None:
+            out += early_out
         if staged is not None:  # the copies ran beside the resident experts
-            out += self._streamed_forward(x, executed_ids, executed_weights, streamed, staged)
+            out += self._streamed_forward(x, executed_ids, executed_weights, streamed, staged, bank)
         cpu_out = self._cpu_result(own_job, own_out, job_ids, weights, job_table, prediction, match, x_host)
         if cpu_out is not None:
             job = own_job if own_job is not None and own_job.owns(cpu_out) else None
@@ -148,41 +160,48 @@ class DaopMoE:
         return ((self.cache.holds_every_expert or self.cache.shares_host_memory) and not self.predicted
                 and self.next_layer is None and not self.requests.recording and not streams)
 
-    def _plan_streaming(self, ids: torch.Tensor, on_cpu: torch.Tensor, to_compute: torch.Tensor,
-                        match) -> list[int]:
-        """The host experts this step streams (streaming.plan_streaming on their tokens), heaviest
-        first, also as the mask `streamed_this_step`; counted in the stats. Experts with
-        pre-computed results this step stay on the CPU (their results are partly there already),
-        and where device and host are one memory only `stream` "all" streams (there is nothing
-        to copy to)."""
+    def _plan_streaming(self, ids: torch.Tensor, on_cpu: torch.Tensor, to_compute: torch.Tensor, match,
+                        prediction: Prediction | None) -> tuple[list[int], list[int]]:
+        """(the host experts this step streams, heaviest first; those of them the layer before
+        staged early that the routing chose), also as the mask `streamed_this_step`; counted
+        in the stats. Experts with pre-computed results this step stay on the CPU (their results
+        are partly there already), and where device and host are one memory only `stream` "all"
+        streams (there is nothing to copy to)."""
         self.streamed_this_step = None
         if self.staging is None or self.stream_mode == "off" or not bool(to_compute.any()):
-            return []
+            return [], []
         if self.cache.shares_host_memory and self.stream_mode != "all":
-            return []
+            return [], []
         num_experts = self.store.num_experts
         tokens = torch.bincount(ids[to_compute], minlength=num_experts)
         if match is not None and bool(match.covered.any()):
             tokens[torch.bincount(ids[match.covered], minlength=num_experts) > 0] = 0
+        early = []  # staged a layer early and routed to: on the device whatever the plan
+        if prediction is not None and prediction.staged_experts:
+            early = [e for e in prediction.staged_experts if tokens[e] > 0]
+        early_tokens = tokens[early].tolist()
+        tokens[early] = 0
         host = tokens.nonzero().squeeze(1)
-        if host.numel() == 0:
-            return []
+        if host.numel() == 0 and not early:
+            return [], []
         resident_tokens = torch.bincount(ids[~on_cpu], minlength=num_experts)
         costs = self.stream_costs
-        device_busy = sum(costs.device_s(n) for n in resident_tokens[resident_tokens > 0].tolist())
+        device_busy = sum(costs.device_s(n) for n in resident_tokens[resident_tokens > 0].tolist() + early_tokens)
         counts = tokens[host].tolist()
         plan = plan_streaming(counts, costs, device_busy, self.staging.num_slots, self.stream_mode)
         streamed = [e for _, e in sorted(((n, e) for n, e, s in zip(counts, host.tolist(), plan) if s), reverse=True)]
-        if streamed:
+        if streamed or early:
             self.streamed_this_step = torch.zeros(num_experts, dtype=torch.bool, device="cpu")
-            self.streamed_this_step[streamed] = True
-            self._count_streamed(ids, to_compute, streamed)
-        return streamed
+            self.streamed_this_step[streamed + early] = True
+            self._count_streamed(ids, to_compute, streamed, early)
+        return streamed, early
 
-    def _count_streamed(self, ids: torch.Tensor, to_compute: torch.Tensor, streamed: list[int]) -> None:
-        """Streamed experts, their bytes (none copied where device and host are one memory),
-        and per phase the experts streamed for the phase's rows."""
-        counts = {"streamed_experts": len(streamed),
+    def _count_streamed(self, ids: torch.Tensor, to_compute: torch.Tensor, streamed: list[int],
+                        early: list[int]) -> None:
+        """Streamed experts (`early`: staged a layer early, their bytes counted then), their
+        bytes (none copied where device and host are one memory), and per phase the experts
+        streamed for the phase's rows."""
+        counts = {"streamed_experts": len(streamed) + len(early), "staged_early_used": len(early),
                   "stream_bytes": 0 if self.cache.shares_host_memory else len(streamed) * self.store.expert_bytes}
         phases = self.requests.row_phases(ids.shape[0])
         if phases is not None:
@@ -193,15 +212,15 @@ class DaopMoE:
         self.stats.add(self.layer, **counts)
 
     def _streamed_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
-                          staged: tuple) -> torch.Tensor:
+                          staged: tuple, bank: int) -> torch.Tensor:
         """The streamed experts' share on the device: `staged` holds the first staging round
-        (already copying); further rounds reuse the rows once the round before has run."""
+        (already copying into `bank`); further rounds reuse the rows once the round before has run."""
         rounds = self.staging.num_slots
         out = None
         for start in range(0, len(experts), rounds):
             if start:
-                staged = self.staging.stage(self.store, experts[start:start + rounds])
-            self.staging.ready()
+                staged = self.staging.stage(self.store, experts[start:start + rounds], bank)
+            self.staging.ready(bank)
             part = self.device_forward(x, ids, weights, *staged)
             out = part if out is None else out + part
         return out
@@ -301,10 +320,39 @@ class DaopMoE:
         return Prediction(self.requests.step, x_host.shape[0], decode_rows, raw_ids, ids, weights, degraded,
                           decode_rows[pair], ids[pair, k], None, inputs)
 
+    def _choose_staged_early(self, prediction: Prediction, ids: torch.Tensor, to_compute: torch.Tensor) -> list[int]:
+        """Where this layer stages the next one's experts early (streaming.plan_early_staging):
+        the copies' head start is this layer's own CPU work. Their pairs leave the
+        pre-computation: the next layer runs them on the device, on its true input."""
+        if not self.stages_next or prediction.pair_experts.numel() == 0:
+            return []
+        counts = torch.bincount(prediction.pair_experts, minlength=self.next_layer.store.num_experts)
+        experts = counts.nonzero().squeeze(1)
+        own = torch.bincount(ids[to_compute], minlength=self.store.num_experts)
+        head_start = sum(map(self.stream_costs.cpu_s, own[own > 0].tolist()))
+        chosen = plan_early_staging(dict(zip(experts.tolist(), counts[experts].tolist())),
+                                    self.next_layer.stream_costs, 0.0, self.staging.num_slots, 0.0, -head_start)
+        if chosen:
+            kept = ~torch.isin(prediction.pair_experts, torch.tensor(chosen, dtype=torch.int64))
+            prediction.pair_rows, prediction.pair_experts = prediction.pair_rows[kept], prediction.pair_experts[kept]
+        return chosen
+
+    def _stage_next(self, prediction: Prediction, experts: list[int]) -> None:
+        """Copy `experts` of the next layer into its bank of staging rows (counted there)."""
+        target = self.next_layer
+        prediction.staged_experts = experts
+        prediction.staged = self.staging.stage(target.store, experts, target.layer % BANKS)
+        self.stats.add(target.layer, staged_early=len(experts), stream_bytes=len(experts) * target.store.expert_bytes)
+
     def _precompute(self, prediction: Prediction, x_host: torch.Tensor | None) -> None:
         """Start the predicted host-resident experts of the next layer on this layer's input,
-        one row per (row, expert) pair, unweighted (the consumer weighs them)."""
+        one row per (row, expert) pair, unweighted (the consumer weighs them). A layer that is
+        not predicted (exact mode) gets the prediction for its staged experts only: nothing
+        pre-computed, its routing its own."""
         target = self.next_layer
+        if not target.predicted:
+            prediction.pair_rows = prediction.pair_rows[:0]
+            prediction.pair_experts = prediction.pair_experts[:0]
         if prediction.pair_rows.numel():
             pairs = prediction.pair_rows.numel()
             prediction.job = self.executor.submit(

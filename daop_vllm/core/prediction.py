@@ -9,7 +9,7 @@ Legend: T rows in the step, R predicted (decode) rows, K top-k, E experts, P pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,6 +70,8 @@ class Prediction:
     pair_experts: torch.Tensor  # [P]
     job: CpuJob | None  # its result [P, H] is each pair's unweighted expert output
     inputs: torch.Tensor | None = None  # [R, H] the predicting layer's input, where a tolerance gates
+    staged_experts: list[int] = field(default_factory=list)  # host experts copied to staging rows a layer early
+    staged: tuple | None = None  # their (w13, w2, slot table) in the staging rows
 
     def fresh_rows(self, actual: torch.Tensor, tolerance: float | None) -> torch.Tensor | None:
         """[R] bool: the predicted rows whose input `actual` [T, H] (the consuming layer's) is

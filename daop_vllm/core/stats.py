@@ -21,6 +21,8 @@ COUNTERS = (
     "stream_bytes",  # bytes copied for that (0 where device and host share memory)
     "prefill_streamed_experts",  # ... streamed for prompt rows (an expert streamed for both phases counts in both)
     "decode_streamed_experts",  # ... and for generated rows
+    "staged_early",  # host experts of this layer copied to a staging slot a layer early, from the prediction
+    "staged_early_used",  # ... of them this layer's routing chose (counted in streamed_experts too)
     "swaps",  # experts brought onto the device by re-allocation
     "swap_bytes",  # bytes copied to the device for those swaps (0 where device and host share memory)
 )

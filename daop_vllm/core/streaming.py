@@ -115,3 +115,15 @@ def plan_streaming(tokens: Sequence[int], costs: MissCosts, device_busy_s: float
     for expert in order[:chosen]:
         streamed[expert] = True
     return streamed
+
+
+def plan_early_staging(tokens: dict[int, int], costs: MissCosts, device_busy_s: float, staging_slots: int,
+                       cpu_busy_s: float, copy_start_s: float) -> list[int]:
+    """The predicted host experts of the next layer (`tokens`: predicted tokens per expert)
+    worth copying to staging rows a layer early, heaviest first, at most `staging_slots`: those
+    plan_streaming streams when their copies start at `copy_start_s` (negative: before the layer
+    does, the head start). The engine and the simulator both stage with it."""
+    experts = sorted(tokens, key=lambda e: -tokens[e])
+    plan = plan_streaming([tokens[e] for e in experts], costs, device_busy_s, staging_slots, "auto", cpu_busy_s,
+                          copy_start_s=copy_start_s)
+    return [e for e, streamed in zip(experts, plan) if streamed][:staging_slots]

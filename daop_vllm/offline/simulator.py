@@ -27,7 +27,7 @@ from daop_vllm.core.hardware import FORMAT_READ_SHARE, OUR_CPU_EFFICIENCY, TORCH
 from daop_vllm.core.placement import plan_residency, rank_pairs
 from daop_vllm.core.prediction import Fidelity, degrade
 from daop_vllm.core.routing import SoftmaxTopK
-from daop_vllm.core.streaming import expert_costs, layer_timeline, plan_streaming
+from daop_vllm.core.streaming import expert_costs, layer_timeline, plan_early_staging, plan_streaming
 from daop_vllm.offline.model_shapes import MoEShape
 from daop_vllm.offline.trace_analysis import calibrate_profile, split_sequence
 from daop_vllm.offline.traces import TraceSequence
@@ -395,12 +395,9 @@ class Simulator:
         per_expert: dict[int, int] = {}
         for _, expert in jobs:
             per_expert[expert] = per_expert.get(expert, 0) + 1
-        experts = sorted(per_expert, key=lambda e: -per_expert[e])
-        counts = [per_expert[e] for e in experts]
-        plan = plan_streaming(counts, self.miss_costs, device_busy_s, self.staging_slots, self.policy.stream,
-                              cpu_busy_s, copy_start_s=self.link_free - start_s)
         landed: dict[int, float] = {}
-        for expert in [e for e, s in zip(experts, plan) if s][:self.staging_slots]:
+        for expert in plan_early_staging(per_expert, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s,
+                                         self.link_free - start_s):
             if self.link_free >= start_s:
                 break
             self.link_free += self._copy_s()

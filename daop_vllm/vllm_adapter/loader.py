@@ -27,6 +27,7 @@ from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import load_hardware, measure_hardware
 from daop_vllm.core.placement import load_profile, plan_for_budget
 from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
+from daop_vllm.core.staging import BANKS
 from daop_vllm.vllm_adapter.cpu_fused_experts import (
     cpu_fused_experts,
     kernel_isa,
@@ -297,7 +298,8 @@ class DaopModelLoader(BaseModelLoader):
             where = ("device and host are one memory: nothing to copy, so nothing streams" if engine.stream == "auto"
                      else "device and host are one memory: its bookkeeping only (counted, nothing copied)")
         else:
-            where = (f"{engine.staging_slots} staging slots shared by the layers, "
+            early = ", decode experts staged a layer early from the prediction" if engine.stream == "auto" else ""
+            where = (f"{engine.staging_slots} staging slots in each of {BANKS} banks shared by the layers{early}, "
                      f"{engine.staging.nbytes / 2**30:.2f} GiB (untested on a GPU)")
         return f"{engine.stream}: {what}; {where}"
 
@@ -317,9 +319,10 @@ class DaopModelLoader(BaseModelLoader):
             return None
         budget = auto_budget(self._vllm_config, self.options.kv_reserve_tokens, engine.device)
         logger.info("daop: auto budget: %s", budget.explain())
-        staging = engine.staging_slots * engine.expert_bytes if engine.stream != "off" else 0
+        staging = BANKS * engine.staging_slots * engine.expert_bytes if engine.stream != "off" else 0
         if staging:
-            logger.info("daop: auto budget: %.2f GiB of it for %d staging slots", staging / 2**30, engine.staging_slots)
+            logger.info("daop: auto budget: %.2f GiB of it for %d x %d staging slots", staging / 2**30, BANKS,
+                        engine.staging_slots)
         return max(0, budget.expert_bytes - staging)
 
 

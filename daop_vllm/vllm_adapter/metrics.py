@@ -26,6 +26,8 @@ LAYER_COUNTERS = {
     "degraded": "decode rows whose host-resident experts degradation replaced",
     "streamed_experts": "host experts copied to a staging slot and run on the device for a step",
     "stream_bytes": "bytes copied to the device for streamed experts",
+    "staged_early": "host experts copied to a staging slot a layer early, from the prediction",
+    "staged_early_used": "experts staged a layer early that the layer's routing chose",
     "swaps": "experts brought onto the device by re-allocation",
     "swap_bytes": "bytes copied to the device by re-allocation",
     "faults_recovered": "CPU executor or swap failures recovered inside the layer",
