@@ -1,5 +1,5 @@
 /* What the CPU expert kernels of both weight kinds share (cpu_experts.c: fp32/bf16 weights;
- * cpu_quantized.c: int8/int4): element types, the rows a thread claims, and the ISA flags. */
+ * cpu_quantized.c: int8/int4/fp8): element types, the rows a thread claims, and the ISA flags. */
 #ifndef DAOP_CPU_COMMON_H
 #define DAOP_CPU_COMMON_H
 
@@ -13,7 +13,7 @@
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };               /* activations' (and unquantized weights') type */
-enum { FMT_PLAIN = 0, FMT_INT8 = 1, FMT_INT4 = 2 }; /* weights: in the activations' type, or quantized */
+enum { FMT_PLAIN = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3 }; /* weights: in the activations' type, or quantized */
 extern int has_avx512_bf16, has_avx512f, has_amx_bf16, has_avx512bw, has_avx512_vnni; /* set at load */
 
 static inline float bf16_to_f32(uint16_t v) {

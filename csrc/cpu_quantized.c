@@ -1,8 +1,9 @@
 /*
  * CPU expert kernels for quantized weights: the two halves of cpu_experts.c (gate_up_act,
- * down_weighted) for weights stored in int8 (a fp32 scale per row) or int4 (groups of 128 along
+ * down_weighted) for weights stored in int8 (a fp32 scale per row), int4 (groups of 128 along
  * the row, a bf16 scale each; each 64 columns are 32 bytes, byte j holding column j in its low
- * nibble and column j + 32 in its high one, as daop_vllm/core/quantized_experts.py writes them).
+ * nibble and column j + 32 in its high one, as daop_vllm/core/quantized_experts.py writes them)
+ * or fp8 (e4m3 bytes in blocks of 128 x 128, a fp32 scale each, as FP8 checkpoints publish them).
  * Decode reads each weight byte once, so fewer bytes per weight are what makes these faster than
  * bf16: the values are widened in registers and meet the activations there.
  *
@@ -10,7 +11,8 @@
  * row's scale applied to the sum; int4 values are looked up (vpermw) in a table of the group's 16
  * dequantised weights, bf16(q * scale), the very weights quantized_experts.dequantize gives in bf16.
  * fp32 activations (AVX-512F): every weight as q * scale in fp32, as dequantize gives in fp32, then
- * FMA. Elsewhere portable C, with the same fp32 weights.
+ * FMA. fp8 weights become fp32 q * scale, exactly as dequantize gives them, for both (a bf16 token
+ * widened to fp32 is exact too). Elsewhere portable C, with the same fp32 weights.
  */
 #include "cpu_pool.h" /* Python.h first */
 #include "cpu_common.h"
@@ -28,16 +30,27 @@ static inline int qrows_for(int g) { return g == 1 ? 8 : g <= 3 ? 4 : 2; }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-static inline int64_t row_bytes(int fmt, int64_t cols) { return fmt == FMT_INT8 ? cols : cols / 2; }
+static inline int64_t row_bytes(int fmt, int64_t cols) { return fmt == FMT_INT4 ? cols / 2 : cols; }
 
-/* A row's scales: its one fp32 scale (int8) or its groups' bf16 scales (int4). */
+/* A row's scales: its one fp32 scale (int8), its groups' bf16 scales (int4) or the fp32 scales of
+ * the 128 x 128 blocks it crosses (fp8: the block row's, one per 128 columns). */
 static inline const void *row_scales(int fmt, const void *scales, int64_t cols, int64_t r) {
     if (fmt == FMT_INT8) return (const float *)scales + r;
+    if (fmt == FMT_FP8) return (const float *)scales + r / Q_GROUP * (cols / Q_GROUP);
     return (const uint16_t *)scales + r * (cols / Q_GROUP);
+}
+
+/* An e4m3 byte (no infinities; 0x7f / 0xff are NaN) as a float. */
+static inline float fp8_to_f32(uint8_t b) {
+    int exponent = (b >> 3) & 15, mantissa = b & 7;
+    float magnitude = exponent == 15 && mantissa == 7 ? NAN
+                      : exponent ? ldexpf(1.0f + mantissa / 8.0f, exponent - 7) : ldexpf(mantissa / 8.0f, -6);
+    return b & 0x80 ? -magnitude : magnitude;
 }
 
 static inline float q_weight(int fmt, const uint8_t *w, const void *s, int64_t c) {
     if (fmt == FMT_INT8) return (float)(int8_t)w[c] * *(const float *)s;
+    if (fmt == FMT_FP8) return fp8_to_f32(w[c]) * ((const float *)s)[c / Q_GROUP];
     uint8_t byte = w[c / Q_BLOCK * (Q_BLOCK / 2) + c % (Q_BLOCK / 2)];
     int q = (c % Q_BLOCK < Q_BLOCK / 2 ? byte & 15 : byte >> 4) - 8;
     return (float)q * bf16_to_f32(((const uint16_t *)s)[c / Q_GROUP]);
@@ -252,6 +265,42 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512 ps_of_bf16(cons
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* fp8 rows: per block of 128 columns its scale times 2^8; per 16 columns the e4m3 bytes become
+ * fp16 bits (the sign, and exponent and mantissa shifted into place: the value times 2^-8,
+ * subnormals included), widened to fp32 and scaled, q * scale exactly as dequantize gives it. */
+#define F8_X_F32(t, c) _mm512_loadu_ps((const float *)x[t] + (c))
+#define F8_X_BF16(t, c) ps_of_bf16((const uint16_t *)x[t] + (c))
+#define DEFINE_F8(NAME, LOAD_X, R, G)                                                                    \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))) static void NAME##_##R##x##G(          \
+        const uint8_t *const *w, const void *const *s, const void *const *x, int64_t len, float *dots) {  \
+        const __m256i magnitude = _mm256_set1_epi16(0x7f), sign = _mm256_set1_epi16(0x80);             \
+        __m512 acc[R][G];                                                                                \
+        Q_ZERO(R, G, acc);                                                                               \
+        for (int64_t group = 0; group < len / Q_GROUP; group++) {                                        \
+            __m512 scale[R];                                                                             \
+            for (int r = 0; r < R; r++) scale[r] = _mm512_set1_ps(256.0f * ((const float *)s[r])[group]); \
+            for (int64_t c = group * Q_GROUP; c < (group + 1) * Q_GROUP; c += 16) {                      \
+                __m512 xv[G];                                                                            \
+                for (int t = 0; t < G; t++) xv[t] = LOAD_X(t, c);                                        \
+                for (int r = 0; r < R; r++) {                                                            \
+                    _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES / R), _MM_HINT_T0);              \
+                    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w[r] + c)));     \
+                    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, magnitude), 7),    \
+                                                _mm256_slli_epi16(_mm256_and_si256(b, sign), 8));        \
+                    __m512 wv = _mm512_mul_ps(_mm512_cvtph_ps(h), scale[r]);                             \
+                    for (int t = 0; t < G; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);      \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]);               \
+    }
+#define DEFINE_F8_F32(R, G) DEFINE_F8(f8_f32, F8_X_F32, R, G)
+#define DEFINE_F8_BF16(R, G) DEFINE_F8(f8_bf16, F8_X_BF16, R, G)
+DEFINE_Q_FAMILY(DEFINE_F8_F32)
+DEFINE_Q_FAMILY(DEFINE_F8_BF16)
+static const qdots_fn f8dots_avx512[2][QMAX_TOKENS] = {Q_FAMILY_TABLE(f8_f32), Q_FAMILY_TABLE(f8_bf16)};
+
 /* Where column c of a group lies in nibble order: the 32-column quarters 0, 2, 1, 3. */
 static inline int64_t nibble_order(int64_t c) {
     int64_t quarter = c / 32;
@@ -286,7 +335,7 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint1
 
 /* Whether a call runs on the integer kernels: bf16 tokens, on a CPU with them, rows they fit. */
 static int use_integers(int fmt, int dtype, int64_t len) {
-    return dtype == DT_BF16 && has_avx512_bf16 && has_avx512_vnni && has_avx512bw &&
+    return fmt != FMT_FP8 && dtype == DT_BF16 && has_avx512_bf16 && has_avx512_vnni && has_avx512bw &&
            len % (fmt == FMT_INT4 ? Q_GROUP : 32) == 0;
 }
 
@@ -315,6 +364,10 @@ static int quantize_tokens(int fmt, const void *x, int64_t ld, const int64_t *to
 static void qdots(int fmt, int dtype, int integers, const uint8_t *const *w, const void *const *s, const void *const *x,
                   int g, int64_t len, float *dots) {
 #ifdef DAOP_X86
+    if (fmt == FMT_FP8 && has_avx512bw) {
+        f8dots_avx512[dtype == DT_BF16][g - 1](w, s, x, len, dots);
+        return;
+    }
     if (integers || (dtype == DT_F32 && has_avx512bw)) {
         qdots_avx512[fmt == FMT_INT4][integers][g - 1](w, s, x, len, dots);
         return;

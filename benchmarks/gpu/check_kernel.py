@@ -10,7 +10,7 @@ and the whole call, against the machine's read rate (a device-to-device copy of 
 and against torch's per-expert matmuls on routing prepared beforehand. GB/s count the expert
 weights a call must read; TFLOP/s its 6*H*I per pair. With --sweep, launch configurations are
 timed per shape and the fastest written as the kernel's JSON configs (daop_vllm/core/triton_configs/).
-With --formats int8 int4, the same for quantized slots (dequantised in the kernel): GB/s count the
+With --formats int8 int4 fp8, the same for quantized slots (dequantised in the kernel): GB/s count the
 bytes the format stores, the torch baseline stays the bf16 matmuls.
 """
 
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daop_vllm.core.expert_math import expert_mlp, routed_experts_forward  # noqa: E402
-from daop_vllm.core.quantized_experts import quantize  # noqa: E402
+from daop_vllm.core.quantized_experts import FORMATS, quantize  # noqa: E402
 from daop_vllm.core.triton_configs import (  # noqa: E402
     LaunchConfig,
     config_file_name,
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-expert", type=int, nargs="+", default=list(TOKENS_PER_EXPERT))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sweep", type=Path, help="sweep launch configs per shape, write the fastest here as JSON")
-    parser.add_argument("--formats", nargs="+", default=["bf16"], choices=["bf16", "int8", "int4"],
+    parser.add_argument("--formats", nargs="+", default=["bf16"], choices=FORMATS,
                         help="the slots' storage (int8/int4: dequantised in the kernel)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu/run_all.sh sweep       # launch configs swept (bf16 shapes), written to
 #                                              # daop_vllm/core/triton_configs and $OUT (~4 min)
 #   bash benchmarks/gpu/run_all.sh kernel      # check_kernel.py with those configs  (~3 min)
-#   bash benchmarks/gpu/run_all.sh formats     # check_kernel.py on int8/int4 slots, Mixtral (~3 min)
+#   bash benchmarks/gpu/run_all.sh formats     # check_kernel.py on int8/int4/fp8 slots, Mixtral (~4 min)
 #   bash benchmarks/gpu/run_all.sh lifecycle   # engine_lifecycle.py, real-size      (~3 min)
 #   bash benchmarks/gpu/run_all.sh policies    # policies.py on the Mixtral trace    (~5 min)
 #   bash benchmarks/gpu/run_all.sh streaming   # policies.py with and without streaming: batch 1
@@ -38,7 +38,7 @@ for section in $sections; do
     kernel)
       timeout 300 python benchmarks/gpu/check_kernel.py --out "$OUT/gpu_check_kernel.json" 2>&1 | tail -30 ;;
     formats)
-      timeout 300 python benchmarks/gpu/check_kernel.py --shapes mixtral-8x7b --formats int8 int4 \
+      timeout 300 python benchmarks/gpu/check_kernel.py --shapes mixtral-8x7b --formats int8 int4 fp8 \
         --tokens-per-expert 1 4 64 --out "$OUT/gpu_check_kernel_formats.json" 2>&1 | tail -12 ;;
     lifecycle)
       timeout 300 python benchmarks/gpu/engine_lifecycle.py --out "$OUT/gpu_engine_lifecycle.json" 2>&1 \

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from daop_vllm.cli.model_builder import FAMILIES
+from daop_vllm.core.quantized_experts import check_format
 from daop_vllm.cli.trained_model import RECIPES
 
 
@@ -25,6 +26,9 @@ def add_parser(commands) -> None:
     build.add_argument("--intermediate-size", type=int, default=128)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--family", default="mixtral", choices=list(FAMILIES), help="the MoE architecture")
+    build.add_argument("--quantize", choices=["fp8"],
+                       help="write the routed experts as an FP8 checkpoint does: e4m3 in blocks of 128 x 128 with "
+                            "a scale each (hidden and intermediate sizes multiples of 128)")
     build.set_defaults(run=run)
 
 
@@ -35,7 +39,10 @@ def run(args: argparse.Namespace) -> None:
 
         shape = TinyMixtralShape(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                                  hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
-        print(build_tiny_mixtral(out_dir, shape, seed=args.seed, family=args.family))
+        if args.quantize:
+            for size in (args.hidden_size, args.intermediate_size):
+                check_format(args.quantize, size, what="--quantize experts")
+        print(build_tiny_mixtral(out_dir, shape, seed=args.seed, family=args.family, quantize_experts=args.quantize))
         return
     from daop_vllm.cli.trained_model import build_trained_model, model_card_summary
 

@@ -8,10 +8,13 @@ few sentences, so that text prompts work end to end.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from daop_vllm.core.quantized_experts import FP8_BLOCK, quantize
 
 _TOKENIZER_CORPUS = [
     "Mixture-of-Experts models route every token to a few experts out of many.",
@@ -142,15 +145,21 @@ def family_config(family: str, shape: TinyMixtralShape, init_std: float):
     raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(FAMILIES)}")
 
 
+# A routed expert's weight in the families' checkpoints (shared experts are not routed)
+EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(w[123]|gate_proj|up_proj|down_proj)\.weight$")
+
+
 def build_tiny_mixtral(
     out_dir: str | Path,
     shape: TinyMixtralShape = TinyMixtralShape(),
     seed: int = 0,
     init_std: float = 0.1,
     family: str = "mixtral",
+    quantize_experts: str | None = None,
 ) -> Path:
     """Write config, safetensors weights and tokenizer of a random MoE model (Mixtral, or
-    another family of FAMILIES in the same small shape) to `out_dir`.
+    another family of FAMILIES in the same small shape) to `out_dir`; with `quantize_experts`
+    "fp8", its routed experts as an FP8 block-quantized checkpoint holds them (fp8_checkpoint).
 
     `init_std` is larger than Mixtral's 0.02 so that greedy decoding has clear winners:
     comparisons between two implementations then do not hinge on near-ties of logits.
@@ -168,8 +177,43 @@ def build_tiny_mixtral(
         config_path = out / "config.json"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
                                            "architectures": ["PhiMoEForCausalLM"]}, indent=2))
+    if quantize_experts == "fp8":
+        fp8_checkpoint(out)
+    elif quantize_experts is not None:
+        raise ValueError(f"checkpoints quantize their experts as fp8 only, not {quantize_experts!r}")
     build_tokenizer(out, shape.vocab_size)
     (out / "daop_model_card.json").write_text(
-        json.dumps({"builder": "daop_vllm.cli.model_builder", "family": family, "seed": seed, **shape.__dict__})
+        json.dumps({"builder": "daop_vllm.cli.model_builder", "family": family, "seed": seed,
+                    "quantize_experts": quantize_experts, **shape.__dict__})
     )
     return out
+
+
+def fp8_checkpoint(model_dir: Path) -> None:
+    """Rewrite the checkpoint in `model_dir` the way DeepSeek-V3's and Qwen3's FP8 checkpoints are
+    written, for its routed experts: each expert matrix as float8 e4m3 values in blocks of 128 x
+    128 and a `weight_scale_inv` per block (quantized_experts' fp8), `quantization_config` with
+    `weight_block_size` [128, 128] and dynamic activation scales, the model in bf16. Every other
+    linear layer is left unquantized and named in `ignored_layers` (vLLM's FP8 linear kernels on
+    the CPU need AMX)."""
+    from safetensors.torch import load_file, save_file
+
+    ignored = []
+    for path in model_dir.glob("*.safetensors"):
+        tensors = {}
+        for name, tensor in load_file(path).items():
+            if EXPERT_WEIGHT.search(name):
+                quantized = quantize(tensor, "fp8")
+                tensors[name] = quantized.data.view(torch.float8_e4m3fn)
+                tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantized.scales
+            else:
+                tensors[name] = tensor.to(torch.bfloat16)
+                if tensor.dim() == 2:
+                    ignored.append(name.removesuffix(".weight"))
+        save_file(tensors, path, metadata={"format": "pt"})
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "ignored_layers": sorted(ignored)}
+    config_path.write_text(json.dumps(config, indent=2))

@@ -96,9 +96,13 @@ class DaopEngine:
         intermediate_size: int,
         dtype: torch.dtype,
         route: RoutingFunction,
+        checkpoint_format: str = "bf16",
     ) -> DaopMoE:
+        """A layer whose experts load in `dtype` (the activations'), or in `checkpoint_format` fp8
+        as an FP8 checkpoint holds them (HostExpertStore)."""
         pin = self.device.type == "cuda"
-        store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin)
+        store = HostExpertStore(num_experts, hidden_size, intermediate_size, dtype, pin_memory=pin,
+                                checkpoint_format=checkpoint_format)
         cache = DeviceExpertCache(store, 0, self.device, self.one_memory)
         layer = DaopMoE(len(self.layers), store, cache, route, self.device_forward, self.executor, self.stats,
                         self.requests, self.transfers)

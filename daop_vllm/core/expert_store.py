@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from daop_vllm.core.quantized_experts import QuantizedWeights, quantize
+from daop_vllm.core.quantized_experts import FP8_BLOCK, QuantizedWeights, check_format, quantize
 
 
 def pin_in_place(tensor: torch.Tensor) -> None:
@@ -30,7 +30,8 @@ def tensors_of(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, 
 class HostExpertStore:
     """All E experts of one layer in host memory, in the fused layout vLLM uses:
     w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], in the loaded `dtype`, or after
-    `quantize` in a smaller `format` (quantized_experts.py).
+    `quantize` in a smaller `format` (quantized_experts.py); or, for a checkpoint that publishes
+    them so (`checkpoint_format` fp8), loaded in that format directly, `dtype` the activations'.
 
     Pinned when a CUDA device exists, so that copies to device slots run asynchronously.
     """
@@ -42,17 +43,30 @@ class HostExpertStore:
         intermediate_size: int,
         dtype: torch.dtype,
         pin_memory: bool,
+        checkpoint_format: str = "bf16",
     ) -> None:
         shape13 = (num_experts, 2 * intermediate_size, hidden_size)
         shape2 = (num_experts, hidden_size, intermediate_size)
-        self.w13: torch.Tensor | QuantizedWeights = torch.empty(shape13, dtype=dtype, device="cpu")
-        self.w2: torch.Tensor | QuantizedWeights = torch.empty(shape2, dtype=dtype, device="cpu")
+        self.w13: torch.Tensor | QuantizedWeights
+        self.w2: torch.Tensor | QuantizedWeights
+        if checkpoint_format == "fp8":
+            check_format("fp8", hidden_size, rows=intermediate_size, what="the checkpoint's experts")
+            self.w13, self.w2 = (QuantizedWeights(
+                "fp8", torch.empty(shape, dtype=torch.uint8, device="cpu"),
+                torch.empty((num_experts, shape[1] // FP8_BLOCK, shape[2] // FP8_BLOCK), dtype=torch.float32,
+                            device="cpu"),
+                torch.Size(shape)) for shape in (shape13, shape2))
+        elif checkpoint_format == "bf16":
+            self.w13 = torch.empty(shape13, dtype=dtype, device="cpu")
+            self.w2 = torch.empty(shape2, dtype=dtype, device="cpu")
+        else:
+            raise ValueError(f"experts load as bf16 (the model's dtype) or fp8, not {checkpoint_format!r}")
         self.dtype = dtype  # the loaded weights' and the activations'
-        self.format = "bf16"  # as loaded
+        self.format = checkpoint_format  # bf16: as loaded, in `dtype`
         self.pinned = pin_memory
         if pin_memory:
-            pin_in_place(self.w13)
-            pin_in_place(self.w2)
+            for tensor in tensors_of(self.w13) + tensors_of(self.w2):
+                pin_in_place(tensor)
 
     def quantize(self, name: str) -> None:
         """Replace the loaded weights by format `name` (once, after they are loaded; bf16 keeps

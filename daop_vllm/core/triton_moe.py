@@ -7,7 +7,7 @@ the partial result into the output with atomics (split over I, so no program hol
 intermediate row). Few pairs (decode) take a GEMV-shaped launch that finds each slot's pairs in
 the kernel; more take a grouped GEMM over the pairs sorted by slot. Pairs routed to experts that
 are not resident are skipped. Same contract as `expert_math.routed_experts_forward`. Quantized
-slots (int8, int4: quantized_experts.py) are dequantised in the kernel, each weight to q * scale
+slots (int8, int4, fp8: quantized_experts.py) are dequantised in the kernel, each weight to q * scale
 in the activations' dtype, as `dequantize` gives them.
 
 Legend: T tokens, K top-k, P = T*K pairs, E experts, S slots, H hidden, I intermediate.
@@ -34,12 +34,18 @@ def _weights(w_ptr, s_ptr, row, col, stride_row, stride_col, stride_s_row, strid
              QUANT: tl.constexpr, dtype: tl.constexpr):
     """A tile of weights w[row, col] (`col` along the input), in `dtype`: loaded, or dequantised
     (int8: a scale per row; int4: nibbles, column j and j + 32 of each 64 in one byte, a scale
-    per 128 columns)."""
+    per 128 columns; fp8: e4m3 bytes, a scale per block of 128 x 128)."""
     if QUANT == 0:
         w = tl.load(w_ptr + row * stride_row + col * stride_col, mask=mask, other=0.0)
     elif QUANT == 1:
         q = tl.load(w_ptr + row * stride_row + col * stride_col, mask=mask, other=0).to(tl.float32)
         w = (q * tl.load(s_ptr + row * stride_s_row, mask=mask, other=0.0)).to(dtype)
+    elif QUANT == 3:
+        # e4m3 as fp16 bits (sign; exponent and mantissa shifted into place): the value times 2^-8
+        byte = tl.load(w_ptr + row * stride_row + col * stride_col, mask=mask, other=0).to(tl.int32)
+        half = (((byte & 0x7F) << 7) | ((byte & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
+        scale = tl.load(s_ptr + (row // 128) * stride_s_row + (col // 128) * stride_s_group, mask=mask, other=0.0)
+        w = (half.to(tl.float32) * 256.0 * scale).to(dtype)
     else:
         byte = tl.load(w_ptr + row * stride_row + (col // 64 * 32 + col % 32) * stride_col, mask=mask,
                        other=0).to(tl.int32)
@@ -185,7 +191,8 @@ def _parts(weights: torch.Tensor | QuantizedWeights) -> tuple[torch.Tensor, torc
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int, int]:
-    """(slot, row, group) strides of scales [S, rows] (int8) or [S, rows, groups] (int4)."""
+    """(slot, row, group) strides of scales [S, rows] (int8), [S, rows, groups] (int4) or
+    [S, row blocks, column blocks] (fp8)."""
     return (*scales.stride()[:2], scales.stride(2) if scales.dim() == 3 else 0)
 
 

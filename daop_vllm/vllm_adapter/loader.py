@@ -26,6 +26,7 @@ from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.hardware import load_hardware, measure_hardware
 from daop_vllm.core.placement import load_profile, plan_for_budget
+from daop_vllm.core.quantized_experts import FP8_BLOCK
 from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
 from daop_vllm.core.staging import BANKS
 from daop_vllm.vllm_adapter.cpu_fused_experts import (
@@ -50,7 +51,7 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     front-end process before the engine starts, and again in the worker."""
     model_config = vllm_config.model_config
     family = model_family(model_config)
-    check_unquantized(model_config)
+    check_quantization(model_config, options.expert_format)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
     options.check_model(num_layers, num_experts, family.expert_sizes(model_config.hf_text_config))
     if options.profile:
@@ -81,19 +82,35 @@ def check_v1_model_runner(uses_v2: bool) -> None:
         )
 
 
-def check_unquantized(model_config: ModelConfig) -> None:
-    """DAOP's device kernels and CPU executor take bf16/fp16/fp32 experts only."""
-    if model_config.quantization is None:
+def check_quantization(model_config: ModelConfig, expert_format: str) -> None:
+    """DAOP serves unquantized checkpoints (bf16/fp16/fp32 experts, quantized at load by
+    `expert_format` if asked) and FP8 ones in blocks of 128 x 128 with dynamic activation scales
+    (DeepSeek-V3's and Qwen3's published format), whose experts load as fp8; vLLM keeps the rest
+    of such a model. Anything else is refused in one line naming the method."""
+    method = model_config.quantization
+    if method is None:
         return
-    if model_config.quantization == "experts_int8":
-        raise DaopConfigError("load_format 'daop' quantizes experts itself: instead of --quantization experts_int8, "
-                              "set the daop option \"expert_format\": \"int8\"")
-    if getattr(model_config.hf_config, "quantization_config", None) is not None:
-        source, remedy = "its config.json's quantization_config", "serve a bf16, fp16 or fp32 checkpoint"
-    else:
-        source, remedy = "--quantization", "leave --quantization out"
-    raise DaopConfigError(f"load_format 'daop' serves unquantized checkpoints only, and {source} makes this model "
-                          f"{model_config.quantization}: {remedy}")
+    checkpoint = getattr(model_config.hf_config, "quantization_config", None)
+    if checkpoint is None:
+        if method in ("experts_int8", "fp8"):
+            fmt = method.removeprefix("experts_")
+            raise DaopConfigError(f"load_format 'daop' quantizes experts itself: instead of --quantization {method}, "
+                                  f"set the daop option \"expert_format\": \"{fmt}\"")
+        raise DaopConfigError(f"load_format 'daop' serves unquantized and FP8 block-quantized checkpoints, and "
+                              f"--quantization makes this model {method}: leave --quantization out")
+    if method != "fp8":
+        raise DaopConfigError(f"load_format 'daop' serves unquantized and FP8 block-quantized checkpoints, and its "
+                              f"config.json's quantization_config makes this model {method}: serve a bf16, fp16, "
+                              "fp32 or FP8 (blocks of 128 x 128) checkpoint")
+    block = list(checkpoint.get("weight_block_size") or [])
+    scheme, fmt = checkpoint.get("activation_scheme", "dynamic"), checkpoint.get("fmt", "e4m3")
+    if block != [FP8_BLOCK, FP8_BLOCK] or scheme != "dynamic" or fmt != "e4m3":
+        raise DaopConfigError(f"load_format 'daop' serves FP8 checkpoints with weight_block_size [{FP8_BLOCK}, "
+                              f"{FP8_BLOCK}], activation_scheme 'dynamic' and fmt 'e4m3' (DeepSeek-V3's and Qwen3's); "
+                              f"this one has weight_block_size {block or None}, activation_scheme {scheme!r}, fmt {fmt!r}")
+    if expert_format not in ("bf16", "fp8"):
+        raise DaopConfigError(f"this checkpoint's experts are fp8 already: daop option 'expert_format' "
+                              f"{expert_format!r} would quantize them again; leave it out")
 
 
 DAOP_OP = "vllm::daop_moe_forward"
@@ -188,7 +205,7 @@ class DaopModelLoader(BaseModelLoader):
         self._checkpoint_loader.load_weights(model, model_config)
         engine: DaopEngine = model.daop_engine
         set_routers(model, engine, model_family(model_config))
-        if self.options.expert_format != "bf16":
+        if self.options.expert_format not in ("bf16", engine.expert_format):
             engine.quantize_experts(self.options.expert_format)
             release_loaded_experts(model)
         engine.staging_slots = self.options.staging_slots or engine.layers[0].route.top_k
@@ -197,7 +214,7 @@ class DaopModelLoader(BaseModelLoader):
                             self._auto_bytes(engine), self._profile(engine))
         )
         # vLLM's op takes the loaded dtype; injected faults are the executor's: keep it then
-        if self.options.test_cpu_fault_every is None and self.options.expert_format == "bf16":
+        if self.options.test_cpu_fault_every is None and engine.expert_format == "bf16":
             extra = sum(prepacked_bytes(layer.store) for layer in engine.layers)
             engine.use_experts_call(
                 cpu_fused_experts,
@@ -246,11 +263,14 @@ class DaopModelLoader(BaseModelLoader):
         ]
         return "\n".join(lines)
 
-    @staticmethod
-    def _format_report(engine: DaopEngine) -> str:
+    def _format_report(self, engine: DaopEngine) -> str:
         if engine.expert_format == "bf16":
             return "as loaded (expert_format bf16)"
         store = engine.layers[0].store
+        if self.options.expert_format != engine.expert_format:
+            return (f"{engine.expert_format} as the checkpoint holds them, blocks of {FP8_BLOCK} x {FP8_BLOCK} with a "
+                    f"scale each ({store.expert_bytes / 2**20:.1f} MiB an expert); activations "
+                    f"{str(store.dtype).removeprefix('torch.')}")
         weights = store.w13.shape[1] * store.w13.shape[2] + store.w2.shape[1] * store.w2.shape[2]
         loaded = weights * store.dtype.itemsize
         where = ("the device's slots hold them so too, dequantised in the Triton kernel" if engine.device.type == "cuda"

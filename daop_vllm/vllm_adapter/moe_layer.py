@@ -22,29 +22,41 @@ from torch import nn
 from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.moe import DaopMoE, RoutingFunction
+from daop_vllm.core.quantized_experts import FP8_BLOCK, QuantizedWeights
 from daop_vllm.core.routing import CustomRouting, SoftmaxTopK
 from daop_vllm.vllm_adapter.families import MoEFamily
 
 
 class RoutedExpertWeights(nn.Module):
     """A layer's host expert store as parameters, named as vLLM's RoutedExperts names them
-    (w13 = gate rows then up rows), each with vLLM's expert weight loader: models that load
-    experts themselves (DeepSeek-V2) call it with `shard_id` w1/w2/w3 and `expert_id`."""
+    (w13 = gate rows then up rows; fp8 experts also their block scales, `*_weight_scale_inv`),
+    each with vLLM's expert weight loader: models that load experts themselves (DeepSeek-V2) call
+    it with `shard_id` w1/w2/w3 and `expert_id`."""
 
     def __init__(self, moe: DaopMoE) -> None:
         super().__init__()
-        self.w13_weight = nn.Parameter(moe.store.w13, requires_grad=False)
-        self.w2_weight = nn.Parameter(moe.store.w2, requires_grad=False)
-        self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.load_expert
+        w13, w2 = moe.store.w13, moe.store.w2
+        if isinstance(w13, QuantizedWeights):  # fp8, as the checkpoint holds them
+            self.w13_weight_scale_inv = nn.Parameter(w13.scales, requires_grad=False)
+            self.w2_weight_scale_inv = nn.Parameter(w2.scales, requires_grad=False)
+            w13, w2 = (w.data.view(torch.float8_e4m3fn) for w in (w13, w2))
+        self.w13_weight = nn.Parameter(w13, requires_grad=False)
+        self.w2_weight = nn.Parameter(w2, requires_grad=False)
+        for param in self.parameters():
+            param.weight_loader = self.load_expert
 
     def load_expert(self, param: nn.Parameter, tensor: torch.Tensor, name: str = "", *, shard_id: str,
                     expert_id: int, return_success: bool = False) -> bool:
-        intermediate = self.w2_weight.shape[2]
-        if shard_id == "w2":
-            self.w2_weight[expert_id].copy_(tensor)
-        else:
-            rows = slice(0, intermediate) if shard_id == "w1" else slice(intermediate, 2 * intermediate)
-            self.w13_weight[expert_id, rows].copy_(tensor)
+        """Expert `expert_id`'s w1, w3 (rows of w13) or w2 into `param` (a weight, or its block scales)."""
+        rows = self.w2_weight.shape[2]  # the intermediate size: w1's rows
+        if param is getattr(self, "w13_weight_scale_inv", None):
+            rows //= FP8_BLOCK  # a row of block scales per 128 rows
+        target = param[expert_id] if shard_id == "w2" else param[expert_id, slice(0, rows) if shard_id == "w1"
+                                                                   else slice(rows, 2 * rows)]
+        if target.shape != tensor.shape:
+            raise ValueError(f"expert {expert_id} {shard_id} {name}: the checkpoint's {tuple(tensor.shape)} does not "
+                             f"fit {tuple(target.shape)}")
+        target.copy_(tensor)
         return True
 
 
@@ -67,7 +79,7 @@ class DaopMoELayer(nn.Module):
         self.layer_name = layer_name
         self.routed_experts = RoutedExpertWeights(moe)
         gate, down, up = (re.escape(name) for name in ckpt_names)
-        self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.weight")
+        self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.(weight|weight_scale_inv)")
         self._shard_ids = dict(zip(ckpt_names, ("w1", "w2", "w3"), strict=True))
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -80,15 +92,15 @@ class DaopMoELayer(nn.Module):
         return out + shared(hidden_states) * self._shared_output_scale
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint tensors `{expert}.{gate|down|up}.weight` into the host store (models whose
-        weight loader hands each module its own weights)."""
+        """Checkpoint tensors `{expert}.{gate|down|up}.weight` (and, fp8, `.weight_scale_inv`)
+        into the host store (models whose weight loader hands each module its own weights)."""
         loaded: set[str] = set()
         for name, tensor in weights:
             match = self._ckpt_pattern.fullmatch(name)
             if match is None:
                 raise ValueError(f"{self.layer_name}: unexpected expert weight {name!r}")
             shard_id = self._shard_ids[match.group(2)]
-            param_name = "w2_weight" if shard_id == "w2" else "w13_weight"
+            param_name = ("w2_" if shard_id == "w2" else "w13_") + match.group(3)
             self.routed_experts.load_expert(getattr(self.routed_experts, param_name), tensor, shard_id=shard_id,
                                             expert_id=int(match.group(1)))
             loaded.add(f"routed_experts.{param_name}")
@@ -197,6 +209,20 @@ def _routing(kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[RoutingFunctio
     return SoftmaxTopK(top_k, renormalize), shared_output_scale
 
 
+def expert_checkpoint_format(quant_config: Any, prefix: str) -> str:
+    """How the checkpoint holds the experts of the layer at `prefix`: "fp8" (blocks of 128 x 128)
+    under an FP8 checkpoint that does not skip the layer, else "bf16" (the model's dtype). Other
+    quantization is refused before the model is built (loader.check_quantization)."""
+    if quant_config is None or quant_config.get_name() != "fp8":
+        return "bf16"
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    skipped = is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
+                               fused_mapping=quant_config.packed_modules_mapping,
+                               match_mode=quant_config.ignored_layers_match_mode)
+    return "bf16" if skipped else "fp8"
+
+
 def _is_default(value: Any, default: Any) -> bool:
     return value is default or (not isinstance(value, torch.Tensor) and value == default)
 
@@ -212,8 +238,9 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
                 )
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         route, shared_output_scale = _routing(kwargs, dtype)
-        moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route)
         prefix = kwargs["prefix"]
+        moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route,
+                               expert_checkpoint_format(kwargs.get("quant_config"), prefix))
         layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"),
                              kwargs.get("gate"), shared_output_scale)
         forward_context = vllm_config.compilation_config.static_forward_context

@@ -1,5 +1,5 @@
 """Quantized experts: the formats' round trip and layout, one-line refusals, and the executor's
-native kernels for int8/int4 against a float64 reference on the dequantised weights."""
+native kernels for int8/int4/fp8 against a float64 reference on the dequantised weights."""
 
 import pytest
 import torch
@@ -7,11 +7,14 @@ import torch
 from daop_vllm.core.cpu_executor import QUANTIZED_NATIVE_MAX_TOKENS, CpuExpertExecutor
 from daop_vllm.core.cpu_kernels import native_kernels
 from daop_vllm.core.expert_math import expert_mlp
+from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.quantized_experts import (
+    FP8_BLOCK,
     INT4_GROUP,
     bytes_per_weight,
     check_format,
     dequantize,
+    from_checkpoint_fp8,
     quantize,
 )
 from tests.core.test_cpu_executor import reference
@@ -42,17 +45,42 @@ def test_int4_round_trip_layout_and_size():
     assert quantize(w, "int8").nbytes / w.numel() == pytest.approx(1 + 4 / w.shape[-1])
 
 
+def test_fp8_round_trip_blocks_and_size():
+    w = torch.randn(2, 2 * FP8_BLOCK, 3 * FP8_BLOCK)
+    w[1, FP8_BLOCK:, :FP8_BLOCK] *= 50  # one block of another scale
+    q = quantize(w, "fp8")
+    assert q.data.dtype == torch.uint8 and q.data.shape == w.shape and q.scales.shape == (2, 2, 3)
+    blocks = w.unflatten(-1, (3, FP8_BLOCK)).unflatten(1, (2, FP8_BLOCK))  # [E, 2, B, 3, B]
+    largest = blocks.abs().amax(dim=(2, 4))  # each block's scale: the power of two that brings it within 448
+    assert (q.scales.log2() == q.scales.log2().round()).all() and (largest / q.scales <= 448).all()
+    assert (largest / q.scales > 224).all()
+    assert torch.equal(dequantize(q, torch.bfloat16).float(), dequantize(q))  # exact in bf16 too
+    block = w[1, FP8_BLOCK:, :FP8_BLOCK]  # each value is e4m3(w / scale) * scale, the block's scale
+    scale = q.scales[1, 1, 0]
+    assert torch.equal(dequantize(q)[1, FP8_BLOCK:, :FP8_BLOCK], (block / scale).to(torch.float8_e4m3fn).float() * scale)
+    assert ((dequantize(q) - w).abs() <= w.abs() / 16 + q.scales.max() * 2**-9).all()  # 3 mantissa bits
+    assert q.nbytes / w.numel() == pytest.approx(bytes_per_weight("fp8")) == pytest.approx(1 + 4 / FP8_BLOCK**2)
+    # as a checkpoint holds them: float8 values and the block scales they are multiplied by
+    loaded = from_checkpoint_fp8(q.data.view(torch.float8_e4m3fn), q.scales)
+    assert torch.equal(dequantize(loaded), dequantize(q))
+    with pytest.raises(DaopConfigError, match=r"need block scales of \(2, 3\), got \(2, 2, 1\)"):
+        from_checkpoint_fp8(q.data.view(torch.float8_e4m3fn), q.scales[..., :1])
+
+
 def test_all_zero_group_stays_zero():
-    w = torch.zeros(1, 4, 2 * INT4_GROUP)
+    w = torch.zeros(1, FP8_BLOCK, 2 * INT4_GROUP)
     w[0, 1, :INT4_GROUP] = torch.randn(INT4_GROUP)
-    for name in ("int8", "int4"):
+    for name in ("int8", "int4", "fp8"):
         back = dequantize(quantize(w, name))
         assert torch.isfinite(back).all() and (back[0, 0] == 0).all() and (back[0, 1, INT4_GROUP:] == 0).all()
 
 
 def test_wrong_formats_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="'int3' is not one of bf16, int8, int4"):
+    with pytest.raises(ValueError, match="'int3' is not one of bf16, int8, int4, fp8"):
         check_format("int3")
+    with pytest.raises(ValueError, match=r"fp8 experts need sizes that are multiples of 128 \(blocks of 128 x 128\); "
+                                         r"got 64 x 256"):
+        quantize(torch.randn(2, 64, 256), "fp8")
     with pytest.raises(ValueError, match="multiples of 128; got 100"):
         quantize(torch.randn(2, 4, 100), "int4")
     with pytest.raises(ValueError, match="kept as loaded"):
@@ -76,12 +104,14 @@ def _case(fmt, tokens, experts, top_k, hidden, inter, dtype, seed=0, outlier=Fal
 # bf16: activations rounded to bf16 between the halves and, on CPUs with AVX512-VNNI, met in groups
 # of 128 as int16 (int8 weights) or int8 (int4 weights: 1.6% of the output's norm here, against
 # int4's own ~12% per weight; an outlier channel coarsens its group, 3.8% of the largest output)
-TOLERANCE = {("int8", torch.float32): 2e-5, ("int4", torch.float32): 2e-5,
-             ("int8", torch.bfloat16): 2e-2, ("int4", torch.bfloat16): 4e-2}
-OUTLIER_TOLERANCE = {"int8": 2e-2, "int4": 6e-2}
+# fp8: the dequantised weights themselves for both (a bf16 token widened to fp32 is exact)
+TOLERANCE = {("int8", torch.float32): 2e-5, ("int4", torch.float32): 2e-5, ("fp8", torch.float32): 2e-5,
+             ("int8", torch.bfloat16): 2e-2, ("int4", torch.bfloat16): 4e-2, ("fp8", torch.bfloat16): 1e-2}
+OUTLIER_TOLERANCE = {"int8": 2e-2, "int4": 6e-2, "fp8": 1e-2}
 SHAPES = {  # (tokens, experts, top_k, hidden, inter)
     "int8": [(1, 8, 2, 64, 128), (3, 4, 2, 160, 96), (5, 4, 2, 100, 70), (40, 16, 4, 96, 64)],
     "int4": [(1, 8, 2, 128, 256), (2, 4, 2, 384, 128), (9, 4, 2, 256, 128), (40, 16, 4, 128, 128)],
+    "fp8": [(1, 8, 2, 128, 256), (2, 4, 2, 384, 128), (7, 4, 2, 256, 128), (40, 16, 4, 128, 128)],
 }
 
 
@@ -106,7 +136,7 @@ def test_native_kernels_match_the_dequantised_reference(fmt, shape, threads, who
     assert (got.double() - want).abs().max().item() <= TOLERANCE[fmt, dtype] * want.abs().max().item()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_bf16_tokens_with_an_outlier_channel_stay_within_tolerance(fmt):
     args, dequantised = _case(fmt, 4, 4, 2, 256, 128, torch.bfloat16, outlier=True)
     executor = CpuExpertExecutor(2)
@@ -147,7 +177,7 @@ def _engine(fmt, one_memory=None, hidden=128, inter=128, experts=8, layers=2):
 
 
 @pytest.mark.parametrize("one_memory", [True, False], ids=["one-memory", "two-memories"])
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_engine_with_quantized_experts_computes_their_dequantised_weights(fmt, one_memory):
     """At every fraction the engine's output is that of an engine whose experts are the
     dequantised weights (fp32), on one memory and with device slots of their own (which hold
@@ -170,3 +200,18 @@ def test_engine_with_quantized_experts_computes_their_dequantised_weights(fmt, o
         quantized.quantize_experts(fmt)
     quantized.close()
     plain.close()
+
+
+def test_a_layer_holds_fp8_experts_as_the_checkpoint_does():
+    """An FP8 checkpoint's experts load into the store in fp8 (no copy in the activations' dtype)."""
+    engine = _engine("bf16", layers=0)
+    from daop_vllm.core.routing import SoftmaxTopK
+
+    layer = engine.add_layer(4, 128, 256, torch.bfloat16, SoftmaxTopK(2), checkpoint_format="fp8")
+    assert layer.store.format == engine.expert_format == "fp8" and layer.store.dtype == torch.bfloat16
+    assert layer.store.w13.data.shape == (4, 512, 128) and layer.store.w13.scales.shape == (4, 4, 1)
+    assert layer.store.w2.data.shape == (4, 128, 256) and layer.store.w2.scales.shape == (4, 1, 2)
+    assert layer.store.expert_bytes == 3 * 128 * 256 + 4 * (4 + 2)
+    with pytest.raises(DaopConfigError, match="multiples of 128"):
+        engine.add_layer(4, 64, 256, torch.bfloat16, SoftmaxTopK(2), checkpoint_format="fp8")
+    engine.close()

@@ -82,6 +82,8 @@ def test_kernel_matches_reference(tokens, experts, top_k, hidden, intermediate, 
     ("int8", 20, 64, 96),
     ("int4", 3, 128, 256),  # three groups along the down projection's input, two of the gate/up's
     ("int4", 20, 256, 128),
+    ("fp8", 3, 128, 256),  # blocks of 128 x 128: two along the gate/up rows' input, two along the down's
+    ("fp8", 20, 256, 128),
 ])
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_kernel_dequantises_quantized_slots(fmt, tokens, hidden, intermediate, launch):

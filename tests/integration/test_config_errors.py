@@ -78,26 +78,33 @@ def test_unsupported_moe_architecture(unsupported_moe):
                         "Qwen3MoeForCausalLM")
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoint(tiny_mixtral, tmp_path_factory) -> str:
-    """tiny_mixtral's config with DeepSeek-V3's quantization_config (the weights are not read)."""
-    path = tmp_path_factory.mktemp("fp8")
+def with_quantization_config(tiny_mixtral, directory, quantization_config) -> str:
+    """tiny_mixtral's config with `quantization_config` (the weights are not read)."""
     config = json.loads((Path(tiny_mixtral) / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [128, 128]}
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
+    config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config))
+    return str(directory)
 
 
-def test_quantized_checkpoint_is_refused_before_the_engine_starts(fp8_checkpoint):
-    """vLLM's CPU platform accepts fp8 configs: without this check the worker failed building the
-    model, and the caller got "Engine core initialization failed"."""
-    expect_config_error(fp8_checkpoint, {}, "unquantized checkpoints only", "fp8", "quantization_config",
+DEEPSEEK_V3_FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def test_fp8_checkpoints_other_than_128_blocks_are_refused_before_the_engine_starts(tiny_mixtral, tmp_path):
+    """Per-tensor FP8 (as Mixtral's published FP8 checkpoints): vLLM's CPU platform accepts the
+    config, and without this check the worker failed building the model ("Engine core
+    initialization failed")."""
+    per_tensor = with_quantization_config(tiny_mixtral, tmp_path, {**DEEPSEEK_V3_FP8, "weight_block_size": None})
+    expect_config_error(per_tensor, {}, "FP8 checkpoints with weight_block_size [128, 128]", "weight_block_size None",
                         dtype="bfloat16")  # fp8 checkpoints compute in bf16
 
 
-def test_quantization_flag_is_refused(tiny_mixtral):
-    expect_config_error(tiny_mixtral, {}, "unquantized checkpoints only", "fp8", "leave --quantization out",
+def test_fp8_experts_are_not_quantized_again(tiny_mixtral, tmp_path):
+    fp8 = with_quantization_config(tiny_mixtral, tmp_path, DEEPSEEK_V3_FP8)
+    expect_config_error(fp8, {"expert_format": "int4"}, "experts are fp8 already", "'int4'", dtype="bfloat16")
+
+
+def test_quantization_flag_points_at_expert_format(tiny_mixtral):
+    expect_config_error(tiny_mixtral, {}, "--quantization fp8", '"expert_format": "fp8"',
                         quantization="fp8", dtype="bfloat16")
 
 
