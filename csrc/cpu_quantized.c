@@ -296,10 +296,47 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512 ps_of_bf16(cons
             for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]);               \
     }
 #define DEFINE_F8_F32(R, G) DEFINE_F8(f8_f32, F8_X_F32, R, G)
-#define DEFINE_F8_BF16(R, G) DEFINE_F8(f8_bf16, F8_X_BF16, R, G)
+#define DEFINE_F8_BF16_FMA(R, G) DEFINE_F8(f8_bf16_fma, F8_X_BF16, R, G)
+
+/* fp8 rows, bf16 tokens (AVX512-BF16): 32 columns a step, each e4m3 byte turned into the bf16 of
+ * the same value (sign; exponent and mantissa shifted into place and the exponent rebiased from 7
+ * to 127: vdpbf16ps treats subnormal inputs as zero, so e4m3's subnormals, below 2^-6 of the
+ * block's scale, count as zero and zero stays zero), met by vdpbf16ps; a block's sums scaled at
+ * its end. */
+#define DEFINE_F8_BF16(R, G)                                                                             \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void f8_bf16_##R##x##G(        \
+        const uint8_t *const *w, const void *const *s, const void *const *x, int64_t len, float *dots) {  \
+        const __m512i keep = _mm512_set1_epi16((short)0x87F0), exponents = _mm512_set1_epi16(0x78);     \
+        const __m512i rebias = _mm512_set1_epi16(120 << 7);                                              \
+        __m512 acc[R][G], part[R][G];                                                                    \
+        Q_ZERO(R, G, acc);                                                                               \
+        for (int64_t group = 0; group < len / Q_GROUP; group++) {                                        \
+            Q_ZERO(R, G, part);                                                                          \
+            for (int64_t c = group * Q_GROUP; c < (group + 1) * Q_GROUP; c += 32) {                      \
+                __m512bh xv[G];                                                                          \
+                for (int t = 0; t < G; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const uint16_t *)x[t] + c); \
+                for (int r = 0; r < R; r++) {                                                            \
+                    _mm_prefetch((const char *)(w[r] + c + Q_PREFETCH_BYTES / R), _MM_HINT_T0);              \
+                    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w[r] + c)));   \
+                    __m512i h = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(b, 8), 4), keep);   \
+                    h = _mm512_mask_add_epi16(h, _mm512_test_epi16_mask(b, exponents), h, rebias);      \
+                    for (int t = 0; t < G; t++) part[r][t] = _mm512_dpbf16_ps(part[r][t], (__m512bh)h, xv[t]); \
+                }                                                                                        \
+            }                                                                                            \
+            for (int r = 0; r < R; r++) {                                                                \
+                __m512 scale = _mm512_set1_ps(((const float *)s[r])[group]);                             \
+                for (int t = 0; t < G; t++) acc[r][t] = _mm512_fmadd_ps(part[r][t], scale, acc[r][t]);  \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]);               \
+    }
 DEFINE_Q_FAMILY(DEFINE_F8_F32)
+DEFINE_Q_FAMILY(DEFINE_F8_BF16_FMA)
 DEFINE_Q_FAMILY(DEFINE_F8_BF16)
-static const qdots_fn f8dots_avx512[2][QMAX_TOKENS] = {Q_FAMILY_TABLE(f8_f32), Q_FAMILY_TABLE(f8_bf16)};
+/* [bf16 tokens: 0 fp32, 1 bf16 widened to fp32 (no AVX512-BF16), 2 vdpbf16ps][tokens - 1] */
+static const qdots_fn f8dots_avx512[3][QMAX_TOKENS] = {Q_FAMILY_TABLE(f8_f32), Q_FAMILY_TABLE(f8_bf16_fma),
+                                                       Q_FAMILY_TABLE(f8_bf16)};
 
 /* Where column c of a group lies in nibble order: the 32-column quarters 0, 2, 1, 3. */
 static inline int64_t nibble_order(int64_t c) {
@@ -365,7 +402,7 @@ static void qdots(int fmt, int dtype, int integers, const uint8_t *const *w, con
                   int g, int64_t len, float *dots) {
 #ifdef DAOP_X86
     if (fmt == FMT_FP8 && has_avx512bw) {
-        f8dots_avx512[dtype == DT_BF16][g - 1](w, s, x, len, dots);
+        f8dots_avx512[dtype == DT_BF16 ? 1 + has_avx512_bf16 : 0][g - 1](w, s, x, len, dots);
         return;
     }
     if (integers || (dtype == DT_F32 && has_avx512bw)) {
