@@ -105,15 +105,18 @@ class _ExpertWork:
 @dataclass
 class _Pairs:
     """A call's (token, expert) pairs grouped by expert: token rows [P] int64, weights [P] fp32;
-    and the token of each native activation row (the native experts' pairs, in their order)."""
+    the result row of each native activation row (the native experts' pairs, in their order);
+    and each pair's result row (its token's, unless the call maps rows: submit's `out_rows`)."""
 
     tokens: torch.Tensor
     weights: torch.Tensor
     native_tokens: torch.Tensor
+    out_tokens: torch.Tensor
 
-    def of(self, work: _ExpertWork) -> tuple[torch.Tensor, torch.Tensor]:
+    def of(self, work: _ExpertWork) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token rows, weights, result rows) of one expert's pairs."""
         rows = slice(work.start, work.start + work.count)
-        return self.tokens[rows], self.weights[rows]
+        return self.tokens[rows], self.weights[rows], self.out_tokens[rows]
 
 
 # Words of a native job's state block (JOB_* in csrc/cpu_pool.c): threads done, the counter of
@@ -301,6 +304,7 @@ class CpuExpertExecutor:
         slot_of_expert: torch.Tensor,
         lane: int = 0,
         out: torch.Tensor | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
         them (expert ids < 0 in `topk_ids` are skipped). All tensors are on the CPU; see
@@ -308,7 +312,8 @@ class CpuExpertExecutor:
         quantized (quantized_experts.py). Jobs in flight at the same time must use
         different lanes (each lane has its own workspaces); a lane's previous result must have
         been used before the lane is submitted to again, unless it goes to `out` (a [T, H] tensor
-        of x's dtype the caller owns)."""
+        of x's dtype the caller owns). `out_rows` [T] (with `out` [R, H]): the row of the
+        result each row of x adds into, where several rows sum into one."""
         x = x.contiguous()
         tokens, hidden = x.shape
         # The native kernels trust these: check them here, in the caller's thread.
@@ -321,7 +326,8 @@ class CpuExpertExecutor:
         if self._pending[lane] is not None:
             self._pending[lane].wait_released()  # its threads or its result's copy may still use the workspace
         workspace = self._workspaces[lane]
-        pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert)
+        assert out_rows is None or out is not None, "out_rows needs `out`, which has the result's rows"
+        pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert, out_rows)
         if out is None:
             out = workspace.buffer("out", (tokens, hidden), x.dtype)
         self.jobs_submitted += 1
@@ -381,8 +387,8 @@ class CpuExpertExecutor:
                          self._add_busy)
         return job, native_out
 
-    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert) -> tuple[_Pairs, list[_ExpertWork],
-                                                                             list[_ExpertWork]]:
+    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert, out_rows) -> tuple[
+            _Pairs, list[_ExpertWork], list[_ExpertWork]]:
         """Group the pairs by host expert (each expert's token rows, in order, and weights are a
         range of two tensors made once per call: a decode step has tens to hundreds of pairs,
         which plain lists group faster than tensor ops), and split the experts into native work
@@ -395,6 +401,7 @@ class CpuExpertExecutor:
                     groups.setdefault(table[expert], []).append((token, weight))
         grouped = [pair for pairs in groups.values() for pair in pairs]
         tokens = _tensor_of(array.array("q", [token for token, _ in grouped]), torch.int64)
+        out_of = out_rows.tolist() if out_rows is not None else None  # result row of each row of x
         weights = _tensor_of(array.array("f", [weight for _, weight in grouped]), torch.float32)
         native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and (
             isinstance(w13, QuantizedWeights) or w13.dtype == x.dtype)
@@ -406,11 +413,13 @@ class CpuExpertExecutor:
             start += work.count
             if native_ok and work.count <= limit:
                 work.act_row = len(native_tokens)
-                native_tokens.extend(token for token, _ in expert_pairs)
+                native_tokens.extend(token if out_of is None else out_of[token] for token, _ in expert_pairs)
                 native.append(work)
             else:
                 by_torch.append(work)
-        return _Pairs(tokens, weights, _tensor_of(array.array("q", native_tokens), torch.int64)), native, by_torch
+        out_tokens = tokens if out_rows is None else out_rows[tokens]
+        return _Pairs(tokens, weights, _tensor_of(array.array("q", native_tokens), torch.int64), out_tokens), native, \
+            by_torch
 
     def _run_torch(self, native_job, by_torch, pairs, x, w13, w2, inject_fault) -> list:
         """The torch experts, one after another, after the native job (both at once would
@@ -429,8 +438,8 @@ class CpuExpertExecutor:
                 raise InjectedFault(self.fail_every)
             results = []
             for work in by_torch:
-                tokens, weights = pairs.of(work)
-                results.append((tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
+                tokens, weights, out_tokens = pairs.of(work)
+                results.append((out_tokens, expert_mlp(x[tokens], w13[work.expert], w2[work.expert]).float()
                                 * weights[:, None]))
             return results
         finally:

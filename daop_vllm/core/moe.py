@@ -110,18 +110,22 @@ class DaopMoE:
             to_compute = to_compute | ~on_cpu
         job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
+        cpu_rows = (x_host, job_ids, weights, *self._used_pairs_as_rows(prediction, match))
         own_job = own_out = None
-        own_work = bool(to_compute.any())
-        in_one_call = one_memory and self.experts_call is not None
-        if own_work and not in_one_call:
-            own_job = self.executor.submit(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table,
-                                           lane=_OWN_LANE)
+        own_work = len(cpu_rows) > 3 or bool(to_compute.any())
+        in_one_call = one_memory and self.experts_call is not None and len(cpu_rows) == 3
+        if own_work and not one_memory:  # the CPU starts at once, beside the device
+            own_job = self._submit_own(cpu_rows, job_table)
         stage_next = []
         if next_prediction is not None:
             stage_next = self._choose_staged_early(next_prediction, ids, to_compute)
             self._precompute(next_prediction, x_host)
+        # On one memory the job starts after this thread's own work for the layer: with both on
+        # the same cores, this thread would wait its turn for a core in the middle of that work.
         if own_work and in_one_call:
-            own_out = self.experts_call(x_host, job_ids, weights)
+            own_out = self.experts_call(*cpu_rows)
+        elif own_work and one_memory:
+            own_job = self._submit_own(cpu_rows, job_table)
         bank = self.layer % BANKS
         early_out = None
         if early:  # staged a layer early: run first, so that this layer's own copies may reuse the rows
@@ -142,7 +146,7 @@ class DaopMoE:
             out += early_out
         if staged is not None:  # the copies ran beside the resident experts
             out += self._streamed_forward(x, executed_ids, executed_weights, streamed, staged, bank)
-        cpu_out = self._cpu_result(own_job, own_out, job_ids, weights, job_table, prediction, match, x_host)
+        cpu_out = self._cpu_result(own_job, own_out, cpu_rows, job_table, prediction, match)
         if cpu_out is not None:
             job = own_job if own_job is not None and own_job.owns(cpu_out) else None
             out += self.transfers.to_device(cpu_out, job=job)[0]  # the layer's one copy back
@@ -346,34 +350,73 @@ class DaopMoE:
 
     def _precompute(self, prediction: Prediction, x_host: torch.Tensor | None) -> None:
         """Start the predicted host-resident experts of the next layer on this layer's input,
-        one row per (row, expert) pair, unweighted (the consumer weighs them). A layer that is
-        not predicted (exact mode) gets the prediction for its staged experts only: nothing
-        pre-computed, its routing its own."""
+        one row per (row, expert) pair, unweighted (the consumer weighs them); where device and
+        host are one memory, keep the pairs' inputs for the next layer's own job instead. A layer
+        that is not predicted (exact mode) gets the prediction for its staged experts only:
+        nothing pre-computed, its routing its own."""
         target = self.next_layer
         if not target.predicted:
             prediction.pair_rows = prediction.pair_rows[:0]
             prediction.pair_experts = prediction.pair_experts[:0]
         if prediction.pair_rows.numel():
-            pairs = prediction.pair_rows.numel()
-            prediction.job = self.executor.submit(
-                x_host[prediction.pair_rows], prediction.pair_experts[:, None], torch.ones(pairs, 1, device="cpu"),
-                target.store.w13, target.store.w2, target.cache.host_slot_table, lane=_precompute_lane(target.layer),
-            )
+            inputs = x_host[prediction.pair_rows]
+            if self.cache.shares_host_memory:
+                prediction.pair_inputs = inputs
+            else:
+                prediction.job = self.executor.submit(
+                    inputs, prediction.pair_experts[:, None], torch.ones(inputs.shape[0], 1, device="cpu"),
+                    target.store.w13, target.store.w2, target.cache.host_slot_table,
+                    lane=_precompute_lane(target.layer))
         self.requests.predictions[target.layer] = prediction
 
-    def _cpu_result(self, own_job, own_out, job_ids, weights, job_table, prediction, match,
-                    x_host) -> torch.Tensor | None:
+    @staticmethod
+    def _used_pairs_as_rows(prediction: Prediction | None, match) -> tuple:
+        """Where the layer before kept its pairs' inputs (one memory): the pairs this layer's
+        routing uses as extra rows of its own job, (inputs [U, H], expert ids [U, K] (-1 past the
+        first), routing weights [U, K], their step rows [U]); else ()."""
+        if prediction is None or prediction.pair_inputs is None or not bool(match.used.any()):
+            return ()
+        used = match.used.nonzero().squeeze(1)
+        ids = torch.full((used.numel(), prediction.ids.shape[1]), -1, dtype=torch.int64, device="cpu")
+        ids[:, 0] = prediction.pair_experts[used]
+        weights = torch.zeros(ids.shape, dtype=match.weights.dtype, device="cpu")
+        weights[:, 0] = match.weights[used]
+        return prediction.pair_inputs[used], ids, weights, prediction.pair_rows[used]
+
+    @staticmethod
+    def _job_rows(cpu_rows: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, ids, weights, the result row of each row of x: None for its own) of a layer's own
+        job: its rows, then any used pairs' (_used_pairs_as_rows), which add into their rows."""
+        if len(cpu_rows) == 3:
+            return (*cpu_rows, None)
+        x, ids, weights, pair_x, pair_ids, pair_weights, pair_rows = cpu_rows
+        out_rows = torch.cat([torch.arange(x.shape[0], device="cpu"), pair_rows])
+        return (torch.cat([x, pair_x]), torch.cat([ids, pair_ids]), torch.cat([weights, pair_weights.to(weights.dtype)]),
+                out_rows)
+
+    def _submit_own(self, cpu_rows: tuple, job_table: torch.Tensor):
+        """The layer's own CPU job on `cpu_rows` (its result: [T, H], used pairs added in)."""
+        x, ids, weights, out_rows = self._job_rows(cpu_rows)
+        out = None if out_rows is None else torch.empty_like(cpu_rows[0])
+        return self.executor.submit(x, ids, weights, self.store.w13, self.store.w2, job_table, lane=_OWN_LANE, out=out,
+                                    out_rows=out_rows)
+
+    def _cpu_result(self, own_job, own_out, cpu_rows: tuple, job_table, prediction, match) -> torch.Tensor | None:
         """This layer's CPU share: its own job's output (or `own_out`, computed in one call) plus
-        the used pre-computed pairs. A job that failed is recomputed here on the fallback path
-        (torch, this thread) - a failed pre-computation on this layer's true input - so that the
-        step still completes."""
+        the used pre-computed pairs (in that job's output where one memory computed them there).
+        A job that failed is recomputed here on the fallback path (torch, this thread) - a failed
+        pre-computation on this layer's true input - so that the step still completes."""
         out = own_out
+        x_host = cpu_rows[0]
         if own_job is not None:
             try:
                 out = own_job.result()
             except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
                 self._recovered(exc)
-                out = routed_experts_forward(x_host, job_ids, weights, self.store.w13, self.store.w2, job_table)
+                x, ids, weights, out_rows = self._job_rows(cpu_rows)
+                out = routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2, job_table)
+                if out_rows is not None:
+                    out = torch.zeros_like(x_host).index_add_(0, out_rows, out)
         if prediction is None or prediction.job is None or not bool(match.used.any()):
             if prediction is not None:
                 prediction.discard()

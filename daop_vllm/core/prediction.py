@@ -72,6 +72,9 @@ class Prediction:
     inputs: torch.Tensor | None = None  # [R, H] the predicting layer's input, where a tolerance gates
     staged_experts: list[int] = field(default_factory=list)  # host experts copied to staging rows a layer early
     staged: tuple | None = None  # their (w13, w2, slot table) in the staging rows
+    # [P, H] each pair's input, where device and host are one memory: nothing to overlap there, so
+    # the consuming layer computes the pairs its routing uses in its own job instead of a job here
+    pair_inputs: torch.Tensor | None = None
 
     def fresh_rows(self, actual: torch.Tensor, tolerance: float | None) -> torch.Tensor | None:
         """[R] bool: the predicted rows whose input `actual` [T, H] (the consuming layer's) is

@@ -326,3 +326,20 @@ def test_inference_mode_slot_table_is_checked_at_every_call():
         with pytest.raises(AssertionError, match="slot table points past 2 experts"):
             executor.submit(x, ids, weights, w13, w2, table)
     executor.shutdown()
+
+
+@pytest.mark.parametrize("native_max_tokens", [0, 64], ids=["torch", "native"])
+def test_rows_added_into_other_rows_of_the_result(native_max_tokens):
+    """`out_rows`: each row of x adds its experts' output into the result row it names (the
+    layer's own rows, then pre-computed pairs' rows that add into theirs), in one job."""
+    x, topk_ids, topk_weights, w13, w2, table = case(7, 8, 2, 64, 40, torch.float32)
+    out_rows = torch.tensor([0, 1, 2, 3, 4, 2, 0])  # rows 5 and 6 add into rows 2 and 0
+    executor = CpuExpertExecutor(2, native_max_tokens=native_max_tokens)
+    try:
+        got = executor.submit(x, topk_ids, topk_weights, w13, w2, table, out=torch.empty(5, 64),
+                              out_rows=out_rows).result()
+    finally:
+        executor.shutdown()
+    want = torch.zeros(5, 64, dtype=torch.float64).index_add_(0, out_rows, reference(x, topk_ids, topk_weights, w13,
+                                                                                        w2, table))
+    assert got.shape == (5, 64) and (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()

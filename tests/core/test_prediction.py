@@ -145,6 +145,25 @@ def test_modes_match_the_per_row_reference(mode, degrades, resident):
     engine.close()
 
 
+@pytest.mark.parametrize("mode", ["verified", "daop"])
+def test_a_failing_job_with_precomputed_pairs_is_recomputed(mode):
+    """Device and host one memory: a layer's own job also computes the pairs predicted for it
+    (on the layer before's input); when that job fails, the fallback gives the same output."""
+    outputs = []
+    for fail_every in (None, 1):
+        engine, gates = make_engine(Fidelity(mode, first_predicted_layer=1, degrade=False), [2, 5])
+        engine.executor.fail_every = fail_every
+        gen = torch.Generator().manual_seed(7)
+        x0 = torch.randn(len(DECODE), H, generator=gen)
+        outputs.append(run_step(engine, [x0 + 0.3 * i * torch.randn(x0.shape, generator=gen) for i in range(L)],
+                                BATCH))
+        totals = engine.stats.totals()
+        assert totals["precomputed_used"] > 0 and (totals["faults_recovered"] > 0) == (fail_every is not None)
+        engine.close()
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def stepped_inputs(seed: int = 7) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(len(DECODE), H, generator=gen)
