@@ -33,6 +33,13 @@ def _precompute_lane(layer: int) -> int:
     return 1 + layer % 2
 
 
+def _summed_into_rows(out: torch.Tensor, out_rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`out` [T', H] summed into the rows `out_rows` [T'] names, in fp32 (like `like` [T, H]); as is without them."""
+    if out_rows is None:
+        return out
+    return torch.zeros(like.shape, dtype=torch.float32, device="cpu").index_add_(0, out_rows, out.float()).to(like.dtype)
+
+
 class DaopMoE:
     """One MoE layer: its host store, device cache, router function and shared executor.
     `next_layer` is set (by the engine) when this layer predicts the next one's experts."""
@@ -113,7 +120,7 @@ class DaopMoE:
         cpu_rows = (x_host, job_ids, weights, *self._used_pairs_as_rows(prediction, match))
         own_job = own_out = None
         own_work = len(cpu_rows) > 3 or bool(to_compute.any())
-        in_one_call = one_memory and self.experts_call is not None and len(cpu_rows) == 3
+        in_one_call = one_memory and self.experts_call is not None
         if own_work and not one_memory:  # the CPU starts at once, beside the device
             own_job = self._submit_own(cpu_rows, job_table)
         stage_next = []
@@ -123,7 +130,8 @@ class DaopMoE:
         # On one memory the job starts after this thread's own work for the layer: with both on
         # the same cores, this thread would wait its turn for a core in the middle of that work.
         if own_work and in_one_call:
-            own_out = self.experts_call(*cpu_rows)
+            x_rows, ids_rows, weight_rows, out_rows = self._job_rows(cpu_rows)
+            own_out = _summed_into_rows(self.experts_call(x_rows, ids_rows, weight_rows), out_rows, x_host)
         elif own_work and one_memory:
             own_job = self._submit_own(cpu_rows, job_table)
         bank = self.layer % BANKS
@@ -414,9 +422,8 @@ class DaopMoE:
             except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
                 self._recovered(exc)
                 x, ids, weights, out_rows = self._job_rows(cpu_rows)
-                out = routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2, job_table)
-                if out_rows is not None:
-                    out = torch.zeros_like(x_host).index_add_(0, out_rows, out)
+                out = _summed_into_rows(routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2,
+                                                               job_table), out_rows, x_host)
         if prediction is None or prediction.job is None or not bool(match.used.any()):
             if prediction is not None:
                 prediction.discard()

@@ -164,6 +164,35 @@ def test_a_failing_job_with_precomputed_pairs_is_recomputed(mode):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["verified", "daop"])
+def test_a_layers_experts_call_takes_the_precomputed_pairs_too(mode):
+    """One memory with a faster call of the layer's experts (inside vLLM: its CPU fused-MoE op):
+    the pairs predicted for a layer go into that call as extra rows, summed into theirs; the
+    output is the executor's."""
+    from daop_vllm.core.expert_math import routed_experts_forward
+
+    outputs = []
+    for with_call in (False, True):
+        engine, gates = make_engine(Fidelity(mode, first_predicted_layer=1, degrade=False), [2, 5])
+        calls = []
+        if with_call:
+            def make_call(store):
+                def call(x, ids, weights):
+                    calls.append(x.shape[0])
+                    return routed_experts_forward(x, ids, weights, store.w13, store.w2, torch.arange(E))
+                return call
+            engine.use_experts_call(make_call, "a test's call")
+        gen = torch.Generator().manual_seed(7)
+        x0 = torch.randn(len(DECODE), H, generator=gen)
+        outputs.append(run_step(engine, [x0 + 0.3 * i * torch.randn(x0.shape, generator=gen) for i in range(L)],
+                                BATCH))
+        assert engine.stats.totals()["precomputed_used"] > 0
+        engine.close()
+    assert max(calls) > len(DECODE), "some call took pre-computed pairs as extra rows"
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def stepped_inputs(seed: int = 7) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(len(DECODE), H, generator=gen)
