@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from daop_vllm.cli.model_builder import FAMILIES
-from daop_vllm.core.quantized_experts import check_format
 from daop_vllm.cli.trained_model import RECIPES
+from daop_vllm.core.quantized_experts import check_format
 
 
 def add_parser(commands) -> None:

@@ -171,10 +171,11 @@ def _factory_defaults() -> dict[str, Any]:
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
             "shared_experts", "custom_routing_function", "gate", "use_grouped_topk", "num_expert_group", "topk_group",
             "scoring_func", "routed_scaling_factor", "e_score_correction_bias", "apply_routed_scale_to_output",
-            "router_logits_dtype"}
+            "router_logits_dtype", "quant_config"}
 # Arguments whose value does not change what the layer computes on one device.
-# (quantization and parallel sizes are refused before the model is built: loader.check_engine_config)
-_IGNORED = {"quant_config", "tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
+# (parallel sizes, and quantization other than FP8 blocks, are refused before the model is built:
+# loader.check_engine_config)
+_IGNORED = {"tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
 
 
 def _routing(kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[RoutingFunction, float]:
