@@ -41,8 +41,8 @@ def empty_slots(weights: torch.Tensor | QuantizedWeights, num_slots: int, device
 
 def copy_experts(w13, w2, store: HostExpertStore, slot_experts: list[tuple[int, int]]) -> None:
     """Queue the copies of each (slot, expert)'s weights from `store` into slot rows w13, w2 (on
-    the current stream; at once on the CPU), in the store's format."""
-    for slots, stored in ((w13, store.w13), (w2, store.w2)):
+    the current stream; at once on the CPU), in the device's format."""
+    for slots, stored in ((w13, store.device_w13), (w2, store.device_w2)):
         for slot_tensor, stored_tensor in zip(tensors_of(slots), tensors_of(stored), strict=True):
             for slot, expert in slot_experts:
                 slot_tensor[slot].copy_(stored_tensor[expert], non_blocking=True)
@@ -75,9 +75,9 @@ class DeviceExpertCache:
         self.device = device
         self.shares_host_memory = device.type == "cpu" if shares_host_memory is None else shares_host_memory
         if self.shares_host_memory:
-            self.w13, self.w2 = store.w13, store.w2
+            self.w13, self.w2 = store.device_w13, store.device_w2
         else:
-            self.w13, self.w2 = (empty_slots(w, num_slots, device) for w in (store.w13, store.w2))
+            self.w13, self.w2 = (empty_slots(w, num_slots, device) for w in (store.device_w13, store.device_w2))
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
@@ -144,7 +144,7 @@ class DeviceExpertCache:
 
     def _copy_to_slot(self, slot: int, expert: int) -> None:
         """Queue the copy of `expert`'s weights into `slot` (on the current stream; at once on the
-        CPU), in the store's format."""
+        CPU), in the device's format."""
         copy_experts(self.w13, self.w2, self.store, [(slot, expert)])
 
     def finish_swaps(self, wait: bool = False) -> int:

@@ -153,20 +153,28 @@ class DaopEngine:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert as stored, on the host and in a device slot alike."""
-        return self.layers[0].store.expert_bytes
+        """Bytes of one expert in a device slot: what the budget counts and a copy moves."""
+        return self.layers[0].store.device_expert_bytes
 
     @property
     def expert_format(self) -> str:
+        """The host experts' format (what the CPU computes from)."""
         return self.layers[0].store.format if self.layers else "bf16"
 
-    def quantize_experts(self, name: str) -> None:
-        """Store every layer's host experts in format `name` (quantized_experts.py), after their
-        weights are loaded and before `place`: quantized once, here."""
+    @property
+    def device_expert_format(self) -> str:
+        return self.layers[0].store.device_format if self.layers else "bf16"
+
+    def quantize_experts(self, name: str, device_name: str | None = None) -> None:
+        """Store every layer's host experts in format `name` and its device experts in
+        `device_name` (default: the same; quantized_experts.py), after their weights are loaded
+        and before `place`: quantized once, here."""
         if any(layer.cache.num_slots for layer in self.layers):
             raise ValueError("quantize the experts before placing them")
+        if device_name not in (None, name) and self.layers and self.layers[0].cache.shares_host_memory:
+            raise ValueError("device and host are one memory here: the resident experts are the host's, in one format")
         for layer in self.layers:
-            layer.store.quantize(name)
+            layer.store.quantize(name, device_name)
             layer.cache = DeviceExpertCache(layer.store, 0, self.device, self.one_memory)
 
     def use_experts_call(self, make_call: Callable[[HostExpertStore], Callable | None], description: str) -> int:
@@ -216,7 +224,8 @@ class DaopEngine:
             self.staging = StagingSlots(layer.store, self.staging_slots, self.device, layer.cache.shares_host_memory)
         for layer in self.layers:
             layer.stream_mode, layer.staging = self.stream, self.staging
-            layer.stream_costs = expert_costs(self.hardware, layer.store.expert_bytes, layer.store.flops_per_token)
+            layer.stream_costs = expert_costs(self.hardware, layer.store.expert_bytes, layer.store.flops_per_token,
+                                              device_bytes=layer.store.device_expert_bytes)
 
     def slot_bytes_added(self, resident: list[list[int]]) -> int:
         """Device bytes `place(resident)` would allocate beyond the slots held now (0 where
@@ -301,9 +310,11 @@ class DaopEngine:
             if self.realloc == "paper":
                 swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
             else:
-                swaps = auto_swaps(counts[layer.layer], resident, self.hardware.token_seconds_saved(layer.store.expert_bytes),
-                                   self.hardware.swap_seconds(layer.store.expert_bytes))
-            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.expert_bytes
+                store = layer.store
+                swaps = auto_swaps(counts[layer.layer], resident,
+                                   self.hardware.token_seconds_saved(store.expert_bytes, store.device_expert_bytes),
+                                   self.hardware.swap_seconds(store.device_expert_bytes))
+            copy_bytes = 0 if layer.cache.shares_host_memory else layer.store.device_expert_bytes
             for incoming, retiring in swaps:
                 if budget[0] is not None and copy_bytes > budget[0]:
                     return
@@ -335,6 +346,7 @@ class DaopEngine:
             "cpu_threads": self.executor.num_threads,
             "cpu_jobs": self.executor.jobs_submitted,
             "expert_format": self.expert_format,
+            "device_expert_format": self.device_expert_format,
             "stream": self.stream,
             "staging_slots": self.staging_slots if self.stream != "off" else 0,
             "staging_bytes": self.staging.nbytes if self.staging is not None else 0,

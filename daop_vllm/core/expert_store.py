@@ -33,6 +33,10 @@ class HostExpertStore:
     `quantize` in a smaller `format` (quantized_experts.py); or, for a checkpoint that publishes
     them so (`checkpoint_format` fp8), loaded in that format directly, `dtype` the activations'.
 
+    `device_w13` and `device_w2` are what device slots copy: the same tensors, or where the
+    device's format differs (`device_format`) every expert a second time in that format, since
+    re-allocation may bring any expert to the device.
+
     Pinned when a CUDA device exists, so that copies to device slots run asynchronously.
     """
 
@@ -63,23 +67,29 @@ class HostExpertStore:
             raise ValueError(f"experts load as bf16 (the model's dtype) or fp8, not {checkpoint_format!r}")
         self.dtype = dtype  # the loaded weights' and the activations'
         self.format = checkpoint_format  # bf16: as loaded, in `dtype`
+        self.device_w13, self.device_w2, self.device_format = self.w13, self.w2, self.format
         self.pinned = pin_memory
         if pin_memory:
             for tensor in tensors_of(self.w13) + tensors_of(self.w2):
                 pin_in_place(tensor)
 
-    def quantize(self, name: str) -> None:
-        """Replace the loaded weights by format `name` (once, after they are loaded; bf16 keeps
-        them). The loaded tensors are dropped here: whoever else holds them must let go too."""
-        if name == self.format:
+    def quantize(self, name: str, device_name: str | None = None) -> None:
+        """Store the host's experts in format `name` and the device's in `device_name` (default:
+        the same), once, after they are loaded (bf16 keeps them as loaded). The loaded tensors
+        are dropped where neither format is bf16: whoever else holds them must let go too."""
+        device_name = name if device_name is None else device_name
+        if (name, device_name) == (self.format, self.device_format):
             return
-        if self.format != "bf16":
+        if self.format != "bf16" or self.device_format != "bf16":
             raise ValueError(f"the experts are {self.format} already")
-        w13, w2 = quantize(self.w13, name), quantize(self.w2, name)
-        if self.pinned:
-            for tensor in w13.tensors + w2.tensors:
-                pin_in_place(tensor)
-        self.w13, self.w2, self.format = w13, w2, name
+        stored = {"bf16": (self.w13, self.w2)}
+        for fmt in {name, device_name} - {"bf16"}:
+            stored[fmt] = quantize(self.w13, fmt), quantize(self.w2, fmt)
+            if self.pinned:
+                for tensor in stored[fmt][0].tensors + stored[fmt][1].tensors:
+                    pin_in_place(tensor)
+        (self.w13, self.w2), self.format = stored[name], name
+        (self.device_w13, self.device_w2), self.device_format = stored[device_name], device_name
 
     @property
     def num_experts(self) -> int:
@@ -94,11 +104,19 @@ class HostExpertStore:
     @property
     def expert_bytes(self) -> int:
         """Host bytes of one expert (w1, w3 and w2) as stored, scales included: what the CPU reads."""
-        if isinstance(self.w13, QuantizedWeights):
-            return (self.w13.nbytes + self.w2.nbytes) // self.num_experts
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        return self._bytes_per_expert(self.w13, self.w2)
+
+    @property
+    def device_expert_bytes(self) -> int:
+        """Bytes of one expert in the device's format: what a slot holds and a copy moves."""
+        return self._bytes_per_expert(self.device_w13, self.device_w2)
+
+    def _bytes_per_expert(self, w13: torch.Tensor | QuantizedWeights, w2: torch.Tensor | QuantizedWeights) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors_of(w13) + tensors_of(w2)) // self.num_experts
 
     @property
     def host_bytes(self) -> int:
-        """Host memory the store holds: its tensors' own bytes (allocated at that size)."""
-        return sum(t.untyped_storage().nbytes() for t in tensors_of(self.w13) + tensors_of(self.w2))
+        """Host memory the store holds: its tensors' own bytes (allocated at that size), both
+        formats where the device's differs."""
+        tensors = {id(t): t for w in (self.w13, self.w2, self.device_w13, self.device_w2) for t in tensors_of(w)}
+        return sum(t.untyped_storage().nbytes() for t in tensors.values())

@@ -29,9 +29,11 @@ class Hardware:
     def swap_seconds(self, expert_bytes: int) -> float:
         return expert_bytes / (self.pcie_gbps * 1e9)
 
-    def token_seconds_saved(self, expert_bytes: int) -> float:
-        """Decode time saved per (token, expert) computed on the device instead of the CPU."""
-        return expert_bytes / (self.cpu_gbps * 1e9 * OUR_CPU_EFFICIENCY) - expert_bytes / (self.device_gbps * 1e9)
+    def token_seconds_saved(self, expert_bytes: int, device_bytes: int | None = None) -> float:
+        """Decode time saved per (token, expert) computed on the device (reading `device_bytes`,
+        default the same) instead of the CPU (reading `expert_bytes`)."""
+        device_bytes = expert_bytes if device_bytes is None else device_bytes
+        return expert_bytes / (self.cpu_gbps * 1e9 * OUR_CPU_EFFICIENCY) - device_bytes / (self.device_gbps * 1e9)
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)

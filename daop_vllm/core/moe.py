@@ -213,8 +213,8 @@ class DaopMoE:
         """Streamed experts (`early`: staged a layer early, their bytes counted then), their
         bytes (none copied where device and host are one memory), and per phase the experts
         streamed for the phase's rows."""
-        counts = {"streamed_experts": len(streamed) + len(early), "staged_early_used": len(early),
-                  "stream_bytes": 0 if self.cache.shares_host_memory else len(streamed) * self.store.expert_bytes}
+        copied = 0 if self.cache.shares_host_memory else len(streamed) * self.store.device_expert_bytes
+        counts = {"streamed_experts": len(streamed) + len(early), "staged_early_used": len(early), "stream_bytes": copied}
         phases = self.requests.row_phases(ids.shape[0])
         if phases is not None:
             row_request, row_prefill = phases
@@ -354,7 +354,8 @@ class DaopMoE:
         target = self.next_layer
         prediction.staged_experts = experts
         prediction.staged = self.staging.stage(target.store, experts, target.layer % BANKS)
-        self.stats.add(target.layer, staged_early=len(experts), stream_bytes=len(experts) * target.store.expert_bytes)
+        self.stats.add(target.layer, staged_early=len(experts),
+                       stream_bytes=len(experts) * target.store.device_expert_bytes)
 
     def _precompute(self, prediction: Prediction, x_host: torch.Tensor | None) -> None:
         """Start the predicted host-resident experts of the next layer on this layer's input,

@@ -22,7 +22,8 @@ BANKS = 2
 
 class StagingSlots:
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, shares_host_memory: bool) -> None:
-        """Rows for `num_slots` experts per bank, shaped and stored as `store`'s (every layer's alike)."""
+        """Rows for `num_slots` experts per bank, shaped as `store`'s and in its device format
+        (every layer's alike)."""
         if num_slots < 1:
             raise ValueError(f"staging needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
@@ -31,7 +32,7 @@ class StagingSlots:
         self.w13: ExpertWeights | None = None
         self.w2: ExpertWeights | None = None
         if not shares_host_memory:
-            self.w13, self.w2 = (empty_slots(w, BANKS * num_slots, device) for w in (store.w13, store.w2))
+            self.w13, self.w2 = (empty_slots(w, BANKS * num_slots, device) for w in (store.device_w13, store.device_w2))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._copied: list[torch.cuda.Event | None] = [None] * BANKS
 
@@ -52,7 +53,7 @@ class StagingSlots:
         table = torch.full((store.num_experts,), -1, dtype=torch.int64, device="cpu")
         if self.shares_host_memory:
             table[experts] = torch.tensor(experts, dtype=torch.int64, device="cpu")
-            return store.w13, store.w2, table
+            return store.device_w13, store.device_w2, table
         rows = [bank * self.num_slots + i for i in range(len(experts))]
         table[experts] = torch.tensor(rows, dtype=torch.int64, device="cpu")
         if self.stream is None:

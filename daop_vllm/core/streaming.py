@@ -28,16 +28,20 @@ class MissCosts:
 
 
 def expert_costs(hardware: Hardware, expert_bytes: int, flops_per_token: int,
-                 cpu_efficiency: float = OUR_CPU_EFFICIENCY, cpu_read_share: float = 1.0) -> MissCosts:
+                 cpu_efficiency: float = OUR_CPU_EFFICIENCY, cpu_read_share: float = 1.0,
+                 device_bytes: int | None = None) -> MissCosts:
     """One expert's costs on `hardware`: each side memory-bound (the expert read once for all its
-    tokens) or compute-bound, whichever is slower; the CPU reads at `cpu_efficiency` of its
-    streaming rate, times `cpu_read_share` for quantized experts (hardware.FORMAT_READ_SHARE)."""
+    tokens) or compute-bound, whichever is slower; the CPU reads `expert_bytes` at
+    `cpu_efficiency` of its streaming rate, times `cpu_read_share` for quantized experts
+    (hardware.FORMAT_READ_SHARE); the device reads and a copy moves `device_bytes` (default the
+    same: the device's format may differ)."""
+    device_bytes = expert_bytes if device_bytes is None else device_bytes
     cpu_read = hardware.cpu_gbps * 1e9 * cpu_efficiency * cpu_read_share
     return MissCosts(
         cpu_s=lambda n: max(expert_bytes / cpu_read, n * flops_per_token / (hardware.cpu_tflops * 1e12)),
-        device_s=lambda n: max(expert_bytes / (hardware.device_gbps * 1e9),
+        device_s=lambda n: max(device_bytes / (hardware.device_gbps * 1e9),
                                n * flops_per_token / (hardware.device_tflops * 1e12)),
-        copy_s=hardware.swap_seconds(expert_bytes))
+        copy_s=hardware.swap_seconds(device_bytes))
 
 
 def layer_timeline(tokens: Sequence[int], streamed: Sequence[bool], costs: MissCosts, device_busy_s: float,

@@ -51,7 +51,8 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     front-end process before the engine starts, and again in the worker."""
     model_config = vllm_config.model_config
     family = model_family(model_config)
-    check_quantization(model_config, options.expert_format)
+    check_quantization(model_config, options.expert_format, options.device_expert_format)
+    check_device_format(options, vllm_config.device_config.device_type)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
     options.check_model(num_layers, num_experts, family.expert_sizes(model_config.hf_text_config))
     if options.profile:
@@ -82,7 +83,7 @@ def check_v1_model_runner(uses_v2: bool) -> None:
         )
 
 
-def check_quantization(model_config: ModelConfig, expert_format: str) -> None:
+def check_quantization(model_config: ModelConfig, expert_format: str, device_expert_format: str | None = None) -> None:
     """DAOP serves unquantized checkpoints (bf16/fp16/fp32 experts, quantized at load by
     `expert_format` if asked) and FP8 ones in blocks of 128 x 128 with dynamic activation scales
     (DeepSeek-V3's and Qwen3's published format), whose experts load as fp8; vLLM keeps the rest
@@ -108,9 +109,21 @@ def check_quantization(model_config: ModelConfig, expert_format: str) -> None:
         raise DaopConfigError(f"load_format 'daop' serves FP8 checkpoints with weight_block_size [{FP8_BLOCK}, "
                               f"{FP8_BLOCK}], activation_scheme 'dynamic' and fmt 'e4m3' (DeepSeek-V3's and Qwen3's); "
                               f"this one has weight_block_size {block or None}, activation_scheme {scheme!r}, fmt {fmt!r}")
-    if expert_format not in ("bf16", "fp8"):
-        raise DaopConfigError(f"this checkpoint's experts are fp8 already: daop option 'expert_format' "
-                              f"{expert_format!r} would quantize them again; leave it out")
+    if expert_format not in ("bf16", "fp8") or device_expert_format not in (None, "bf16", "fp8"):
+        key, value = (("expert_format", expert_format) if expert_format not in ("bf16", "fp8")
+                      else ("device_expert_format", device_expert_format))
+        raise DaopConfigError(f"this checkpoint's experts are fp8 already: daop option {key!r} "
+                              f"{value!r} would quantize them again; leave it out")
+
+
+def check_device_format(options: DaopOptions, device_type: str) -> None:
+    """A device format of its own needs a device memory of its own: on a CPU-only machine the
+    resident experts are the host's, in expert_format."""
+    device_format = options.device_expert_format
+    if device_format not in (None, options.expert_format) and device_type == "cpu":
+        raise DaopConfigError(f"daop option 'device_expert_format' {device_format!r} needs a device with its own "
+                              f"memory (CUDA); here device and host are one memory and every expert is stored as "
+                              f"expert_format {options.expert_format!r}: drop device_expert_format")
 
 
 DAOP_OP = "vllm::daop_moe_forward"
@@ -205,8 +218,9 @@ class DaopModelLoader(BaseModelLoader):
         self._checkpoint_loader.load_weights(model, model_config)
         engine: DaopEngine = model.daop_engine
         set_routers(model, engine, model_family(model_config))
-        if self.options.expert_format not in ("bf16", engine.expert_format):
-            engine.quantize_experts(self.options.expert_format)
+        formats = (self.options.expert_format, self.options.device_expert_format or self.options.expert_format)
+        if engine.expert_format == "bf16" and formats != ("bf16", "bf16"):  # as loaded, fp8 checkpoints too
+            engine.quantize_experts(*formats)
             release_loaded_experts(model)
         engine.staging_slots = self.options.staging_slots or engine.layers[0].route.top_k
         engine.place(
@@ -264,7 +278,7 @@ class DaopModelLoader(BaseModelLoader):
         return "\n".join(lines)
 
     def _format_report(self, engine: DaopEngine) -> str:
-        if engine.expert_format == "bf16":
+        if engine.expert_format == "bf16" and engine.device_expert_format == "bf16":
             return "as loaded (expert_format bf16)"
         store = engine.layers[0].store
         if self.options.expert_format != engine.expert_format:
@@ -273,10 +287,18 @@ class DaopModelLoader(BaseModelLoader):
                     f"{str(store.dtype).removeprefix('torch.')}")
         weights = store.w13.shape[1] * store.w13.shape[2] + store.w2.shape[1] * store.w2.shape[2]
         loaded = weights * store.dtype.itemsize
-        where = ("the device's slots hold them so too, dequantised in the Triton kernel" if engine.device.type == "cuda"
-                 else "the resident ones are the same host experts (one memory)")
-        return (f"{engine.expert_format}, quantized at load ({store.expert_bytes / 2**20:.1f} MiB an expert where "
-                f"{str(store.dtype).removeprefix('torch.')} took {loaded / 2**20:.1f}); {where}")
+        if engine.device.type != "cuda":
+            where = "the resident ones are the same host experts (one memory)"
+        elif engine.device_expert_format == engine.expert_format:
+            where = "the device's slots hold them so too, dequantised in the Triton kernel"
+        else:
+            where = (f"the device's slots hold {engine.device_expert_format} "
+                     f"({store.device_expert_bytes / 2**20:.1f} MiB an expert, every expert kept so in host memory "
+                     f"too for re-allocation's copies)")
+        host = "as loaded (bf16)" if engine.expert_format == "bf16" else (
+            f"{engine.expert_format}, quantized at load ({store.expert_bytes / 2**20:.1f} MiB an expert where "
+            f"{str(store.dtype).removeprefix('torch.')} took {loaded / 2**20:.1f})")
+        return f"{host}; {where}"
 
     def _final_write_note(self) -> str:
         """vLLM's --shutdown-timeout 0 (its default) kills the engine processes as soon as shutdown

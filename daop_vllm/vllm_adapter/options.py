@@ -68,6 +68,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "expert_format": (lambda v: v in FORMATS,
                       "one of " + ", ".join(f'"{f}"' for f in FORMATS) + " (how host experts are stored: bf16 as "
                       "loaded, or quantized once at load)"),
+    "device_expert_format": (lambda v: v in FORMATS,
+                             "one of " + ", ".join(f'"{f}"' for f in FORMATS) + " (how device experts are stored; "
+                             "default: as expert_format)"),
     "trace_path": (_is_path_in_existing_dir, "a file path in an existing directory (finished requests' routing is appended to it)"),
     "stats_path": (_is_path_in_existing_dir, "a file path in an existing directory (written with the engine's counters)"),
 }
@@ -95,6 +98,7 @@ class DaopOptions:
     test_cpu_fault_every: int | None = None
     kv_reserve_tokens: int | None = None
     expert_format: str = "bf16"
+    device_expert_format: str | None = None  # None: as expert_format
     stream: str = "auto"
     staging_slots: int | None = None
 
@@ -174,6 +178,7 @@ class DaopOptions:
             test_cpu_fault_every=raw.get("test_cpu_fault_every"),
             kv_reserve_tokens=raw.get("kv_reserve_tokens"),
             expert_format=raw.get("expert_format", "bf16"),
+            device_expert_format=raw.get("device_expert_format"),
             stream=raw.get("stream", "auto"),
             staging_slots=raw.get("staging_slots"),
         )
@@ -194,6 +199,8 @@ class DaopOptions:
         """Checks that need the model's shape (`expert_sizes`: hidden and intermediate size)."""
         for size in expert_sizes or ():
             check_format(self.expert_format, size, what="experts (daop option 'expert_format')")
+            if self.device_expert_format is not None:
+                check_format(self.device_expert_format, size, what="experts (daop option 'device_expert_format')")
         if self.budget_key == "resident_experts" and self.budget_value > num_experts:
             raise DaopConfigError(
                 f"daop option 'resident_experts' must be an integer n with 0 <= n <= {num_experts} "

@@ -74,6 +74,14 @@ def test_resident_experts_above_model_experts():
     DaopOptions.parse({"resident_experts": 8}).check_model(num_layers=4, num_experts=8)
 
 
+def test_device_expert_format_is_checked_against_the_shape():
+    with pytest.raises(DaopConfigError, match=r"int4 experts \(daop option 'device_expert_format'\).*got 64"):
+        DaopOptions.parse({"device_expert_format": "int4"}).check_model(4, 8, (64, 128))
+    with pytest.raises(DaopConfigError, match=r"'device_expert_format' must be one of .*got 'int2'"):
+        DaopOptions.parse({"device_expert_format": "int2"})
+    DaopOptions.parse({"expert_format": "int4", "device_expert_format": "int8"}).check_model(4, 8, (128, 256))
+
+
 def test_first_predicted_layer_must_leave_a_layer_before_it():
     with pytest.raises(DaopConfigError, match=r"1 <= i <= 3 .*4 MoE layers.*got 4"):
         DaopOptions.parse({"mode": "daop", "first_predicted_layer": 4}).check_model(num_layers=4, num_experts=8)

@@ -215,3 +215,38 @@ def test_a_layer_holds_fp8_experts_as_the_checkpoint_does():
     with pytest.raises(DaopConfigError, match="multiples of 128"):
         engine.add_layer(4, 64, 256, torch.bfloat16, SoftmaxTopK(2), checkpoint_format="fp8")
     engine.close()
+
+
+@pytest.mark.parametrize("host_fmt, device_fmt", [("int4", "int8"), ("int8", "bf16"), ("bf16", "fp8")])
+def test_device_experts_in_a_format_of_their_own(host_fmt, device_fmt):
+    """`device_expert_format`: with device slots of their own, resident experts compute from
+    their device format's weights and host experts from the host's, at every placement (slots
+    re-filled from the store's device-format copy); the budget and copies count device bytes,
+    host memory holds both formats."""
+    engine, plain = _engine(host_fmt, one_memory=False), _engine("bf16", one_memory=False)
+    loaded = [(layer.store.w13.clone(), layer.store.w2.clone()) for layer in engine.layers]
+    engine.quantize_experts(host_fmt, device_fmt)
+    store = engine.layers[0].store
+    assert (store.format, store.device_format, engine.device_expert_format) == (host_fmt, device_fmt, device_fmt)
+    assert engine.expert_bytes == store.device_expert_bytes != store.expert_bytes
+    assert store.host_bytes == 8 * (store.expert_bytes + store.device_expert_bytes)
+    x, logits = torch.randn(5, 128), torch.randn(5, 8)
+    for resident in ([0, 3, 5, 6], [1, 3, 7], list(range(8)), []):
+        engine.place([resident] * 2)
+        for layer, p_layer, (w13, w2) in zip(engine.layers, plain.layers, loaded):
+            for fmt, experts in ((device_fmt, resident), (host_fmt, [e for e in range(8) if e not in resident])):
+                for tensor, weights in ((p_layer.store.w13, w13), (p_layer.store.w2, w2)) if experts else ():
+                    tensor[experts] = weights[experts] if fmt == "bf16" else dequantize(quantize(weights[experts], fmt))
+        for layer, p_layer in zip(engine.layers, plain.layers):
+            torch.testing.assert_close(layer.forward(x, logits), p_layer.forward(x, logits), rtol=1e-4, atol=1e-5)
+    engine.close()
+    plain.close()
+
+
+def test_one_memory_has_one_format():
+    """Where device and host are one memory the resident experts are the host's: a device format
+    of their own is refused."""
+    engine = _engine("bf16", one_memory=True)
+    with pytest.raises(ValueError, match="one memory"):
+        engine.quantize_experts("int8", "bf16")
+    engine.close()

@@ -57,6 +57,8 @@ def expect_config_error(model: str, extra, *words: str, **engine_args) -> None:
         ({"expert_format": "int3"}, ["'expert_format'", '"bf16", "int8", "int4"', "got 'int3'"]),
         # tiny_mixtral's hidden size is 64: int4's groups of 128 along the input do not fit
         ({"expert_format": "int4"}, ["int4 experts (daop option 'expert_format')", "multiples of 128; got 64"]),
+        ({"expert_format": "int8", "device_expert_format": "bf16"},
+         ["'device_expert_format' 'bf16' needs a device with its own memory", "drop device_expert_format"]),
     ],
 )
 def test_bad_options(tiny_mixtral, extra, words):
@@ -101,6 +103,8 @@ def test_fp8_checkpoints_other_than_128_blocks_are_refused_before_the_engine_sta
 def test_fp8_experts_are_not_quantized_again(tiny_mixtral, tmp_path):
     fp8 = with_quantization_config(tiny_mixtral, tmp_path, DEEPSEEK_V3_FP8)
     expect_config_error(fp8, {"expert_format": "int4"}, "experts are fp8 already", "'int4'", dtype="bfloat16")
+    expect_config_error(fp8, {"device_expert_format": "int8"}, "experts are fp8 already",
+                        "'device_expert_format' 'int8'", dtype="bfloat16")
 
 
 def test_quantization_flag_points_at_expert_format(tiny_mixtral):
