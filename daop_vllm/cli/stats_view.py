@@ -6,9 +6,17 @@ import json
 from pathlib import Path
 
 from daop_vllm.core.errors import DaopConfigError
+from daop_vllm.core.stats import summed_over_ranks
+from daop_vllm.core.stats_file import rank_stats_paths
 
 
 def load_report(path: Path) -> dict:
+    """The stats file at `path`; under tensor parallelism, with the other ranks' files beside
+    it, summed over the ranks (each rank's own under `ranks`)."""
+    return summed_over_ranks([_read_report(rank_path) for rank_path in rank_stats_paths(path)])
+
+
+def _read_report(path: Path) -> dict:
     try:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -33,6 +41,7 @@ def render(report: dict) -> str:
         f"{report['cpu_threads']} CPU threads",
         f"resident {budget['resident_experts']} of {budget['total_experts']} experts; "
         f"{report['requests_tracked']} requests tracked; CPU busy {report.get('cpu_busy_seconds', 0):.1f} s",
+        *([_ranks_line(report["ranks"])] if "ranks" in report else []),
         f"{'layer':>5} {'resident':>16} {'device tok':>10} {'cpu tok':>9} {'prefill hit':>11} {'decode hit':>10} "
         f"{'pred acc':>8} {'swaps':>6}",
     ]
@@ -45,6 +54,12 @@ def render(report: dict) -> str:
             f"{_pct(_ratio(row['predictions_correct'], row['predictions'])):>8} {row['swaps']:>6}"
         )
     return "\n".join(lines)
+
+
+def _ranks_line(ranks: list[dict]) -> str:
+    busy = ", ".join(f"{rank['cpu_busy_seconds']:.1f}" for rank in ranks)
+    return (f"tensor parallel: {len(ranks)} ranks, counts summed over them (a (token, expert) pair once per rank); "
+            f"CPU busy per rank {busy} s")
 
 
 def plot(report: dict, path: Path) -> None:

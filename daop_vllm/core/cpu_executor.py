@@ -26,11 +26,12 @@ job only, and the executor keeps serving.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
@@ -72,11 +73,43 @@ NUM_LANES = 3
 _CHECKED_TABLES_KEPT = 1024
 
 
-def default_cpu_threads(device_type: str) -> int:
-    """The executor's threads when `cpu_threads` is not given: every physical core, but one left
-    to the thread that launches the device's work where there is a device (the executor's
-    threads spin while they wait for work, and a launch queued behind them stalls the GPU)."""
-    return max(1, physical_core_count() - (1 if device_type == "cuda" else 0))
+def default_cpu_threads(device_type: str, cores: Sequence[int] | None = None) -> int:
+    """The executor's threads when `cpu_threads` is not given: every physical core (of `cores`,
+    a tensor-parallel rank's share of the CPUs this process may use), but one left to the
+    thread that launches the device's work where there is a device (the executor's threads spin
+    while they wait for work, and a launch queued behind them stalls the GPU)."""
+    physical = physical_core_count()
+    if cores is not None:
+        physical = max(1, physical * len(cores) // len(os.sched_getaffinity(0)))
+    return max(1, physical - (1 if device_type == "cuda" else 0))
+
+
+def rank_cores(available: Sequence[int], local_rank: int, local_ranks: int) -> tuple[int, ...]:
+    """The CPUs of local rank `local_rank` of `local_ranks` sharing this machine: disjoint equal
+    slices of `available` (the CPUs this process may use), so that the ranks' executors never
+    contend for a core."""
+    if not 0 <= local_rank < local_ranks:
+        raise ValueError(f"local rank {local_rank} is not one of {local_ranks} ranks")
+    share = len(available) // local_ranks
+    if share < 1:
+        raise ValueError(f"{local_ranks} ranks cannot share {len(available)} CPUs")
+    return tuple(sorted(available)[local_rank * share:(local_rank + 1) * share])
+
+
+def _pin_this_thread(cores: Sequence[int] | None) -> None:
+    if cores is not None:
+        os.sched_setaffinity(0, cores)  # pid 0: the calling thread only
+
+
+@contextlib.contextmanager
+def _threads_pinned_to(cores: Sequence[int] | None) -> Iterator[None]:
+    """Threads started inside inherit affinity to `cores` (None: unchanged)."""
+    before = os.sched_getaffinity(0)
+    _pin_this_thread(cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def physical_core_count() -> int:
@@ -263,9 +296,10 @@ class CpuExpertExecutor:
 
     def __init__(self, num_threads: int, native_max_tokens: int | None = None, use_native: bool = True,
                  whole_experts_from: int = GROUP_MIN_EXPERTS_PER_THREAD, pin_memory: bool = False,
-                 fail_every: int | None = None) -> None:
+                 fail_every: int | None = None, cores: Sequence[int] | None = None) -> None:
         """`pin_memory`: results go to a CUDA device (pinned result buffers); `fail_every`:
-        tests only, every n-th job fails in a worker thread."""
+        tests only, every n-th job fails in a worker thread; `cores`: the CPUs the threads are
+        pinned to (None: wherever the creating thread may run)."""
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
@@ -273,10 +307,13 @@ class CpuExpertExecutor:
         self.amx = self.kernels is not None and self.kernels.isa()["amx_bf16"]  # bf16 with 3+ tokens on AMX tiles
         self.native_max_tokens = NATIVE_MAX_TOKENS[self.amx] if native_max_tokens is None else native_max_tokens
         self.whole_experts_from = whole_experts_from  # native experts per thread from which threads take whole ones
-        self._native_pool = self.kernels.pool_create(num_threads) if self.kernels is not None else 0
+        self.cores = tuple(cores) if cores is not None else None
+        with _threads_pinned_to(self.cores):
+            self._native_pool = self.kernels.pool_create(num_threads) if self.kernels is not None else 0
         self._close_native_pool = weakref.finalize(self, self.kernels.pool_destroy, self._native_pool) \
             if self.kernels is not None else None
-        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu-torch")
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu-torch",
+                                                initializer=_pin_this_thread, initargs=(self.cores,))
         self.busy_seconds = 0.0  # thread-seconds spent on expert work
         self._busy_lock = threading.Lock()
         self.fail_every = fail_every

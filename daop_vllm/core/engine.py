@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
+from daop_vllm.core.ranks import TensorParallelRank
 from daop_vllm.core.realloc import (
     AUTO_INTERVAL_STEPS,
     REALLOC_POLICIES,
@@ -54,13 +55,17 @@ class DaopEngine:
         one_memory: bool | None = None,
         stream: str = "off",
         staging_slots: int = 0,
+        tensor_parallel: TensorParallelRank | None = None,
+        cpu_cores: Sequence[int] | None = None,
     ) -> None:
         """`budget_asked`: the budget option as the user gave it ({} or None: auto), for the
         report; `fail_every`: tests only, every n-th CPU job fails (see CpuExpertExecutor);
         `one_memory`: whether device and host are one memory (default: the device is the CPU;
         False on the CPU runs the CUDA path's structure there, see DeviceExpertCache);
         `stream` and `staging_slots`: host experts a step runs on the device instead (the options
-        of those names; streaming.py, staging.py).
+        of those names; streaming.py, staging.py); `tensor_parallel`: this rank's place (its
+        layers hold their shards of the experts; ranks.py); `cpu_cores`: the CPUs the executor's
+        threads are pinned to (None: unpinned).
         Every host tensor is made on the CPU explicitly, so the engine may be built under
         `with torch.device(<accelerator>)`, as vLLM builds models."""
         if realloc not in REALLOC_POLICIES:
@@ -79,7 +84,9 @@ class DaopEngine:
         self.swap_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.requests = RequestTracker(0, 0)
         self.device_forward, self.device_path = pick_device_forward(device)
-        self.executor = CpuExpertExecutor(cpu_threads, pin_memory=device.type == "cuda", fail_every=fail_every)
+        self.tensor_parallel = tensor_parallel or TensorParallelRank()
+        self.executor = CpuExpertExecutor(cpu_threads, pin_memory=device.type == "cuda", fail_every=fail_every,
+                                          cores=cpu_cores)
         self.transfers = HostTransfers(device)
         self.stats = DaopStats()
         self.layers: list[DaopMoE] = []
@@ -305,7 +312,9 @@ class DaopEngine:
         start = self.requests.step % len(self.layers)
         for layer in self.layers[start:] + self.layers[:start]:
             if layer.cache.swaps_in_flight:
-                continue
+                if not self.tensor_parallel.in_lockstep:
+                    continue  # decided at a later step, once the copies landed
+                layer.cache.finish_swaps(wait=True)  # when a copy lands differs between ranks; the placement may not
             resident = layer.cache.resident_experts
             if self.realloc == "paper":
                 swaps = paper_swaps(counts[layer.layer], resident, self.swap_threshold)
@@ -344,6 +353,8 @@ class DaopEngine:
             "device_path": self.device_path,
             "routing": str(self.layers[0].route) if self.layers else None,
             "cpu_threads": self.executor.num_threads,
+            "cpu_cores": list(self.executor.cores) if self.executor.cores is not None else None,
+            "tensor_parallel": self.tensor_parallel.to_dict(),
             "cpu_jobs": self.executor.jobs_submitted,
             "expert_format": self.expert_format,
             "device_expert_format": self.device_expert_format,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # Expert-token counters count (token, expert) assignments: a token routed to k experts counts k.
 COUNTERS = (
     "device_expert_tokens",  # computed by the device (resident experts)
@@ -69,3 +71,25 @@ def with_hit_rates(counts: dict[str, int]) -> dict[str, int | float | None]:
         device, cpu = counts[f"{phase}_device_expert_tokens"], counts[f"{phase}_cpu_expert_tokens"]
         rates[f"{phase}_hit_rate"] = device / (device + cpu) if device + cpu else None
     return {**counts, **rates}
+
+
+# Report fields that add up over tensor-parallel ranks (each holds its shards of every expert)
+SUMMED_OVER_RANKS = ("cpu_threads", "cpu_jobs", "cpu_busy_seconds", "host_expert_bytes", "host_expert_bytes_pinned",
+                     "staging_bytes")
+
+
+def summed_over_ranks(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensor-parallel ranks' reports (rank 0 first) as one: counters, bytes, threads and CPU time
+    summed (a rank counts the (token, expert) pairs it computed its shard of, so a pair counts
+    once per rank) and hit rates recomputed; placement and settings as rank 0's, which every
+    rank shares; `ranks`: each rank's own report. One report is returned as it is."""
+    if len(reports) == 1:
+        return reports[0]
+
+    def summed(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return with_hit_rates({name: sum(row[name] for row in rows) for name in COUNTERS})
+
+    layers = [{"resident": rows[0]["resident"], **summed(list(rows))}
+              for rows in zip(*(report["layers"] for report in reports))]
+    return {**reports[0], **{key: sum(report[key] for report in reports) for key in SUMMED_OVER_RANKS},
+            "layers": layers, "totals": summed([report["totals"] for report in reports]), "ranks": reports}

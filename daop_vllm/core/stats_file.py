@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import Any
 
 
+def rank_stats_path(path: str | Path, rank: int) -> Path:
+    """Where tensor-parallel rank `rank` writes the stats file asked for at `path`: rank 0 at
+    `path` itself, rank r beside it as `<stem>.rank<r><suffix>`."""
+    path = Path(path)
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def rank_stats_paths(path: str | Path) -> list[Path]:
+    """`path` and the other ranks' files written beside it, rank 0 first."""
+    paths = [Path(path)]
+    while rank_stats_path(path, len(paths)).exists():
+        paths.append(rank_stats_path(path, len(paths)))
+    return paths
+
+
 class StatsFile:
     """Writes `report()` to `path` every `interval_s` seconds on a thread of its own, and once
     more on `close()` (that write alone has `"final": true`). Each write goes to a temporary file

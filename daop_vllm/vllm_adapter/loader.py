@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 from torch import nn
-from vllm.config import CompilationConfig, CUDAGraphMode, ModelConfig, VllmConfig
+from vllm.config import CompilationConfig, CUDAGraphMode, ModelConfig, ParallelConfig, VllmConfig
 from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import DefaultModelLoader
@@ -29,6 +29,7 @@ from daop_vllm.core.placement import load_profile, plan_for_budget
 from daop_vllm.core.quantized_experts import FP8_BLOCK
 from daop_vllm.core.realloc import AUTO_INTERVAL_STEPS
 from daop_vllm.core.staging import BANKS
+from daop_vllm.core.stats_file import rank_stats_path
 from daop_vllm.vllm_adapter.cpu_fused_experts import (
     cpu_fused_experts,
     kernel_isa,
@@ -37,6 +38,12 @@ from daop_vllm.vllm_adapter.cpu_fused_experts import (
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, release_loaded_experts, set_routers
 from daop_vllm.vllm_adapter.options import DaopOptions
+from daop_vllm.vllm_adapter.tensor_parallel import (
+    agreed_hardware,
+    agreed_minimum,
+    rank_cpu_cores,
+    this_rank,
+)
 from daop_vllm.vllm_adapter.worker_extension import WORKER_EXTENSION
 
 logger = init_logger("vllm.daop")
@@ -53,21 +60,38 @@ def check_engine_config(options: DaopOptions, vllm_config: VllmConfig) -> None:
     family = model_family(model_config)
     check_quantization(model_config, options.expert_format, options.device_expert_format)
     check_device_format(options, vllm_config.device_config.device_type)
+    check_parallelism(vllm_config.parallel_config)
     num_layers, num_experts, _ = family.shape(model_config.hf_text_config)
-    options.check_model(num_layers, num_experts, family.expert_sizes(model_config.hf_text_config))
+    hidden, intermediate = family.expert_sizes(model_config.hf_text_config)
+    ranks = vllm_config.parallel_config.tensor_parallel_size
+    if intermediate % ranks:
+        raise DaopConfigError(f"tensor_parallel_size {ranks} must divide the experts' intermediate size "
+                              f"{intermediate} (each rank holds an equal shard of every expert)")
+    options.check_model(num_layers, num_experts, (hidden, intermediate // ranks))
     if options.profile:
         load_profile(options.profile, num_layers, num_experts)
-    parallel = vllm_config.parallel_config
-    sizes = {name: getattr(parallel, name) for name in
-             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
-    if any(size != 1 for size in sizes.values()):
-        raise DaopConfigError(
-            f"load_format 'daop' runs on one device: {', '.join(sizes)} must be 1, got {sizes}"
-        )
     compilation = vllm_config.compilation_config
     mode = compilation.cudagraph_mode
     check_cuda_graph_mode(mode.name if mode is not None else "NONE", compilation.splitting_ops)
     check_v1_model_runner(vllm_config.use_v2_model_runner)
+
+
+def check_parallelism(parallel: ParallelConfig) -> None:
+    """Tensor parallelism is DAOP's (each rank holds its shards of every expert); the other
+    kinds of vLLM's parallelism are refused in one line naming the setting."""
+    if parallel.pipeline_parallel_size != 1:
+        raise DaopConfigError(
+            f"load_format 'daop' runs under tensor parallelism but not pipeline parallelism: pipeline_parallel_size "
+            f"must be 1, got {parallel.pipeline_parallel_size} (use tensor_parallel_size; see docs/parallelism.md)")
+    if parallel.data_parallel_size != 1:
+        raise DaopConfigError(
+            f"load_format 'daop' does not run data-parallel engines (each would hold every expert in host memory; "
+            f"no host store is shared between them): data_parallel_size must be 1, got "
+            f"{parallel.data_parallel_size}; use tensor_parallel_size")
+    if parallel.enable_expert_parallel:
+        raise DaopConfigError(
+            "load_format 'daop' places the experts itself, every expert sharded over the tensor-parallel ranks: "
+            "enable_expert_parallel must be off")
 
 
 def check_v1_model_runner(uses_v2: bool) -> None:
@@ -201,13 +225,15 @@ class DaopModelLoader(BaseModelLoader):
         # every tensor it makes, and the hardware measurement its own.
         check_engine_config(self.options, vllm_config)
         device = torch.device(vllm_config.device_config.device)
-        threads = self.options.cpu_threads or default_cpu_threads(device.type)
+        rank = this_rank(vllm_config)
+        cores = rank_cpu_cores(device.type, rank)
+        threads = self.options.cpu_threads or default_cpu_threads(device.type, cores)
         hardware = measure_hardware(device) if self.options.hardware == "auto" else load_hardware(self.options.hardware)
         engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
-                            swap_threshold=self.options.swap_threshold, hardware=hardware,
+                            swap_threshold=self.options.swap_threshold, hardware=agreed_hardware(hardware, rank),
                             max_swap_bytes_per_step=self.options.max_swap_bytes_per_step,
                             budget_asked=self.options.budget_asked, fail_every=self.options.test_cpu_fault_every,
-                            stream=self.options.stream)
+                            stream=self.options.stream, tensor_parallel=rank, cpu_cores=cores)
         with daop_moe_layers(model_family(model_config), engine, vllm_config):
             model = super().create_model(vllm_config, model_config, prefix)
         model.daop_engine = engine
@@ -235,8 +261,8 @@ class DaopModelLoader(BaseModelLoader):
                 f"vLLM's CPU fused-MoE op ({kernel_isa(engine.layers[0].store.w13.dtype)}), every expert in one call "
                 f"(device and host are one memory), on a prepacked copy of the experts: +{extra / 2**30:.2f} GiB")
         if self.options.stats_path:
-            engine.write_stats_to(self.options.stats_path)
-        if self.options.trace_path:
+            engine.write_stats_to(str(rank_stats_path(self.options.stats_path, engine.tensor_parallel.rank)))
+        if self.options.trace_path and engine.tensor_parallel.rank == 0:  # every rank routes alike
             engine.record_traces_to(self.options.trace_path, model=model_config.model)
         logger.info("%s", self._startup_report(engine))
 
@@ -267,6 +293,8 @@ class DaopModelLoader(BaseModelLoader):
             f"{engine.executor.kernel_name}",
             f"  host experts:  {report['host_expert_bytes'] / 2**30:.2f} GiB"
             f"{' pinned' if report['host_expert_bytes_pinned'] else ''}, {self._format_report(engine)}",
+            *([f"  tensor parallel: {self._tensor_parallel_report(engine, report)}"]
+              if engine.tensor_parallel.size > 1 else []),
             f"  realloc:       {self._realloc_report(engine)}",
             f"  stream:        {self._stream_report(engine)}",
             f"  stats_path:    {self.options.stats_path or '-'}{self._final_write_note()}",
@@ -308,9 +336,21 @@ class DaopModelLoader(BaseModelLoader):
         return (" (rewritten every second; its final write at shutdown needs --shutdown-timeout > 0: "
                 "with 0 vLLM kills the engine at once)")
 
+    @staticmethod
+    def _tensor_parallel_report(engine: DaopEngine, report: dict) -> str:
+        ranks, shard = engine.tensor_parallel, engine.layers[0].store.w2.shape[2]
+        host = report["host_expert_bytes"]
+        return (f"rank {ranks.rank} of {ranks.size} ({ranks.local_ranks} on this machine); every expert's intermediate "
+                f"size {shard * ranks.size} split in {ranks.size}, {shard} here; host experts {host / 2**30:.2f} GiB "
+                f"here, {ranks.size * host / 2**30:.2f} GiB over the ranks; CPU executor pinned to CPUs "
+                f"{list(engine.executor.cores)}; placement and re-allocation alike on every rank (replicated routing)")
+
     def _threads_reason(self, engine: DaopEngine) -> str:
         if self.options.cpu_threads:
             return " (cpu_threads)"
+        if engine.tensor_parallel.size > 1:
+            launches = ", less one for the GPU's launches" if engine.device.type == "cuda" else ""
+            return f" (the physical cores of this rank's CPUs, the machine's split over its ranks{launches})"
         if engine.device.type == "cuda":
             return " (physical cores - 1: one is left to the thread that launches the GPU's work)"
         return " (physical cores)"
@@ -365,7 +405,7 @@ class DaopModelLoader(BaseModelLoader):
         if staging:
             logger.info("daop: auto budget: %.2f GiB of it for %d x %d staging slots", staging / 2**30, BANKS,
                         engine.staging_slots)
-        return max(0, budget.expert_bytes - staging)
+        return agreed_minimum(max(0, budget.expert_bytes - staging), engine.tensor_parallel)
 
 
 def kv_bytes_per_token(vllm_config: VllmConfig) -> int:

@@ -3,7 +3,9 @@
 The process that owns the MoE layers (the worker, also under vLLM's multi-process engine)
 writes its report to a stats file every second; a collector registered in the front end's
 Prometheus registry turns the newest file into metric families at each scrape. So the values
-come from the owning process, and nothing in the forward pass touches Prometheus.
+come from the owning process, and nothing in the forward pass touches Prometheus. Under tensor
+parallelism every rank writes its own file (stats_file.rank_stats_path): the families are summed
+over the ranks, and `daop_rank_*` gives each rank's totals.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
+
+from daop_vllm.core.stats import summed_over_ranks
+from daop_vllm.core.stats_file import rank_stats_paths
 
 # stats counter -> help text; exported per layer as daop_<name>_total{layer="i"}
 LAYER_COUNTERS = {
@@ -44,9 +49,12 @@ class DaopCollector:
         if self.stats_path is None:
             return
         try:
-            report = json.loads(self.stats_path.read_text())
+            reports = [json.loads(path.read_text()) for path in rank_stats_paths(self.stats_path)]
         except (OSError, json.JSONDecodeError):
             return  # not written yet (the engine is loading)
+        report = summed_over_ranks(reports)
+        if len(reports) > 1:
+            yield from _per_rank(reports)
         layers = report["layers"]
         for name, help_text in LAYER_COUNTERS.items():
             family = CounterMetricFamily(f"daop_{name}", help_text, labels=["layer"])
@@ -68,6 +76,21 @@ class DaopCollector:
                                   value=report["cpu_busy_seconds"])
         yield GaugeMetricFamily("daop_requests_tracked", "requests with per-request DAOP state",
                                 value=report["requests_tracked"])
+
+
+def _per_rank(reports: list[dict]) -> Iterator[Metric]:
+    """Under tensor parallelism each rank's totals, labelled by rank (the other families are
+    summed over the ranks)."""
+    for name, help_text in LAYER_COUNTERS.items():
+        family = CounterMetricFamily(f"daop_rank_{name}", f"{help_text}, per tensor-parallel rank", labels=["rank"])
+        for rank, report in enumerate(reports):
+            family.add_metric([str(rank)], report["totals"][name])
+        yield family
+    busy = CounterMetricFamily("daop_rank_cpu_busy_seconds", "thread-seconds the rank's CPU executor spent on experts",
+                               labels=["rank"])
+    for rank, report in enumerate(reports):
+        busy.add_metric([str(rank)], report["cpu_busy_seconds"])
+    yield busy
 
 
 _collector: DaopCollector | None = None

@@ -23,6 +23,7 @@ from daop_vllm.core.engine import DaopEngine
 from daop_vllm.core.errors import DaopConfigError
 from daop_vllm.core.moe import DaopMoE, RoutingFunction
 from daop_vllm.core.quantized_experts import FP8_BLOCK, QuantizedWeights
+from daop_vllm.core.ranks import TensorParallelRank
 from daop_vllm.core.routing import CustomRouting, SoftmaxTopK
 from daop_vllm.vllm_adapter.families import MoEFamily
 
@@ -31,10 +32,12 @@ class RoutedExpertWeights(nn.Module):
     """A layer's host expert store as parameters, named as vLLM's RoutedExperts names them
     (w13 = gate rows then up rows; fp8 experts also their block scales, `*_weight_scale_inv`),
     each with vLLM's expert weight loader: models that load experts themselves (DeepSeek-V2) call
-    it with `shard_id` w1/w2/w3 and `expert_id`."""
+    it with `shard_id` w1/w2/w3 and `expert_id`. Under tensor parallelism the store holds this
+    rank's shard (`tp_rank`) of every expert: its slice of the intermediate size."""
 
-    def __init__(self, moe: DaopMoE) -> None:
+    def __init__(self, moe: DaopMoE, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         w13, w2 = moe.store.w13, moe.store.w2
         if isinstance(w13, QuantizedWeights):  # fp8, as the checkpoint holds them
             self.w13_weight_scale_inv = nn.Parameter(w13.scales, requires_grad=False)
@@ -53,6 +56,10 @@ class RoutedExpertWeights(nn.Module):
             rows //= FP8_BLOCK  # a row of block scales per 128 rows
         target = param[expert_id] if shard_id == "w2" else param[expert_id, slice(0, rows) if shard_id == "w1"
                                                                    else slice(rows, 2 * rows)]
+        sharded = 1 if shard_id == "w2" else 0  # the intermediate size: w2's input, w1's and w3's output
+        size = target.shape[sharded]
+        if self.tp_size > 1 and tensor.dim() == target.dim() and tensor.shape[sharded] == self.tp_size * size:
+            tensor = tensor.narrow(sharded, self.tp_rank * size, size)  # the whole expert: this rank's shard
         if target.shape != tensor.shape:
             raise ValueError(f"expert {expert_id} {shard_id} {name}: the checkpoint's {tuple(tensor.shape)} does not "
                              f"fit {tuple(target.shape)}")
@@ -66,9 +73,14 @@ class DaopMoELayer(nn.Module):
 
     def __init__(self, moe: DaopMoE, layer_name: str, ckpt_names: tuple[str, str, str],
                  shared_experts: nn.Module | None = None, gate: nn.Module | None = None,
-                 shared_output_scale: float = 1.0) -> None:
+                 shared_output_scale: float = 1.0, ranks: TensorParallelRank | None = None) -> None:
+        """`ranks`: under tensor parallelism the store holds this rank's shard of each expert and
+        the layer's output is this rank's share (of the shared experts too: vLLM builds them
+        unreduced), all-reduced here as vLLM's MoE runner does."""
         super().__init__()
         self.moe = moe
+        ranks = ranks or TensorParallelRank()
+        self._sums_ranks = ranks.size > 1
         # The model's shared experts (Qwen2-MoE, DeepSeek-V2): always on the device, outside DAOP's
         # budget and counters. Kept out of this module's children: the MoE block owns and loads
         # them, as it owns the gate of the families (Qwen3-MoE, DeepSeek-V2) that leave routing to
@@ -77,7 +89,7 @@ class DaopMoELayer(nn.Module):
         self._shared_output_scale = shared_output_scale
         self._router_logits = None if gate is None else _router_logits(gate)
         self.layer_name = layer_name
-        self.routed_experts = RoutedExpertWeights(moe)
+        self.routed_experts = RoutedExpertWeights(moe, ranks.rank, ranks.size)
         gate, down, up = (re.escape(name) for name in ckpt_names)
         self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.(weight|weight_scale_inv)")
         self._shard_ids = dict(zip(ckpt_names, ("w1", "w2", "w3"), strict=True))
@@ -87,9 +99,13 @@ class DaopMoELayer(nn.Module):
             router_logits = self._router_logits(hidden_states)
         out = torch.ops.vllm.daop_moe_forward(hidden_states, router_logits, self.layer_name)
         shared = self._shared_experts[0]
-        if shared is None:
-            return out
-        return out + shared(hidden_states) * self._shared_output_scale
+        if shared is not None:
+            out = out + shared(hidden_states) * self._shared_output_scale
+        if self._sums_ranks:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            out = tensor_model_parallel_all_reduce(out)
+        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Checkpoint tensors `{expert}.{gate|down|up}.weight` (and, fp8, `.weight_scale_inv`)
@@ -172,9 +188,9 @@ _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_
             "shared_experts", "custom_routing_function", "gate", "use_grouped_topk", "num_expert_group", "topk_group",
             "scoring_func", "routed_scaling_factor", "e_score_correction_bias", "apply_routed_scale_to_output",
             "router_logits_dtype", "quant_config"}
-# Arguments whose value does not change what the layer computes on one device.
-# (parallel sizes, and quantization other than FP8 blocks, are refused before the model is built:
-# loader.check_engine_config)
+# Arguments whose value does not change what the layer computes: the parallel sizes (the engine
+# knows its tensor-parallel rank; the other kinds of parallelism, and quantization other than FP8
+# blocks, are refused before the model is built: loader.check_engine_config)
 _IGNORED = {"tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
 
 
@@ -240,10 +256,11 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         route, shared_output_scale = _routing(kwargs, dtype)
         prefix = kwargs["prefix"]
-        moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"], dtype, route,
-                               expert_checkpoint_format(kwargs.get("quant_config"), prefix))
+        ranks = engine.tensor_parallel  # every rank holds its shard of each expert's intermediate size
+        moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"] // ranks.size,
+                               dtype, route, expert_checkpoint_format(kwargs.get("quant_config"), prefix))
         layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"),
-                             kwargs.get("gate"), shared_output_scale)
+                             kwargs.get("gate"), shared_output_scale, ranks)
         forward_context = vllm_config.compilation_config.static_forward_context
         if prefix in forward_context:
             raise ValueError(f"duplicate layer name {prefix!r}")

@@ -171,3 +171,20 @@ def test_cuda_graphs_default_to_piecewise_split_at_the_daop_op():
     prefer_piecewise_cuda_graphs(full, enforce_eager=False)
     split_at_daop_op(full)
     assert full.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE and not full.splitting_ops
+
+
+def test_parallelism_other_than_tensor_is_refused_naming_the_setting(tiny_mixtral):
+    """Pipeline parallelism fails in stock vLLM's CPU backend (so it cannot be tested here) and
+    expert parallelism would move experts behind DAOP's placement: one line each, naming the
+    setting. LLM() refuses data parallelism itself; `vllm serve --data-parallel-size` reaches
+    the same check as its vLLM config."""
+    from vllm.config import ParallelConfig
+
+    from daop_vllm.vllm_adapter.loader import check_parallelism
+
+    expect_config_error(tiny_mixtral, {}, "pipeline_parallel_size must be 1, got 2", "tensor_parallel_size",
+                        pipeline_parallel_size=2)
+    expect_config_error(tiny_mixtral, {}, "enable_expert_parallel must be off", enable_expert_parallel=True,
+                        tensor_parallel_size=2)
+    with pytest.raises(DaopConfigError, match=r"data_parallel_size must be 1, got 2; use tensor_parallel_size"):
+        check_parallelism(ParallelConfig(data_parallel_size=2))
