@@ -3,7 +3,9 @@ Mixtral, 46.9% and 25% resident), tokens/s per policy against resident fraction 
 machine model, and against batch size at 25% resident; with `--formats`, what each expert format
 buys on the a6000 and h200 presets at 25% and 46.9% resident; with `--streaming`, what streaming
 misses to the device buys: time to first token of long prompts (Mixtral) and decode tokens/s
-against batch size (DeepSeek-V2-Lite), a6000 and h200, 25% resident."""
+against batch size (DeepSeek-V2-Lite), a6000 and h200, 25% resident; with `--tensor-parallel`,
+one GPU against N of one h200 machine (Mixtral), at the same resident fraction and at the same
+expert memory per GPU, batch 1 and 16."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from daop_vllm.core.hardware import FORMAT_READ_SHARE, load_hardware
 from daop_vllm.core.quantized_experts import FORMATS
 from daop_vllm.offline.model_shapes import model_shape
 from daop_vllm.offline.simulator import BASE_POLICIES, simulate
+from daop_vllm.offline.trace_analysis import calibrate_profile
 from daop_vllm.offline.traces import TraceSequence, read_traces
 
 # ../shared/reference/daop.md: Mixtral-8x7B on the A6000 machine, batch 1.
@@ -92,16 +95,33 @@ STREAM_POLICIES = ["static", "daop", "ondemand", "auto-exact", "auto-verified", 
                    "auto-verified+stream", "auto-daop+stream", "stream-all"]
 
 
+def _pooled_rows(sequences: list[TraceSequence], layer: int, start: float, count: int) -> list[list[int]]:
+    """`count` rows of `layer` from every sequence's rows (prompt, then generated) back to back,
+    taken cyclically from `start` (a share of the way in: layers of unaligned traces differ in rows)."""
+    rows = [row for seq in sequences for phase in (seq.prefill, seq.decode) for row in phase[layer]]
+    first = int(start * len(rows))
+    return [rows[(first + i) % len(rows)] for i in range(count)]
+
+
 def long_prompt(sequences: list[TraceSequence], tokens: int) -> TraceSequence:
     """A prompt of `tokens` rows per layer: every sequence's rows (prompt, then generated) back to
     back, repeated as often as needed - no trace has prompts this long - and nothing to decode."""
     first = sequences[0]
-    prefill = []
-    for layer in range(first.num_layers):
-        rows = [row for seq in sequences for phase in (seq.prefill, seq.decode) for row in phase[layer]]
-        prefill.append([rows[i % len(rows)] for i in range(tokens)])
+    prefill = [_pooled_rows(sequences, layer, 0.0, tokens) for layer in range(first.num_layers)]
     return TraceSequence(f"prompt-{tokens}", first.num_layers, first.num_experts, first.top_k, first.aligned,
                          prefill, [[] for _ in range(first.num_layers)], model=first.model)
+
+
+def batch_sequences(sequences: list[TraceSequence], count: int, rows: int) -> list[TraceSequence]:
+    """`count` sequences of `rows` generated rows per layer cut from the trace's rows back to back,
+    the i-th starting i / count of the way in, so that a batch's rows in a step are different
+    tokens: the Mixtral trace scores two sequences, and a batch of 16 needs more."""
+    first = sequences[0]
+    return [TraceSequence(f"rows-{i}", first.num_layers, first.num_experts, first.top_k, first.aligned,
+                          [[] for _ in range(first.num_layers)],
+                          [_pooled_rows(sequences, layer, i / count, rows) for layer in range(first.num_layers)],
+                          model=first.model)
+            for i in range(count)]
 
 
 def run_streaming(mixtral_trace: Path, deepseek_trace: Path, deepseek_limit: int | None, progress,
@@ -246,4 +266,102 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("simulated decode tokens/s per policy (daop-vllm bench simulate)")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+TP_PRESET = "h200"
+TP_FRACTIONS = [0.25, 0.5, 0.75, 1.0]
+TP_BATCHES = [1, 16]
+# batches above 1: sequences of this many rows (30% of them the prompt, as the scored ones at batch 1)
+TP_SEQUENCE_ROWS = 256
+# the policies that keep to the budget (`gpu` holds every expert: the memory-unlimited bound)
+BUDGETED_POLICIES = [name for name in BASE_POLICIES if name != "gpu"]
+
+
+def tensor_parallel_points(sizes: list[int]) -> list[tuple[int, float]]:
+    """(GPUs, resident fraction) to simulate: one GPU and each size at TP_FRACTIONS, and one GPU
+    at each fraction / N too - the same expert memory per GPU as N GPUs at that fraction."""
+    points = {(n, f) for n in {1, *sizes} for f in TP_FRACTIONS} | {(1, f / n) for n in sizes for f in TP_FRACTIONS}
+    return sorted(points)
+
+
+def run_tensor_parallel(mixtral_trace: Path, sizes: list[int], progress) -> dict[str, Any]:
+    """Every policy on the Mixtral trace on the h200 preset at each point of
+    `tensor_parallel_points`, batch 1 (the two decode-only sequences, their first 30% the prompt)
+    and 16 (`batch_sequences` of their rows); the prompted sequence places the experts."""
+    mixtral = list(read_traces(mixtral_trace))
+    profile = calibrate_profile(mixtral[:1])
+    hardware, shape = load_hardware(TP_PRESET), model_shape("mixtral-8x7b")
+    by_batch: dict[str, Any] = {}
+    for batch in TP_BATCHES:
+        scored = mixtral[1:] if batch == 1 else batch_sequences(mixtral[1:], batch, TP_SEQUENCE_ROWS)
+        for n, fraction in tensor_parallel_points(sizes):
+            by_batch.setdefault(str(batch), {}).setdefault(str(n), {})[str(fraction)] = simulate(
+                scored, BASE_POLICIES, shape, hardware, fraction, calibrate_on=0, profile=profile, split=0.3,
+                batch=batch, progress=progress, tensor_parallel=n)
+    return {"by_batch": by_batch, "summary": _tensor_parallel_summary(by_batch, sizes), "preset": TP_PRESET,
+            "model_shape": shape.name, "tensor_parallel_sizes": sorted({1, *sizes}),
+            "resident_fractions": TP_FRACTIONS, "batches": TP_BATCHES,
+            "note": "one GPU's clocks: each GPU holds the resident fraction of the experts as 1/N shards, has its own "
+                    "device memory, rates and PCIe link, and 1/N of the host's memory bandwidth and CPU; two "
+                    "all-reduces per layer. Batch 1 scores the trace's two decode-only sequences (as bench simulate); "
+                    f"batch 16 scores 16 sequences of {TP_SEQUENCE_ROWS} of their rows each, cut at even offsets. "
+                    "The prompted sequence's prefill places the experts (calibrate_on 0 with its profile)"}
+
+
+def _tensor_parallel_summary(by_batch: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+    """Per batch, size N > 1 and fraction f: the best budgeted policy on N GPUs at f against one GPU
+    at f (the same share of experts resident) and at f / N (the same expert memory per GPU)."""
+    rows = []
+    for batch, by_size in by_batch.items():
+        for n in (n for n in sizes if n > 1):
+            for fraction in TP_FRACTIONS:
+                many = by_size[str(n)][str(fraction)]
+                many_best, many_rate = _best(many["policies"], BUDGETED_POLICIES, "tokens_per_s")
+                for compare, one_gpu_fraction in (("same fraction", fraction), ("same memory per GPU", fraction / n)):
+                    one_best, one_rate = _best(by_size["1"][str(one_gpu_fraction)]["policies"], BUDGETED_POLICIES,
+                                               "tokens_per_s")
+                    rows.append({
+                        "batch": int(batch), "tensor_parallel": n, "resident_fraction": fraction,
+                        "compare": compare, "one_gpu_resident_fraction": one_gpu_fraction,
+                        "resident_gib_per_gpu": many["settings"]["resident_expert_bytes_per_gpu"] / 2**30,
+                        "one_gpu_best": one_best, "one_gpu_tokens_per_s": one_rate,
+                        "best": many_best, "tokens_per_s": many_rate, "over_one_gpu": many_rate / one_rate,
+                        "allreduce_share": many["policies"][many_best]["allreduce_s_per_token"] * many_rate})
+    return rows
+
+
+def tensor_parallel_lines(result: dict[str, Any]) -> list[str]:
+    """The summary of `run_tensor_parallel`, a line per row."""
+    return [f"batch {row['batch']}, {row['tensor_parallel']} GPUs at {100 * row['resident_fraction']:.0f}% "
+            f"({row['resident_gib_per_gpu']:.1f} GiB per GPU): {row['tokens_per_s']:.2f} tok/s ({row['best']}) "
+            f"against one GPU at {100 * row['one_gpu_resident_fraction']:.1f}% ({row['compare']}) "
+            f"{row['one_gpu_tokens_per_s']:.2f} ({row['one_gpu_best']}) = {row['over_one_gpu']:.2f}x"
+            for row in result["summary"]]
+
+
+def plot_tensor_parallel(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    batches = list(result["by_batch"])
+    fig, axes = plt.subplots(len(batches), 2, figsize=(15, 4.5 * len(batches)), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(BASE_POLICIES)}
+    for row, batch in zip(axes, batches):
+        for n, runs in result["by_batch"][batch].items():
+            for name in BASE_POLICIES:
+                style = dict(marker="o", color=colors[name], linestyle="-" if n == "1" else "--",
+                             label=f"{name}, {n} GPU{'s' if n != '1' else ''}")
+                row[0].plot([float(f) for f in runs], [r["policies"][name]["tokens_per_s"] for r in runs.values()],
+                            **style)
+                row[1].plot([r["settings"]["resident_expert_bytes_per_gpu"] / 2**30 for r in runs.values()],
+                            [r["policies"][name]["tokens_per_s"] for r in runs.values()], **style)
+        row[0].set(xlabel="resident fraction (of experts, on every GPU)", ylabel="decode tokens/s (simulated)",
+                   yscale="log", title=f"Mixtral-8x7B trace, {result['preset']}, batch {batch}: same fraction")
+        row[1].set(xlabel="resident experts per GPU, GiB", ylabel="decode tokens/s (simulated)", yscale="log",
+                   title=f"batch {batch}: same expert memory per GPU")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("tensor parallelism: one GPU (solid) against N of one machine (dashed), sharing its CPU "
+                 "(daop-vllm bench simulate --tensor-parallel)")
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.savefig(path, dpi=100)

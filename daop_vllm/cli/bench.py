@@ -79,6 +79,10 @@ def add_parser(commands) -> None:
                            help="instead: misses on the CPU, streamed, or each where cheaper - time to first token "
                                 "of 256-4096-token prompts (Mixtral) and decode tokens/s at batch 1-64 "
                                 "(DeepSeek-V2-Lite), a6000 and h200, 25%% resident")
+    bench_sim.add_argument("--tensor-parallel", type=int, nargs="+", metavar="N",
+                           help="instead: one GPU against N GPUs of one machine (vLLM's tensor parallelism; h200 "
+                                "preset, Mixtral) at resident fractions 0.25-1 and at the same expert memory per GPU, "
+                                "batch 1 and 16")
     bench_sim.add_argument("--max-num-batched-tokens", type=int, default=2048,
                            help="(--streaming) vLLM's token budget per step: prompts join the decode steps in pieces "
                                 "(default 2048, vLLM's for serving)")
@@ -285,14 +289,18 @@ def _bench_simulate(args: argparse.Namespace) -> None:
     from daop_vllm.core.quantized_experts import FORMATS
     from daop_vllm.offline.simulator import BASE_POLICIES
 
-    if args.formats and args.streaming:
-        raise DaopConfigError("--formats and --streaming are different runs; give one of them")
-    for trace in (args.mixtral_trace,) if args.formats else (args.mixtral_trace, args.deepseek_trace):
+    if sum(map(bool, (args.formats, args.streaming, args.tensor_parallel))) > 1:
+        raise DaopConfigError("--formats, --streaming and --tensor-parallel are different runs; give one of them")
+    mixtral_only = args.formats or args.tensor_parallel
+    for trace in (args.mixtral_trace,) if mixtral_only else (args.mixtral_trace, args.deepseek_trace):
         if not trace.is_file():
             raise DaopConfigError(f"trace {trace} not found (the shared traces live in ../shared/traces)")
     if args.streaming and args.max_num_batched_tokens < max(STREAM_BATCHES):
         raise DaopConfigError(f"--max-num-batched-tokens must be at least the largest batch ({max(STREAM_BATCHES)}): "
                               f"every step gives each decoding sequence a token; got {args.max_num_batched_tokens}")
+    if args.tensor_parallel:
+        _bench_simulate_tensor_parallel(args)
+        return
     if args.streaming:
         runs = len(STREAM_PRESETS) * (len(PROMPT_TOKENS) + len(STREAM_BATCHES)) * len(STREAM_POLICIES)
         with tqdm(total=runs, desc="bench simulate --streaming", unit="policy", disable=args.json) as progress:
@@ -332,6 +340,30 @@ def _bench_simulate(args: argparse.Namespace) -> None:
               f"(paper {check['paper_daop_tokens_per_s']}), static {check['static_tokens_per_s']:.2f}, "
               f"daop/static {check['daop_over_static']:.2f}")
     print(f"daop/static averaged over fractions: {result['daop_over_static_average_a6000']:.2f} (paper 1.35)")
+
+
+def _bench_simulate_tensor_parallel(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from daop_vllm.bench.simulation import (
+        TP_BATCHES,
+        plot_tensor_parallel,
+        run_tensor_parallel,
+        tensor_parallel_lines,
+        tensor_parallel_points,
+    )
+    from daop_vllm.offline.simulator import BASE_POLICIES
+
+    for size in args.tensor_parallel:
+        try:
+            model_shape("mixtral-8x7b").tensor_parallel_rank(size)
+        except ValueError as exc:
+            raise DaopConfigError(f"--tensor-parallel: {exc}") from None
+    runs = len(TP_BATCHES) * len(tensor_parallel_points(args.tensor_parallel)) * len(BASE_POLICIES)
+    with tqdm(total=runs, desc="bench simulate --tensor-parallel", unit="policy", disable=args.json) as progress:
+        result = run_tensor_parallel(args.mixtral_trace, args.tensor_parallel, progress)
+    if not emit_json(result, args, plot_tensor_parallel):
+        print("\n".join(tensor_parallel_lines(result)))
 
 
 RUNS = {"cpu-experts": _bench_cpu_experts, "modes": _bench_modes, "serve": _bench_serve, "soak": _bench_soak,

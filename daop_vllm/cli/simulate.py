@@ -27,6 +27,9 @@ def add_parser(commands) -> None:
                      help="share of predicted experts that are right (default: as measured for the model "
                           "shape where known, else the paper's 0.8411)")
     sim.add_argument("--batch", type=int, default=1, help="sequences in flight (continuous batching)")
+    sim.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                     help="GPUs of one machine, each holding 1/N of every expert (vLLM's tensor parallelism): "
+                          "the resident fraction is per GPU, the CPU and host memory are shared (default 1)")
     sim.add_argument("--expert-format", default="bf16", choices=FORMATS,
                      help="the experts' storage, device and host alike (its bytes per expert)")
     sim.add_argument("--first-predicted-layer", type=int, default=4)
@@ -61,12 +64,18 @@ def run(args: argparse.Namespace) -> None:
         raise DaopConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
     if args.batch < 1:
         raise DaopConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.tensor_parallel < 1:
+        raise DaopConfigError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     if args.staging_slots is not None and args.staging_slots < 1:
         raise DaopConfigError(f"--staging-slots must be >= 1, got {args.staging_slots}")
     seqs = list(read_traces(args.trace))[: args.limit]
     if not seqs:
         raise DaopConfigError(f"{args.trace} holds no sequences")
     shape = model_shape(args.model_shape) if args.model_shape else _shape_of_trace(seqs[0])
+    try:
+        shape.tensor_parallel_rank(args.tensor_parallel)  # here, so that the refusal is the only line
+    except ValueError as exc:
+        raise DaopConfigError(str(exc)) from None
     accuracy = next(a for a in (args.prediction_accuracy, shape.prediction_accuracy, PAPER_PREDICTION_ACCURACY)
                     if a is not None)
     with tqdm(total=len(policies), desc="simulate", unit="policy", disable=args.json) as progress:
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
                               progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept,
                               staging_slots=args.staging_slots or DEFAULT_STAGING_SLOTS,
-                              max_batched_tokens=args.max_num_batched_tokens)
+                              max_batched_tokens=args.max_num_batched_tokens, tensor_parallel=args.tensor_parallel)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name
@@ -87,6 +96,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{args.trace.name} on {settings['hardware']['name']}, {shape.name}, "
           f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, {args.expert_format} experts, "
           f"{settings['scored_sequences']} sequences scored")
+    print(f"tensor parallel {args.tensor_parallel}: resident experts take "
+          f"{settings['resident_expert_bytes_per_gpu'] / 2**30:.2f} GiB per GPU; times and bytes are one GPU's")
     static = result["policies"].get("static", {}).get("tokens_per_s")
     print(f"{'policy':>20} {'tok/s':>8} {'vs static':>9} {'decode hit':>10} {'CPU/token':>9} {'PCIe MB/token':>13}")
     for name, r in result["policies"].items():

@@ -25,6 +25,9 @@ class Hardware:
     cpu_gbps: float  # the CPU's streaming read rate (all cores)
     device_tflops: float = 100.0  # dense bf16 matmul rate (prefill-sized expert work)
     cpu_tflops: float = 1.0
+    # GPU-to-GPU all-reduce rate under tensor parallelism (the simulator's --tensor-parallel); the
+    # default is PCIe peer-to-peer (PCIe 4.0 x16 at ~80%), so JSON files without it keep working
+    interconnect_gbps: float = 25.0
 
     def swap_seconds(self, expert_bytes: int) -> float:
         return expert_bytes / (self.pcie_gbps * 1e9)
@@ -67,8 +70,10 @@ HARDWARE_PRESETS = {
         # CPU as measured there (#10, benchmarks/results/gpu_policies.json; the datasheet guesses
         # were 50 and 100 GB/s): host-to-device copies 54.3 GB/s, our executor 106 GB/s on its 16
         # cores at one token per Mixtral expert, i.e. a streaming rate of 106 / OUR_CPU_EFFICIENCY
-        # = 115 GB/s. AMX bf16 ~1 TFLOPS per 16 cores (not measured).
-        Hardware("h200", pcie_gbps=54.0, device_gbps=4800.0, cpu_gbps=115.0, device_tflops=989.0, cpu_tflops=1.0),
+        # = 115 GB/s. AMX bf16 ~1 TFLOPS per 16 cores (not measured). NVLink 4 (SXM): 450 GB/s per
+        # direction; an all-reduce's bus rate at ~90% of it, 400 GB/s (not measured: one GPU there).
+        Hardware("h200", pcie_gbps=54.0, device_gbps=4800.0, cpu_gbps=115.0, device_tflops=989.0, cpu_tflops=1.0,
+                 interconnect_gbps=400.0),
     )
 }
 # Where device and host are one memory there is nothing to measure; the paper's machine stands in.

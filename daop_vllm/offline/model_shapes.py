@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from daop_vllm.core.quantized_experts import bytes_per_weight
 
@@ -29,6 +29,18 @@ class MoEShape:
 
     def shared_expert_bytes(self, element_size: int = 2) -> int:
         return 3 * self.hidden_size * self.shared_intermediate_size * element_size
+
+    def tensor_parallel_rank(self, size: int) -> MoEShape:
+        """One GPU's share under tensor parallelism over `size` GPUs: vLLM splits the intermediate
+        rows of every routed and shared expert evenly across the ranks."""
+        if size < 1:
+            raise ValueError(f"the tensor parallel size must be >= 1, got {size}")
+        for what, rows in (("expert", self.intermediate_size), ("shared experts'", self.shared_intermediate_size)):
+            if rows % size:
+                raise ValueError(f"tensor parallel size {size} does not divide {self.name}'s {what} intermediate "
+                                 f"size {rows}: vLLM splits it evenly across the GPUs")
+        return replace(self, intermediate_size=self.intermediate_size // size,
+                       shared_intermediate_size=self.shared_intermediate_size // size)
 
 
 MODEL_SHAPES = {

@@ -8,6 +8,10 @@ its own CPU job and the pre-computed job it consumes are all done. PCIe copies (
 on-demand misses) delay the device work that needs them; re-allocation copies overlap (the
 engine copies on a side stream) and only count as bytes.
 
+Under tensor parallelism over N GPUs the clocks are one GPU's (rank's): every rank routes alike and
+holds the same experts, each as 1/N of its intermediate rows, so all ranks do the same work at once
+and wait for each other in two all-reduces per layer (after attention and after the MoE layer).
+
 Legend: L layers, E experts, K top-k, B sequences in flight.
 """
 
@@ -34,6 +38,9 @@ from daop_vllm.offline.traces import TraceSequence
 
 # The paper's Mixtral figure (../shared/reference/daop.md).
 PAPER_PREDICTION_ACCURACY = 0.8411
+# An all-reduce's cost beside its bytes (launch and synchronisation): about NCCL's latency for
+# small messages between two GPUs, NVLink or PCIe alike (not measured here).
+ALLREDUCE_LATENCY_S = 10e-6
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,7 @@ class SimResult:
     time_to_first_token: float = 0.0  # summed over the prompts: their first step's start to their last's end
     precomputed_used: int = 0  # ... of them taken pre-computed
     pcie_bytes: int = 0
+    allreduce_seconds: float = 0.0  # tensor parallelism: the ranks' all-reduces, on every step's clock
     predictions: int = 0
     predictions_correct: int = 0
 
@@ -150,6 +158,7 @@ class SimResult:
             "tokens_per_s": self.output_tokens / self.seconds if self.seconds else None,
             "cpu_expert_tokens_per_token": self.cpu_expert_tokens / tokens,
             "pcie_bytes_per_token": self.pcie_bytes / tokens,
+            "allreduce_s_per_token": self.allreduce_seconds / tokens,
             "prediction_accuracy": self.predictions_correct / self.predictions if self.predictions else None,
             "precomputed_share": self.precomputed_used / self.cpu_expert_tokens if self.cpu_expert_tokens else None,
             "prefill_streamed_experts": self.streamed["prefill"],
@@ -163,6 +172,14 @@ class SimResult:
         }
 
 
+def rank_hardware(hardware: Hardware, tensor_parallel: int) -> Hardware:
+    """What one of `tensor_parallel` GPUs of a machine has: its own device memory, device rates
+    and PCIe link, and its share of the host's memory bandwidth and CPU cores, which the ranks'
+    CPU executors divide between them."""
+    return dataclasses.replace(hardware, cpu_gbps=hardware.cpu_gbps / tensor_parallel,
+                               cpu_tflops=hardware.cpu_tflops / tensor_parallel)
+
+
 class Simulator:
     """Replays sequences for one policy on one machine model."""
 
@@ -170,7 +187,7 @@ class Simulator:
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
                  batch: int = 1, seed: int = 0, expert_format: str = "bf16", precomputed_kept: float = 1.0,
                  degrades: bool | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS,
-                 max_batched_tokens: int | None = None) -> None:
+                 max_batched_tokens: int | None = None, tensor_parallel: int = 1) -> None:
         """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
         host alike: its bytes per expert are what every read and copy moves.
         `precomputed_kept`: the share of predicted rows the staleness gate lets use their
@@ -178,26 +195,32 @@ class Simulator:
         were computed all the same, and the consuming layer computes their experts again.
         `degrades`: the `degrade` option (None: the mode's default). `staging_slots`: experts a
         layer may have in flight to the device when its policy streams. `max_batched_tokens`:
-        vLLM's token budget per step (run); None: each prompt whole, in a step of its own."""
+        vLLM's token budget per step (run); None: each prompt whole, in a step of its own.
+        `tensor_parallel`: GPUs N of one machine; `shape`, `hardware` and `placement` are the
+        whole model's and machine's, and the clocks, bytes and engine are one GPU's."""
         if max_batched_tokens is not None and max_batched_tokens < batch:
             raise ValueError(f"max_batched_tokens {max_batched_tokens} is below the batch ({batch}): every step "
                              "gives each decoding sequence a token")
         self.max_batched_tokens = max_batched_tokens
-        self.policy, self.shape, self.hw = policy, shape, hardware
+        self.tensor_parallel = tensor_parallel
+        self.policy, self.shape = policy, shape.tensor_parallel_rank(tensor_parallel)
+        self.hw = rank_hardware(hardware, tensor_parallel)
         self.staging_slots = staging_slots
         self.precomputed_kept = precomputed_kept
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
-        self.expert_bytes = shape.expert_bytes(expert_format=expert_format)
-        self.flops_per_token = 6 * shape.hidden_size * shape.intermediate_size
-        # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16
-        self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2)
+        self.expert_bytes = self.shape.expert_bytes(expert_format=expert_format)
+        self.flops_per_token = 6 * shape.hidden_size * self.shape.intermediate_size
+        # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16;
+        # vLLM splits its heads across the GPUs
+        self.attention_bytes = int(2.5 * shape.hidden_size ** 2 * 2) // tensor_parallel
         L, E = shape.num_layers, shape.num_experts
         placement = policy.resident(placement, E)
-        # The engine's own placement, re-allocation and bookkeeping, on 1x1 stand-in experts.
+        # The engine's own placement, re-allocation and bookkeeping, on 1x1 stand-in experts; one
+        # GPU's engine, whose `auto` re-allocation weighs that GPU's share of the CPU.
         fidelity = Fidelity(policy.mode, first_predicted_layer if policy.mode != "exact" else None,
                             degrades if policy.mode != "exact" else None)
         self.engine = DaopEngine(torch.device("cpu"), cpu_threads=1, fidelity=fidelity,
-                                 realloc=policy.realloc, hardware=hardware)
+                                 realloc=policy.realloc, hardware=self.hw)
         for _ in range(L):
             self.engine.add_layer(E, 1, 1, torch.float32, SoftmaxTopK(shape.top_k))
         for index in range(L):
@@ -209,7 +232,7 @@ class Simulator:
         self.lru = [OrderedDict((e, None) for e in experts) for experts in placement]
         self.slots = [len(experts) for experts in placement]
         self.result = SimResult()
-        self.miss_costs = expert_costs(hardware, self.expert_bytes, self.flops_per_token, policy.cpu_efficiency,
+        self.miss_costs = expert_costs(self.hw, self.expert_bytes, self.flops_per_token, policy.cpu_efficiency,
                                        FORMAT_READ_SHARE[expert_format])
         self._device_expert_s, self._cpu_expert_s = self.miss_costs.device_s, self.miss_costs.cpu_s
 
@@ -219,9 +242,19 @@ class Simulator:
         return self._device_weights_s(self.attention_bytes, tokens)
 
     def _layer_fixed_s(self, tokens: int = 1) -> float:
-        """A layer's device work outside the routed experts: attention, and the shared experts
-        (always resident)."""
-        return self._attention_s(tokens) + self._device_weights_s(self.shape.shared_expert_bytes(), tokens)
+        """A layer's device work outside the routed experts: attention (and under tensor
+        parallelism its all-reduce), and the shared experts (always resident)."""
+        return (self._attention_s(tokens) + self._allreduce_s(tokens)
+                + self._device_weights_s(self.shape.shared_expert_bytes(), tokens))
+
+    def _allreduce_s(self, tokens: int) -> float:
+        """One all-reduce of `tokens` rows of bf16 hidden states across the GPUs: a ring moves
+        2 (N - 1) / N of them in and out of each GPU; nothing on one GPU."""
+        n = self.tensor_parallel
+        if n == 1:
+            return 0.0
+        moved = 2 * (n - 1) / n * tokens * self.shape.hidden_size * 2
+        return ALLREDUCE_LATENCY_S + moved / (self.hw.interconnect_gbps * 1e9)
 
     def _device_weights_s(self, weight_bytes: int, tokens: int) -> float:
         """bf16 weights read once for `tokens` tokens: 2 bytes and 2 FLOPs per weight and token."""
@@ -267,6 +300,8 @@ class Simulator:
         step_ids = torch.tensor(routing, dtype=torch.int64).reshape(len(routing), len(decoding), K)
         engine.requests.record_layers(torch.cat([step_ids, torch.stack(prompt_ids)], 1) if chunks else step_ids)
         tokens = len(decoding) + sum(end - start for _, start, end in chunks)
+        allreduce_s = self._allreduce_s(tokens)  # each layer's two: attention's, and the MoE layer's
+        self.result.allreduce_seconds += 2 * self.shape.num_layers * allreduce_s
         now = cpu_free = self.link_free = 0.0
         precomputed_done = 0.0  # when the CPU finishes the pre-computation this layer consumes
         precomputed: set[tuple[int, int]] = set()  # (row, expert) pairs pre-computed for this layer
@@ -332,7 +367,7 @@ class Simulator:
             self.link_free = max(self.link_free, now) + copies * self._copy_s()
             cpu_free = own_end
             consumed_done = precomputed_done
-            next_start = max(device_end, own_end, consumed_done)
+            next_start = max(device_end, own_end, consumed_done) + allreduce_s
             # predict the next layer from this layer's input: pre-compute its host experts, or stage them
             precomputed, routing_next, staged_next = set(), None, {}
             if decoding and layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
@@ -533,10 +568,13 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
              prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, batch: int = 1,
              first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
              expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None,
-             staging_slots: int = DEFAULT_STAGING_SLOTS, max_batched_tokens: int | None = None) -> dict:
+             staging_slots: int = DEFAULT_STAGING_SLOTS, max_batched_tokens: int | None = None,
+             tensor_parallel: int = 1) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
-    calibrate_on 0, `profile` (if any) places the experts."""
+    calibrate_on 0, `profile` (if any) places the experts. Under `tensor_parallel` N, each GPU
+    holds `resident_fraction` of the experts as 1/N shards, and the results are one GPU's."""
+    rank_shape = shape.tensor_parallel_rank(tensor_parallel)  # refuses a size that does not divide the experts
     seqs = [split_for_simulation(s, split) for s in sequences]
     calibration_count = int(calibrate_on * len(seqs))
     calibration, scored = seqs[:calibration_count], seqs[calibration_count:]
@@ -556,7 +594,8 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
     for name in policies:
         sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
                         expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades,
-                        staging_slots=staging_slots, max_batched_tokens=max_batched_tokens)
+                        staging_slots=staging_slots, max_batched_tokens=max_batched_tokens,
+                        tensor_parallel=tensor_parallel)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -571,6 +610,11 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "precomputed_kept": precomputed_kept, "staging_slots": staging_slots,
             "max_batched_tokens": max_batched_tokens,
             "expert_bytes": shape.expert_bytes(expert_format=expert_format),
+            # one GPU's: a shard of each expert, and the resident experts' shards at this fraction
+            "tensor_parallel_size": tensor_parallel,
+            "expert_bytes_per_gpu": rank_shape.expert_bytes(expert_format=expert_format),
+            "resident_expert_bytes_per_gpu": slots * rank_shape.expert_bytes(expert_format=expert_format),
+            "allreduce": {"latency_s": ALLREDUCE_LATENCY_S, "per_layer": 2 if tensor_parallel > 1 else 0},
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},
         },
