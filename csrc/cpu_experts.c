@@ -667,6 +667,12 @@ static PyObject *py_set_amx_min_tokens(PyObject *self, PyObject *args) {
     return PyLong_FromLong(previous);
 }
 
+static PyObject *py_set_q8_int8_tokens_from(PyObject *self, PyObject *args) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "L", &n)) return NULL;
+    return PyLong_FromLongLong(set_q8_int8_tokens_from(n));
+}
+
 static PyMethodDef methods[] = {
     {"pool_create", py_pool_create, METH_VARARGS,
      "pool_create(num_threads): a pool of threads that run expert jobs (cpu_pool.c); returns its handle"},
@@ -688,6 +694,9 @@ static PyMethodDef methods[] = {
     {"set_amx_min_tokens", py_set_amx_min_tokens, METH_VARARGS,
      "set_amx_min_tokens(n): bf16 calls with n or more tokens per expert use AMX where present (0: never); "
      "returns the previous n"},
+    {"set_q8_int8_tokens_from", py_set_q8_int8_tokens_from, METH_VARARGS,
+     "set_q8_int8_tokens_from(n): bf16 calls of n or more tokens on int8 weights quantize the tokens to int8 "
+     "(vpdpbusd) instead of int16 (0: never); returns the previous n"},
     {NULL, NULL, 0, NULL},
 };
 

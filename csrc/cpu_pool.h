@@ -20,6 +20,8 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
                    int64_t ldx, const int64_t *tok, int64_t n, void *act, int64_t ldact, int64_t *next);
 void down_weighted_q(int fmt, int dtype, const void *w2, const void *s2, int64_t I, int64_t H, const void *act,
                      int64_t ldact, const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next);
+/* int8 weights meet int8 tokens in calls of at least n tokens (0: never); returns the previous n */
+int64_t set_q8_int8_tokens_from(int64_t n);
 
 /* Sum of a buffer's 64-bit words, read as fast as the CPU reads memory: the bandwidth baseline. */
 uint64_t read_words(const uint64_t *p, int64_t words);

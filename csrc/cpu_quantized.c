@@ -141,11 +141,11 @@ static void qdots_portable(int fmt, int dtype, const uint8_t *const *w, const vo
 /* bf16 tokens meet quantized weights as integers, with no conversion of the weights to floats
  * (which bound the kernels at a third of the memory's rate on our development machine): each
  * token's columns in groups of 128, each group scaled to its largest magnitude, with the sum of
- * its values for int4's offset. int8 weights meet int16 tokens (vpdpwssd, 32 products an
- * instruction; 32767 steps, finer than bf16's own rounding except in groups with a large outlier,
- * where it is still well inside int8 weights' error). int4 weights meet int8 tokens (vpdpbusd: the
- * nibbles as unsigned bytes, 64 products an instruction, 1.8x vpdpwssd's rate in cache): 127
- * steps, whose error is about a twentieth of int4 weights' own. A group's int32 sum goes into the
+ * its values for the weights' offset. int8 and int4 weights meet int8 tokens (vpdpbusd: the
+ * weights as unsigned bytes, 64 products an instruction, 1.8x vpdpwssd's rate in cache): 127
+ * steps, whose error is about a twentieth of int4 weights' own and the same order as int8
+ * weights'. int8 weights can meet int16 tokens instead (vpdpwssd, 32 products an instruction, the
+ * weights widened first; 32767 steps, finer than bf16's own rounding): set_q8_int8_tokens_from. A group's int32 sum goes into the
  * fp32 result scaled by the token's scale (and int4's by the weight group's) at the group's end. */
 typedef struct {
     const void *q; /* int16 values in column order (int8 weights); int8 values in nibble order (int4) */
@@ -187,15 +187,17 @@ typedef struct {
             for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]) * *(const float *)s[r]; \
     }
 
-/* int4 rows: a group (64 bytes) a step; its low nibbles are columns 0-31 and 64-95, its high
- * ones 32-63 and 96-127, which is the order the tokens' int8 values are held in (nibble order);
- * values q + 8, so a group's sum loses 8 times the token's. */
-#define DEFINE_Q4_I8(R, G)                                                                               \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void q4_i8_##R##x##G(          \
+/* Rows met by int8 tokens, a group (128 columns) a step, in vpdpbusd: the weights as unsigned bytes
+ * (KIND##_UNPACK gives the group's columns in the tokens' order, two registers of 64), so that a
+ * group's sum gains KIND##_OFFSET times the token's, taken off with the token's group sum; each
+ * group's int32 sums fold into fp32 with the token's scale (times the weights' group scale,
+ * KIND##_GROUP_SCALE), the row's scale (KIND##_ROW_SCALE) applied at the end. */
+#define DEFINE_I8_TOKENS(KIND, NAME, R, G)                                                               \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void NAME##_##R##x##G(         \
         const uint8_t *const *w, const void *const *s, const void *const *xs, int64_t len, float *dots) { \
         const qtoken *x[G];                                                                              \
         for (int t = 0; t < G; t++) x[t] = xs[t];                                                        \
-        const __m512i nibble = _mm512_set1_epi8(15);                                                     \
+        const __m512i mask = KIND##_MASK;                                                                \
         __m512 acc[R][G];                                                                                \
         Q_ZERO(R, G, acc);                                                                               \
         for (int64_t group = 0; group < len / Q_GROUP; group++) {                                        \
@@ -206,13 +208,12 @@ typedef struct {
                 hi_x[t] = _mm512_loadu_si512(q + Q_GROUP / 2);                                           \
             }                                                                                            \
             for (int r = 0; r < R; r++) {                                                                \
-                const uint8_t *bytes = w[r] + group * (Q_GROUP / 2);                                     \
-                _mm_prefetch((const char *)(bytes + Q_PREFETCH_BYTES / R), _MM_HINT_T0);                     \
-                __m512i b = _mm512_loadu_si512(bytes);                                                   \
-                __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble); \
-                float w_scale = bf16_to_f32(((const uint16_t *)s[r])[group]);                            \
+                const uint8_t *bytes = w[r] + group * KIND##_GROUP_BYTES;                                \
+                __m512i lo, hi;                                                                          \
+                KIND##_UNPACK(bytes, R, mask, lo, hi);                                                   \
+                float w_scale = KIND##_GROUP_SCALE(r, group);                                            \
                 for (int t = 0; t < G; t++) {                                                            \
-                    __m512i part = _mm512_maskz_set1_epi32(1, -8 * x[t]->sum[group]);                    \
+                    __m512i part = _mm512_maskz_set1_epi32(1, -KIND##_OFFSET * x[t]->sum[group]);        \
                     part = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part, lo, lo_x[t]), hi, hi_x[t]);     \
                     acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part), _mm512_set1_ps(w_scale * x[t]->scale[group]), \
                                                 acc[r][t]);                                              \
@@ -220,20 +221,51 @@ typedef struct {
             }                                                                                            \
         }                                                                                                \
         for (int r = 0; r < R; r++)                                                                      \
-            for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]);               \
+            for (int t = 0; t < G; t++) dots[r * G + t] = _mm512_reduce_add_ps(acc[r][t]) * KIND##_ROW_SCALE(r); \
     }
+
+/* int4 rows: a group is 64 bytes; its low nibbles are columns 0-31 and 64-95, its high ones 32-63
+ * and 96-127, which is the order the tokens' int8 values are held in (nibble order); values q + 8;
+ * a bf16 scale per group. */
+#define Q4_MASK _mm512_set1_epi8(15)
+#define Q4_GROUP_BYTES (Q_GROUP / 2)
+#define Q4_OFFSET 8
+#define Q4_UNPACK(bytes, R, mask, lo, hi)                                                                \
+    _mm_prefetch((const char *)((bytes) + Q_PREFETCH_BYTES / (R)), _MM_HINT_T0);                         \
+    __m512i b = _mm512_loadu_si512(bytes);                                                               \
+    lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask)
+#define Q4_GROUP_SCALE(r, group) bf16_to_f32(((const uint16_t *)s[r])[group])
+#define Q4_ROW_SCALE(r) 1.0f
+#define DEFINE_Q4_I8(R, G) DEFINE_I8_TOKENS(Q4, q4_i8, R, G)
+
+/* int8 rows met by int8 tokens in column order: a group is 128 bytes, made unsigned (q + 128, an
+ * xor of the sign bit); a fp32 scale per row. Half the instructions a byte of q8_i16's (no
+ * widening, 64 products an instruction), for a token rounded to 127 steps instead of 32767. */
+#define Q8_MASK _mm512_set1_epi8((char)0x80)
+#define Q8_GROUP_BYTES Q_GROUP
+#define Q8_OFFSET 128
+#define Q8_UNPACK(bytes, R, mask, lo, hi)                                                                \
+    _mm_prefetch((const char *)((bytes) + Q_PREFETCH_BYTES / (R)), _MM_HINT_T0);                         \
+    _mm_prefetch((const char *)((bytes) + Q_PREFETCH_BYTES / (R) + 64), _MM_HINT_T0);                    \
+    lo = _mm512_xor_si512(_mm512_loadu_si512(bytes), mask);                                              \
+    hi = _mm512_xor_si512(_mm512_loadu_si512((bytes) + Q_GROUP / 2), mask)
+#define Q8_GROUP_SCALE(r, group) 1.0f
+#define Q8_ROW_SCALE(r) (*(const float *)s[r])
+#define DEFINE_Q8_I8(R, G) DEFINE_I8_TOKENS(Q8, q8_i8, R, G)
 
 #define DEFINE_Q_FAMILY(DEFINE) DEFINE(8, 1) DEFINE(4, 2) DEFINE(4, 3) DEFINE(2, 4)
 DEFINE_Q_FAMILY(DEFINE_Q8_F32)
 DEFINE_Q_FAMILY(DEFINE_Q8_I16)
 DEFINE_Q_FAMILY(DEFINE_Q4_F32)
 DEFINE_Q_FAMILY(DEFINE_Q4_I8)
+DEFINE_Q_FAMILY(DEFINE_Q8_I8)
 
 typedef void (*qdots_fn)(const uint8_t *const *, const void *const *, const void *const *, int64_t, float *);
 #define Q_FAMILY_TABLE(NAME) {NAME##_8x1, NAME##_4x2, NAME##_4x3, NAME##_2x4}
-static const qdots_fn qdots_avx512[2][2][QMAX_TOKENS] = { /* [int4?][integer kernels?][tokens - 1] */
-    {Q_FAMILY_TABLE(q8_f32), Q_FAMILY_TABLE(q8_i16)},
-    {Q_FAMILY_TABLE(q4_f32), Q_FAMILY_TABLE(q4_i8)},
+/* [int4?][tokens: TOKENS_FLOAT, TOKENS_INT16 or TOKENS_INT8][tokens - 1]; int4 only meets int8 tokens */
+static const qdots_fn qdots_avx512[2][3][QMAX_TOKENS] = {
+    {Q_FAMILY_TABLE(q8_f32), Q_FAMILY_TABLE(q8_i16), Q_FAMILY_TABLE(q8_i8)},
+    {Q_FAMILY_TABLE(q4_f32), Q_FAMILY_TABLE(q4_i8), Q_FAMILY_TABLE(q4_i8)},
 };
 #endif
 
@@ -345,9 +377,10 @@ static inline int64_t nibble_order(int64_t c) {
 }
 
 /* One bf16 row of len (a multiple of 32) columns as integers of `bits` (16: int16 in column
- * order; 8: int8 in nibble order, len a multiple of 128), its groups' scales and sums. */
+ * order; 8: int8, len a multiple of 128, in nibble order when `nibbles`, else column order), its
+ * groups' scales and sums. */
 __attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint16_t *x, int64_t len, int bits,
-                                                                    void *q, float *scale, int32_t *sum) {
+                                                                    int nibbles, void *q, float *scale, int32_t *sum) {
     const float top = bits == 16 ? 32767.0f : 127.0f;
     for (int64_t g0 = 0, g = 0; g0 < len; g0 += Q_GROUP, g++) {
         int64_t width = min64(Q_GROUP, len - g0);
@@ -361,7 +394,8 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint1
             if (bits == 16)
                 _mm256_storeu_si256((__m256i *)((int16_t *)q + g0 + c), _mm512_cvtsepi32_epi16(v));
             else
-                _mm_storeu_si128((__m128i *)((int8_t *)q + g0 + nibble_order(c)), _mm512_cvtsepi32_epi8(v));
+                _mm_storeu_si128((__m128i *)((int8_t *)q + g0 + (nibbles ? nibble_order(c) : c)),
+                                 _mm512_cvtsepi32_epi8(v));
             total = _mm512_add_epi32(total, v);
         }
         scale[g] = m > 0 ? m / top : 0.0f;
@@ -370,43 +404,63 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_row(const uint1
 }
 #endif
 
-/* Whether a call runs on the integer kernels: bf16 tokens, on a CPU with them, rows they fit. */
-static int use_integers(int fmt, int dtype, int64_t len) {
-    return fmt != FMT_FP8 && dtype == DT_BF16 && has_avx512_bf16 && has_avx512_vnni && has_avx512bw &&
-           len % (fmt == FMT_INT4 ? Q_GROUP : 32) == 0;
+enum { TOKENS_FLOAT = 0, TOKENS_INT16 = 1, TOKENS_INT8 = 2 }; /* how a call's tokens meet the weights */
+
+/* int8 weights meet int8 tokens (q8_i8) in calls of at least this many tokens (0: never), int16
+ * ones below. From one token: on our development machine (AMD EPYC, AVX512-VNNI) over the bf16
+ * executor at 1/2/3/4 tokens q8_i8 ran 1.83/1.95/1.67/1.68x, q8_i16 1.66/1.59/1.45/1.32x. */
+static int64_t q8_int8_tokens_from = 1;
+
+int64_t set_q8_int8_tokens_from(int64_t n) {
+    int64_t previous = q8_int8_tokens_from;
+    q8_int8_tokens_from = n;
+    return previous;
 }
 
-/* The call's n tokens (bf16 rows at x + tok[t] * ld, or x + t * ld without tok) as qtokens for
- * weights of `fmt` in this thread's held buffers; 0 when they could not grow. */
-static int quantize_tokens(int fmt, const void *x, int64_t ld, const int64_t *tok, int64_t n, int64_t len,
-                           qtoken *out) {
+/* How a call of n tokens meets the weights: as integers with bf16 tokens, on a CPU with the
+ * integer kernels and rows they fit (int8 tokens for int4 weights, and for int8 weights in calls
+ * of q8_int8_tokens_from tokens or more, int16 otherwise), else as floats. */
+static int token_kind(int fmt, int dtype, int64_t len, int64_t n) {
+    if (fmt == FMT_FP8 || dtype != DT_BF16 || !(has_avx512_bf16 && has_avx512_vnni && has_avx512bw))
+        return TOKENS_FLOAT;
+    if (fmt == FMT_INT4) return len % Q_GROUP == 0 ? TOKENS_INT8 : TOKENS_FLOAT;
+    if (len % Q_GROUP == 0 && q8_int8_tokens_from > 0 && n >= q8_int8_tokens_from) return TOKENS_INT8;
+    return len % 32 == 0 ? TOKENS_INT16 : TOKENS_FLOAT;
+}
+
+/* The call's n tokens (bf16 rows at x + tok[t] * ld, or x + t * ld without tok) as qtokens of
+ * `kind` for weights of `fmt` in this thread's held buffers; TOKENS_FLOAT when they could not grow. */
+static int quantize_tokens(int fmt, int kind, const void *x, int64_t ld, const int64_t *tok, int64_t n,
+                           int64_t len, qtoken *out) {
 #ifdef DAOP_X86
-    int64_t groups = (len + Q_GROUP - 1) / Q_GROUP, bytes = fmt == FMT_INT4 ? 1 : 2;
-    if (!hold(n * len * bytes, n * groups)) return 0;
+    if (kind == TOKENS_FLOAT) return TOKENS_FLOAT;
+    int64_t groups = (len + Q_GROUP - 1) / Q_GROUP, bytes = kind == TOKENS_INT8 ? 1 : 2;
+    if (!hold(n * len * bytes, n * groups)) return TOKENS_FLOAT;
     for (int64_t t = 0; t < n; t++) {
         void *q = (char *)held_values + t * len * bytes;
         float *scale = held_scales + t * groups;
         int32_t *sum = held_sums + t * groups;
-        quantize_row((const uint16_t *)x + (tok ? tok[t] : t) * ld, len, 8 * (int)bytes, q, scale, sum);
+        quantize_row((const uint16_t *)x + (tok ? tok[t] : t) * ld, len, 8 * (int)bytes, fmt == FMT_INT4, q, scale,
+                     sum);
         out[t] = (qtoken){q, scale, sum};
     }
-    return 1;
+    return kind;
 #else
-    return 0;
+    return TOKENS_FLOAT;
 #endif
 }
 
 /* dots[r * g + t] = w[r] . x[t] for the qrows_for(g) rows, t < g <= QMAX_TOKENS; x[t] a row of
  * the activations, or its qtoken on the integer kernels. */
-static void qdots(int fmt, int dtype, int integers, const uint8_t *const *w, const void *const *s, const void *const *x,
+static void qdots(int fmt, int dtype, int kind, const uint8_t *const *w, const void *const *s, const void *const *x,
                   int g, int64_t len, float *dots) {
 #ifdef DAOP_X86
     if (fmt == FMT_FP8 && has_avx512bw) {
         f8dots_avx512[dtype == DT_BF16 ? 1 + has_avx512_bf16 : 0][g - 1](w, s, x, len, dots);
         return;
     }
-    if (integers || (dtype == DT_F32 && has_avx512bw)) {
-        qdots_avx512[fmt == FMT_INT4][integers][g - 1](w, s, x, len, dots);
+    if (kind != TOKENS_FLOAT || (dtype == DT_F32 && has_avx512bw)) {
+        qdots_avx512[fmt == FMT_INT4][kind][g - 1](w, s, x, len, dots);
         return;
     }
 #endif
@@ -434,14 +488,14 @@ static void pass_rows(int fmt, const uint8_t *data, const void *scales, int64_t 
 void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t I, int64_t H, const void *x,
                    int64_t ldx, const int64_t *tok, int64_t n, void *act, int64_t ldact, int64_t *next) {
     qtoken quantized[n > 0 ? n : 1];
-    int integers = use_integers(fmt, dtype, H) && quantize_tokens(fmt, x, ldx, tok, n, H, quantized);
+    int kind = quantize_tokens(fmt, token_kind(fmt, dtype, H, n), x, ldx, tok, n, H, quantized);
     row_claims claims = claims_of(next, I, 2 * row_bytes(fmt, H));
     int64_t i0, i1;
     while (claim_rows(&claims, &i0, &i1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
             int g = (int)min64(n - t0, QMAX_TOKENS), half = qrows_for(g) / 2; /* gate rows, then as many up rows */
             const void *vecs[QMAX_TOKENS];
-            pass_tokens(dtype, integers ? quantized : NULL, x, ldx, tok, t0, g, vecs);
+            pass_tokens(dtype, kind != TOKENS_FLOAT ? quantized : NULL, x, ldx, tok, t0, g, vecs);
             for (int64_t i = i0; i < i1; i += half) {
                 int64_t rows = min64(half, i1 - i);
                 const uint8_t *w[QMAX_ROWS];
@@ -449,7 +503,7 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
                 pass_rows(fmt, w13, s13, H, i, rows, half, w, s);
                 pass_rows(fmt, w13, s13, H, I + i, rows, half, w + half, s + half);
                 float d[QMAX_ROWS * QMAX_TOKENS];
-                qdots(fmt, dtype, integers, w, s, vecs, g, H, d);
+                qdots(fmt, dtype, kind, w, s, vecs, g, H, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++)
                         store_element(dtype, act, (t0 + t) * ldact + i + r, silu(d[r * g + t]) * d[(half + r) * g + t]);
@@ -460,21 +514,21 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
 void down_weighted_q(int fmt, int dtype, const void *w2, const void *s2, int64_t I, int64_t H, const void *act,
                      int64_t ldact, const float *weight, int64_t n, float *out, int64_t ldout, int64_t *next) {
     qtoken quantized[n > 0 ? n : 1];
-    int integers = use_integers(fmt, dtype, I) && quantize_tokens(fmt, act, ldact, NULL, n, I, quantized);
+    int kind = quantize_tokens(fmt, token_kind(fmt, dtype, I, n), act, ldact, NULL, n, I, quantized);
     row_claims claims = claims_of(next, H, row_bytes(fmt, I));
     int64_t h0, h1;
     while (claim_rows(&claims, &h0, &h1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
             int g = (int)min64(n - t0, QMAX_TOKENS), rows_per_pass = qrows_for(g);
             const void *vecs[QMAX_TOKENS];
-            pass_tokens(dtype, integers ? quantized : NULL, act, ldact, NULL, t0, g, vecs);
+            pass_tokens(dtype, kind != TOKENS_FLOAT ? quantized : NULL, act, ldact, NULL, t0, g, vecs);
             for (int64_t h = h0; h < h1; h += rows_per_pass) {
                 int64_t rows = min64(rows_per_pass, h1 - h);
                 const uint8_t *w[QMAX_ROWS];
                 const void *s[QMAX_ROWS];
                 pass_rows(fmt, w2, s2, I, h, rows, rows_per_pass, w, s);
                 float d[QMAX_ROWS * QMAX_TOKENS];
-                qdots(fmt, dtype, integers, w, s, vecs, g, I, d);
+                qdots(fmt, dtype, kind, w, s, vecs, g, I, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++) out[(t0 + t) * ldout + h + r] = weight[t0 + t] * d[r * g + t];
             }

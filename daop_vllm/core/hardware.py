@@ -49,10 +49,10 @@ class Hardware:
 # measured, kept (never tuned); against today's stricter read it reaches 0.42-0.55 at 1-4 tokens.
 OUR_CPU_EFFICIENCY = 0.92
 # The executor's read rate on quantized experts over its rate on bf16 ones, at one token per
-# Mixtral expert, in the same passes (bench cpu-experts --format: 26.4 and 20.7 GB/s of stored
-# bytes against 29.8, on an earlier machine; fp8 in a later run of the same benchmark on another
-# machine of the same kind: 39.3 against 47.9; benchmarks/results/cpu_experts_mixtral_formats.json).
-FORMAT_READ_SHARE = {"bf16": 1.0, "int8": 0.89, "int4": 0.69, "fp8": 0.82}
+# Mixtral expert, in the same passes: bench cpu-experts --format bf16 int8 int4 fp8, medians of
+# three runs on one machine (an AMD EPYC with AVX512-BF16 and VNNI; its speed over bf16 1.84x,
+# 3.14x and 1.70x times the bytes' ratio; benchmarks/results/cpu_experts_mixtral_formats.json).
+FORMAT_READ_SHARE = {"bf16": 1.0, "int8": 0.92, "int4": 0.81, "fp8": 0.85}
 TORCH_CPU_EFFICIENCY = 0.60
 
 # Constants from published specifications, written down before any comparison (never tuned):

@@ -102,12 +102,13 @@ def _case(fmt, tokens, experts, top_k, hidden, inter, dtype, seed=0, outlier=Fal
 
 # Of the output's largest magnitude. fp32: the kernels use the dequantised weights themselves;
 # bf16: activations rounded to bf16 between the halves and, on CPUs with AVX512-VNNI, met in groups
-# of 128 as int16 (int8 weights) or int8 (int4 weights: 1.6% of the output's norm here, against
-# int4's own ~12% per weight; an outlier channel coarsens its group, 3.8% of the largest output)
+# of 128 as int8 (1.6% of the output's norm here for int4 weights, against int4's own ~12% per
+# weight; an outlier channel coarsens its group: 3.8% of the largest output with int4 weights,
+# 3.6% with int8 ones)
 # fp8: the dequantised weights themselves for both (a bf16 token widened to fp32 is exact)
 TOLERANCE = {("int8", torch.float32): 2e-5, ("int4", torch.float32): 2e-5, ("fp8", torch.float32): 2e-5,
              ("int8", torch.bfloat16): 2e-2, ("int4", torch.bfloat16): 4e-2, ("fp8", torch.bfloat16): 1e-2}
-OUTLIER_TOLERANCE = {"int8": 2e-2, "int4": 6e-2, "fp8": 1e-2}
+OUTLIER_TOLERANCE = {"int8": 5e-2, "int4": 6e-2, "fp8": 1e-2}
 SHAPES = {  # (tokens, experts, top_k, hidden, inter)
     "int8": [(1, 8, 2, 64, 128), (3, 4, 2, 160, 96), (5, 4, 2, 100, 70), (40, 16, 4, 96, 64)],
     "int4": [(1, 8, 2, 128, 256), (2, 4, 2, 384, 128), (9, 4, 2, 256, 128), (40, 16, 4, 128, 128)],
@@ -146,6 +147,27 @@ def test_bf16_tokens_with_an_outlier_channel_stay_within_tolerance(fmt):
         executor.shutdown()
     want = reference(args[0], args[1], args[2], *dequantised, args[5])
     assert (got.double() - want).abs().max().item() <= OUTLIER_TOLERANCE[fmt] * want.abs().max().item()
+
+
+def test_int8_weights_meet_int8_tokens_or_finer_int16_ones():
+    """int8 weights meet bf16 tokens as int8 (vpdpbusd, the default) or, switched, as int16
+    (vpdpwssd): both within tolerance of the reference, int16 the closer, on an outlier channel."""
+    kernels = native_kernels()
+    if kernels is None or not kernels.isa()["avx512_bf16"]:
+        pytest.skip("the integer kernels need the C extension and a CPU with AVX512-BF16")
+    args, dequantised = _case("int8", 4, 4, 2, 256, 128, torch.bfloat16, outlier=True)
+    want = reference(args[0], args[1], args[2], *dequantised, args[5])
+    errors = {}
+    for tokens_from in (0, 1):  # 0: never int8 tokens
+        previous = kernels.set_q8_int8_tokens_from(tokens_from)
+        executor = CpuExpertExecutor(1)
+        try:
+            errors[tokens_from] = (executor.submit(*args).result().double() - want).abs().max().item()
+        finally:
+            executor.shutdown()
+            kernels.set_q8_int8_tokens_from(previous)
+    assert errors[0] <= 2e-2 * want.abs().max().item() and errors[1] <= OUTLIER_TOLERANCE["int8"] * want.abs().max().item()
+    assert errors[0] < errors[1]
 
 
 def test_many_tokens_go_to_torch_through_the_dequantised_weights():
