@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .engines import close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
+from .engines import PROMPTS, close_llm, greedy_ids, make_llm, run_counted, runs_at_fractions
 
 TP = 2
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < TP,
@@ -43,6 +43,7 @@ def daop_tp(tiny_mixtral, stock_tp_ids, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tp")
     log = directory / "workers.log"
     stats = directory / "stats.json"
+    trace = directory / "trace.jsonl"
     saved = [os.dup(1), os.dup(2)]
     with open(log, "w") as out:
         os.dup2(out.fileno(), 1)
@@ -50,7 +51,7 @@ def daop_tp(tiny_mixtral, stock_tp_ids, tmp_path_factory):
         try:
             llm = make_llm(tiny_mixtral, enforce_eager=True, tensor_parallel_size=TP, load_format="daop",
                            model_loader_extra_config={"resident_fraction": 1.0, "realloc": "paper",
-                                                      "stats_path": str(stats)})
+                                                      "stats_path": str(stats), "trace_path": str(trace)})
         finally:
             for fd, copy in zip((1, 2), saved):
                 os.dup2(copy, fd)
@@ -121,3 +122,12 @@ def test_stats_and_metrics_per_rank_and_summed(daop_tp):
     assert sorted(sample.labels["rank"] for sample in per_rank) == [str(r) for r in range(TP)]
     summed = sum(sample.value for sample in families["daop_cpu_expert_tokens"].samples)
     assert summed == sum(sample.value for sample in per_rank)
+
+
+def test_rank_0_alone_writes_the_trace(daop_tp):
+    """Every rank routes alike: the trace has each finished request once."""
+    llm, _, stats = daop_tp
+    greedy_ids(llm)
+    llm.generate(["one more"], use_tqdm=False)  # the worker learns of finished requests a step later
+    ids = [json.loads(line)["id"] for line in (stats.parent / "trace.jsonl").read_text().splitlines()]
+    assert len(ids) >= len(PROMPTS) and len(ids) == len(set(ids)), ids
