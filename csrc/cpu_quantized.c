@@ -22,11 +22,14 @@
 
 
 enum { Q_GROUP = 128, Q_BLOCK = 64 };      /* int4: columns per scale; columns per 32 bytes */
-enum { QMAX_ROWS = 8, QMAX_TOKENS = 4 };   /* one pass over the weights: up to 8 rows x 4 tokens */
-/* How far ahead of its stream each of a pass's R rows is fetched: the same bytes in flight per
- * thread whatever R, so that a pass of 2 rows (4 tokens) keeps as many reads going as one of 8. */
+/* One pass over the weights: Q_ROWS rows against up to QMAX_TOKENS tokens. Two rows, whatever the
+ * tokens: on our development machine (AMD EPYC, 2 threads, Mixtral experts) passes of 2 rows read
+ * faster than passes of 8 (1 token) or 4 (2-3 tokens), over the bf16 executor int8 2.03-2.13x
+ * against 1.81-1.84x at one token, int4 3.54-3.61x against 3.17-3.19x; fetching 8 rows further
+ * ahead did not close the gap: fewer streams per thread keep the memory busier. */
+enum { Q_ROWS = 2, QMAX_TOKENS = 4 };
+/* How far ahead of its stream each of a pass's R rows is fetched (the bytes in flight per thread). */
 enum { Q_PREFETCH_BYTES = 4096 };
-static inline int qrows_for(int g) { return g == 1 ? 8 : g <= 3 ? 4 : 2; }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -253,7 +256,7 @@ typedef struct {
 #define Q8_ROW_SCALE(r) (*(const float *)s[r])
 #define DEFINE_Q8_I8(R, G) DEFINE_I8_TOKENS(Q8, q8_i8, R, G)
 
-#define DEFINE_Q_FAMILY(DEFINE) DEFINE(8, 1) DEFINE(4, 2) DEFINE(4, 3) DEFINE(2, 4)
+#define DEFINE_Q_FAMILY(DEFINE) DEFINE(2, 1) DEFINE(2, 2) DEFINE(2, 3) DEFINE(2, 4) /* Q_ROWS rows */
 DEFINE_Q_FAMILY(DEFINE_Q8_F32)
 DEFINE_Q_FAMILY(DEFINE_Q8_I16)
 DEFINE_Q_FAMILY(DEFINE_Q4_F32)
@@ -261,7 +264,7 @@ DEFINE_Q_FAMILY(DEFINE_Q4_I8)
 DEFINE_Q_FAMILY(DEFINE_Q8_I8)
 
 typedef void (*qdots_fn)(const uint8_t *const *, const void *const *, const void *const *, int64_t, float *);
-#define Q_FAMILY_TABLE(NAME) {NAME##_8x1, NAME##_4x2, NAME##_4x3, NAME##_2x4}
+#define Q_FAMILY_TABLE(NAME) {NAME##_2x1, NAME##_2x2, NAME##_2x3, NAME##_2x4}
 /* [int4?][tokens: TOKENS_FLOAT, TOKENS_INT16 or TOKENS_INT8][tokens - 1]; int4 only meets int8 tokens */
 static const qdots_fn qdots_avx512[2][3][QMAX_TOKENS] = {
     {Q_FAMILY_TABLE(q8_f32), Q_FAMILY_TABLE(q8_i16), Q_FAMILY_TABLE(q8_i8)},
@@ -408,7 +411,8 @@ enum { TOKENS_FLOAT = 0, TOKENS_INT16 = 1, TOKENS_INT8 = 2 }; /* how a call's to
 
 /* int8 weights meet int8 tokens (q8_i8) in calls of at least this many tokens (0: never), int16
  * ones below. From one token: on our development machine (AMD EPYC, AVX512-VNNI) over the bf16
- * executor at 1/2/3/4 tokens q8_i8 ran 1.83/1.95/1.67/1.68x, q8_i16 1.66/1.59/1.45/1.32x. */
+ * executor at 1/2/3/4 tokens q8_i8 ran 1.83/1.95/1.67/1.68x, q8_i16 1.66/1.59/1.45/1.32x (in the
+ * passes of 8/4/4/2 rows of the time). */
 static int64_t q8_int8_tokens_from = 1;
 
 int64_t set_q8_int8_tokens_from(int64_t n) {
@@ -450,7 +454,7 @@ static int quantize_tokens(int fmt, int kind, const void *x, int64_t ld, const i
 #endif
 }
 
-/* dots[r * g + t] = w[r] . x[t] for the qrows_for(g) rows, t < g <= QMAX_TOKENS; x[t] a row of
+/* dots[r * g + t] = w[r] . x[t] for the Q_ROWS rows, t < g <= QMAX_TOKENS; x[t] a row of
  * the activations, or its qtoken on the integer kernels. */
 static void qdots(int fmt, int dtype, int kind, const uint8_t *const *w, const void *const *s, const void *const *x,
                   int g, int64_t len, float *dots) {
@@ -464,7 +468,7 @@ static void qdots(int fmt, int dtype, int kind, const uint8_t *const *w, const v
         return;
     }
 #endif
-    qdots_portable(fmt, dtype, w, s, qrows_for(g), x, g, len, dots);
+    qdots_portable(fmt, dtype, w, s, Q_ROWS, x, g, len, dots);
 }
 
 /* The activations of tokens t0 .. t0 + g - 1 as qdots takes them. */
@@ -493,16 +497,16 @@ void gate_up_act_q(int fmt, int dtype, const void *w13, const void *s13, int64_t
     int64_t i0, i1;
     while (claim_rows(&claims, &i0, &i1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
-            int g = (int)min64(n - t0, QMAX_TOKENS), half = qrows_for(g) / 2; /* gate rows, then as many up rows */
+            int g = (int)min64(n - t0, QMAX_TOKENS), half = Q_ROWS / 2; /* gate rows, then as many up rows */
             const void *vecs[QMAX_TOKENS];
             pass_tokens(dtype, kind != TOKENS_FLOAT ? quantized : NULL, x, ldx, tok, t0, g, vecs);
             for (int64_t i = i0; i < i1; i += half) {
                 int64_t rows = min64(half, i1 - i);
-                const uint8_t *w[QMAX_ROWS];
-                const void *s[QMAX_ROWS];
+                const uint8_t *w[Q_ROWS];
+                const void *s[Q_ROWS];
                 pass_rows(fmt, w13, s13, H, i, rows, half, w, s);
                 pass_rows(fmt, w13, s13, H, I + i, rows, half, w + half, s + half);
-                float d[QMAX_ROWS * QMAX_TOKENS];
+                float d[Q_ROWS * QMAX_TOKENS];
                 qdots(fmt, dtype, kind, w, s, vecs, g, H, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++)
@@ -519,15 +523,15 @@ void down_weighted_q(int fmt, int dtype, const void *w2, const void *s2, int64_t
     int64_t h0, h1;
     while (claim_rows(&claims, &h0, &h1))
         for (int64_t t0 = 0; t0 < n; t0 += QMAX_TOKENS) {
-            int g = (int)min64(n - t0, QMAX_TOKENS), rows_per_pass = qrows_for(g);
+            int g = (int)min64(n - t0, QMAX_TOKENS), rows_per_pass = Q_ROWS;
             const void *vecs[QMAX_TOKENS];
             pass_tokens(dtype, kind != TOKENS_FLOAT ? quantized : NULL, act, ldact, NULL, t0, g, vecs);
             for (int64_t h = h0; h < h1; h += rows_per_pass) {
                 int64_t rows = min64(rows_per_pass, h1 - h);
-                const uint8_t *w[QMAX_ROWS];
-                const void *s[QMAX_ROWS];
+                const uint8_t *w[Q_ROWS];
+                const void *s[Q_ROWS];
                 pass_rows(fmt, w2, s2, I, h, rows, rows_per_pass, w, s);
-                float d[QMAX_ROWS * QMAX_TOKENS];
+                float d[Q_ROWS * QMAX_TOKENS];
                 qdots(fmt, dtype, kind, w, s, vecs, g, I, d);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < g; t++) out[(t0 + t) * ldout + h + r] = weight[t0 + t] * d[r * g + t];

@@ -50,9 +50,10 @@ class Hardware:
 OUR_CPU_EFFICIENCY = 0.92
 # The executor's read rate on quantized experts over its rate on bf16 ones, at one token per
 # Mixtral expert, in the same passes: bench cpu-experts --format bf16 int8 int4 fp8, medians of
-# three runs on one machine (an AMD EPYC with AVX512-BF16 and VNNI; its speed over bf16 1.84x,
-# 3.14x and 1.70x times the bytes' ratio; benchmarks/results/cpu_experts_mixtral_formats.json).
-FORMAT_READ_SHARE = {"bf16": 1.0, "int8": 0.92, "int4": 0.81, "fp8": 0.85}
+# three runs on one machine (an AMD EPYC with AVX512-BF16 and VNNI; its speed over bf16 2.06x,
+# 3.60x and 1.97x times the bytes' ratio; benchmarks/results/cpu_experts_mixtral_formats.json).
+# int8 reads a little faster than bf16 there: both near the memory's rate, int8 with fewer streams.
+FORMAT_READ_SHARE = {"bf16": 1.0, "int8": 1.03, "int4": 0.93, "fp8": 0.98}
 TORCH_CPU_EFFICIENCY = 0.60
 
 # Constants from published specifications, written down before any comparison (never tuned):
