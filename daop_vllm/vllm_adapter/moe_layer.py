@@ -187,11 +187,11 @@ def _factory_defaults() -> dict[str, Any]:
 _HANDLED = {"num_experts", "top_k", "hidden_size", "intermediate_size", "params_dtype", "renormalize", "prefix", "ckpt_names",
             "shared_experts", "custom_routing_function", "gate", "use_grouped_topk", "num_expert_group", "topk_group",
             "scoring_func", "routed_scaling_factor", "e_score_correction_bias", "apply_routed_scale_to_output",
-            "router_logits_dtype", "quant_config"}
-# Arguments whose value does not change what the layer computes: the parallel sizes (the engine
-# knows its tensor-parallel rank; the other kinds of parallelism, and quantization other than FP8
-# blocks, are refused before the model is built: loader.check_engine_config)
-_IGNORED = {"tp_size", "dp_size", "pcp_size", "shared_expert_prefix"}
+            "router_logits_dtype", "quant_config", "tp_size"}
+# Arguments whose value does not change what the layer computes (the other kinds of parallelism,
+# and quantization other than FP8 blocks, are refused before the model is built:
+# loader.check_engine_config)
+_IGNORED = {"dp_size", "pcp_size", "shared_expert_prefix"}
 
 
 def _routing(kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[RoutingFunction, float]:
@@ -253,10 +253,13 @@ def _make_factory(engine: DaopEngine, vllm_config: Any):
                 raise DaopConfigError(
                     f"this model's MoE layers use {name}={value!r}, which load_format 'daop' does not support yet"
                 )
+        ranks = engine.tensor_parallel  # every rank holds its shard of each expert's intermediate size
+        if kwargs.get("tp_size") not in (None, ranks.size):
+            raise DaopConfigError(f"this model's MoE layers split their experts over tp_size={kwargs['tp_size']} ranks "
+                                  f"and the engine runs {ranks.size}; load_format 'daop' splits them over all of them")
         dtype = kwargs.get("params_dtype") or torch.get_default_dtype()
         route, shared_output_scale = _routing(kwargs, dtype)
         prefix = kwargs["prefix"]
-        ranks = engine.tensor_parallel  # every rank holds its shard of each expert's intermediate size
         moe = engine.add_layer(kwargs["num_experts"], kwargs["hidden_size"], kwargs["intermediate_size"] // ranks.size,
                                dtype, route, expert_checkpoint_format(kwargs.get("quant_config"), prefix))
         layer = DaopMoELayer(moe, prefix, kwargs.get("ckpt_names", defaults["ckpt_names"]), kwargs.get("shared_experts"),
