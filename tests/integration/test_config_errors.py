@@ -188,3 +188,23 @@ def test_parallelism_other_than_tensor_is_refused_naming_the_setting(tiny_mixtra
                         tensor_parallel_size=2)
     with pytest.raises(DaopConfigError, match=r"data_parallel_size must be 1, got 2; use tensor_parallel_size"):
         check_parallelism(ParallelConfig(data_parallel_size=2))
+
+
+def test_experts_split_over_other_than_every_rank_are_refused():
+    """A model whose MoE layers split their experts over fewer ranks than the engine runs: the
+    factory would shard them over all of them, so it refuses, before adding a layer."""
+    import torch
+
+    from daop_vllm.core.engine import DaopEngine
+    from daop_vllm.core.ranks import TensorParallelRank
+    from daop_vllm.vllm_adapter.moe_layer import _make_factory
+
+    engine = DaopEngine(torch.device("cpu"), cpu_threads=1, tensor_parallel=TensorParallelRank(0, 2, 2))
+    try:
+        factory = _make_factory(engine, vllm_config=None)
+        with pytest.raises(DaopConfigError, match=r"tp_size=1 ranks and the engine runs 2"):
+            factory(num_experts=8, top_k=2, hidden_size=64, intermediate_size=128, prefix="layers.0.experts",
+                    tp_size=1)
+        assert engine.layers == []
+    finally:
+        engine.close()
