@@ -133,11 +133,10 @@ def check_quantization(model_config: ModelConfig, expert_format: str, device_exp
         raise DaopConfigError(f"load_format 'daop' serves FP8 checkpoints with weight_block_size [{FP8_BLOCK}, "
                               f"{FP8_BLOCK}], activation_scheme 'dynamic' and fmt 'e4m3' (DeepSeek-V3's and Qwen3's); "
                               f"this one has weight_block_size {block or None}, activation_scheme {scheme!r}, fmt {fmt!r}")
-    if expert_format not in ("bf16", "fp8") or device_expert_format not in (None, "bf16", "fp8"):
-        key, value = (("expert_format", expert_format) if expert_format not in ("bf16", "fp8")
-                      else ("device_expert_format", device_expert_format))
-        raise DaopConfigError(f"this checkpoint's experts are fp8 already: daop option {key!r} "
-                              f"{value!r} would quantize them again; leave it out")
+    for key, value in (("expert_format", expert_format), ("device_expert_format", device_expert_format)):
+        if value not in (None, "bf16", "fp8"):  # None, bf16: as loaded
+            raise DaopConfigError(f"this checkpoint's experts are fp8 already: daop option {key!r} "
+                                  f"{value!r} would quantize them again; leave it out")
 
 
 def check_device_format(options: DaopOptions, device_type: str) -> None:
@@ -228,9 +227,12 @@ class DaopModelLoader(BaseModelLoader):
         rank = this_rank(vllm_config)
         cores = rank_cpu_cores(device.type, rank)
         threads = self.options.cpu_threads or default_cpu_threads(device.type, cores)
-        hardware = measure_hardware(device) if self.options.hardware == "auto" else load_hardware(self.options.hardware)
+        if self.options.hardware == "auto":
+            hardware = agreed_hardware(lambda: measure_hardware(device), rank)
+        else:
+            hardware = load_hardware(self.options.hardware)
         engine = DaopEngine(device, cpu_threads=threads, fidelity=self.options.fidelity, realloc=self.options.realloc,
-                            swap_threshold=self.options.swap_threshold, hardware=agreed_hardware(hardware, rank),
+                            swap_threshold=self.options.swap_threshold, hardware=hardware,
                             max_swap_bytes_per_step=self.options.max_swap_bytes_per_step,
                             budget_asked=self.options.budget_asked, fail_every=self.options.test_cpu_fault_every,
                             stream=self.options.stream, tensor_parallel=rank, cpu_cores=cores)

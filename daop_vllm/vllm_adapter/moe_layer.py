@@ -32,12 +32,12 @@ class RoutedExpertWeights(nn.Module):
     """A layer's host expert store as parameters, named as vLLM's RoutedExperts names them
     (w13 = gate rows then up rows; fp8 experts also their block scales, `*_weight_scale_inv`),
     each with vLLM's expert weight loader: models that load experts themselves (DeepSeek-V2) call
-    it with `shard_id` w1/w2/w3 and `expert_id`. Under tensor parallelism the store holds this
-    rank's shard (`tp_rank`) of every expert: its slice of the intermediate size."""
+    it with `shard_id` w1/w2/w3 and `expert_id`. Under tensor parallelism (`ranks`) the store
+    holds this rank's shard of every expert: its slice of the intermediate size."""
 
-    def __init__(self, moe: DaopMoE, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, moe: DaopMoE, ranks: TensorParallelRank) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.ranks = ranks
         w13, w2 = moe.store.w13, moe.store.w2
         if isinstance(w13, QuantizedWeights):  # fp8, as the checkpoint holds them
             self.w13_weight_scale_inv = nn.Parameter(w13.scales, requires_grad=False)
@@ -58,8 +58,8 @@ class RoutedExpertWeights(nn.Module):
                                                                    else slice(rows, 2 * rows)]
         sharded = 1 if shard_id == "w2" else 0  # the intermediate size: w2's input, w1's and w3's output
         size = target.shape[sharded]
-        if self.tp_size > 1 and tensor.dim() == target.dim() and tensor.shape[sharded] == self.tp_size * size:
-            tensor = tensor.narrow(sharded, self.tp_rank * size, size)  # the whole expert: this rank's shard
+        if self.ranks.size > 1 and tensor.dim() == target.dim() and tensor.shape[sharded] == self.ranks.size * size:
+            tensor = tensor.narrow(sharded, self.ranks.rank * size, size)  # the whole expert: this rank's shard
         if target.shape != tensor.shape:
             raise ValueError(f"expert {expert_id} {shard_id} {name}: the checkpoint's {tuple(tensor.shape)} does not "
                              f"fit {tuple(target.shape)}")
@@ -89,7 +89,7 @@ class DaopMoELayer(nn.Module):
         self._shared_output_scale = shared_output_scale
         self._router_logits = None if gate is None else _router_logits(gate)
         self.layer_name = layer_name
-        self.routed_experts = RoutedExpertWeights(moe, ranks.rank, ranks.size)
+        self.routed_experts = RoutedExpertWeights(moe, ranks)
         gate, down, up = (re.escape(name) for name in ckpt_names)
         self._ckpt_pattern = re.compile(rf"(\d+)\.({gate}|{down}|{up})\.(weight|weight_scale_inv)")
         self._shard_ids = dict(zip(ckpt_names, ("w1", "w2", "w3"), strict=True))

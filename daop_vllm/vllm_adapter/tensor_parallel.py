@@ -4,6 +4,7 @@ and the few start-up values every rank must agree on (the placement follows from
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from vllm.config import VllmConfig
@@ -36,13 +37,14 @@ def rank_cpu_cores(device_type: str, rank: TensorParallelRank) -> tuple[int, ...
     return rank_cores(available, rank.rank % rank.local_ranks, rank.local_ranks)
 
 
-def agreed_hardware(hardware: Hardware, rank: TensorParallelRank) -> Hardware:
-    """Rank 0's measured machine, on every rank: re-allocation and streaming decide from it."""
+def agreed_hardware(measure: Callable[[], Hardware], rank: TensorParallelRank) -> Hardware:
+    """The machine as rank 0 measures it, on every rank: re-allocation and streaming decide from
+    it. The other ranks do not measure (their copies would run beside rank 0's and skew them)."""
     if rank.size == 1:
-        return hardware
+        return measure()
     from vllm.distributed.parallel_state import get_tp_group
 
-    return get_tp_group().broadcast_object(hardware if rank.rank == 0 else None, src=0)
+    return get_tp_group().broadcast_object(measure() if rank.rank == 0 else None, src=0)
 
 
 def agreed_minimum(value: int, rank: TensorParallelRank) -> int:
