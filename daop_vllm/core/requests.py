@@ -36,6 +36,7 @@ class RequestTracker:
         self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
         self._row_prefill = torch.empty(0, dtype=torch.bool, device="cpu")
         self._row_request_on: dict[tuple, torch.Tensor] = {}  # the step's row maps on a device (on_device)
+        self._decode_rows: dict[int, torch.Tensor | None] = {}  # the step's decode rows, by total rows
         self.predictions: dict[int, Prediction] = {}  # target layer -> the prediction made for it this step
         self.counts = StepCounts()
 
@@ -61,6 +62,7 @@ class RequestTracker:
             prediction.discard()  # made for a layer that did not run
         self.predictions = {}
         self._row_request_on = {}
+        self._decode_rows = {}
         self.counts.clear()
 
     def row_phases(self, total_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -74,12 +76,18 @@ class RequestTracker:
         return self._row_request, self._row_prefill
 
     def decode_rows(self, total_rows: int) -> torch.Tensor | None:
-        """This step's generated-token rows [D] (host), or None outside engine steps."""
+        """This step's generated-token rows [D] (host), or None outside engine steps; found once
+        per step (every layer asks)."""
+        if total_rows in self._decode_rows:
+            return self._decode_rows[total_rows]
         phases = self.row_phases(total_rows)
-        if phases is None:
-            return None
-        row_request, row_prefill = phases
-        return ((row_request >= 0) & ~row_prefill).nonzero().squeeze(1)
+        rows = None
+        if phases is not None:
+            row_request, row_prefill = phases
+            rows = ((row_request >= 0) & ~row_prefill).nonzero().squeeze(1)
+        if self.batch is not None:  # outside steps every call is a call of its own
+            self._decode_rows[total_rows] = rows
+        return rows
 
     def on_device(self, name: str, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A row map of this step (`name`: which one) on `device`, copied once per step."""

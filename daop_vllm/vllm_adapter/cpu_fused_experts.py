@@ -37,21 +37,19 @@ def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
     w2 = ops.cpu_prepack_moe_weight(store.w2, isa)
 
     def experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        ids, weights, rows = topk_ids.to(torch.int32), topk_weights.float(), None
         skipped = topk_ids < 0  # pre-computed pairs: the op takes no gaps
-        if bool(skipped.any()):
-            # rows with nothing left drop out; a skipped pair repeats one of its row's other experts
-            # at weight 0, so that no expert is read for it
-            rows = (~skipped).any(1).nonzero().squeeze(1)
-            skipped, ids, weights = skipped[rows], ids[rows], weights[rows]
-            kept = ids.gather(1, (~skipped).to(torch.int64).argmax(1, keepdim=True))
-            ids, weights = torch.where(skipped, kept, ids), weights.masked_fill(skipped, 0.0)
-        rows_x = x.contiguous() if rows is None else x[rows]
-        out = torch.empty_like(rows_x)
-        ops.cpu_fused_moe(out, rows_x, w13, w2, None, None, weights, ids, "silu", isa, False)
-        if rows is None:
+        if not bool(skipped.any()):
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            ops.cpu_fused_moe(out, x.contiguous(), w13, w2, None, None, topk_weights.float(),
+                              topk_ids.to(torch.int32), "silu", isa, False)
             return out
-        return torch.zeros_like(x).index_copy_(0, rows, out)
+        # Each kept pair a row of its own, top-1: the op computes every entry it is given, and a
+        # gap filled with one of its row's experts at weight 0 cost as much as a real pair
+        row, k = (~skipped).nonzero(as_tuple=True)
+        pairs_out = torch.empty((row.numel(), x.shape[1]), dtype=x.dtype, device="cpu")
+        ops.cpu_fused_moe(pairs_out, x[row], w13, w2, None, None, topk_weights[row, k, None].float(),
+                          topk_ids[row, k, None].to(torch.int32), "silu", isa, False)
+        return torch.zeros(x.shape, dtype=torch.float32, device="cpu").index_add_(0, row, pairs_out.float()).to(x.dtype)
     return experts
 
 

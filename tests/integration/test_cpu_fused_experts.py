@@ -29,3 +29,25 @@ def test_matches_the_reference_and_skips_negative_ids(dtype, tolerance):
 def test_layers_the_op_does_not_take_keep_the_executor():
     assert cpu_fused_experts(HostExpertStore(8, 48, 40, torch.float32, pin_memory=False)) is None  # not 32-aligned
     assert cpu_fused_experts(HostExpertStore(8, 64, 64, torch.float16, pin_memory=False)) is None
+
+
+def test_only_the_kept_pairs_reach_the_op(monkeypatch):
+    """A gap padded with one of its row's experts would cost the op as much as a real pair."""
+    from vllm import _custom_ops as ops
+
+    given = []
+    real_op = ops.cpu_fused_moe
+
+    def spy(out, x, w13, w2, b13, b2, weights, ids, *rest):
+        given.append(ids.clone())
+        return real_op(out, x, w13, w2, b13, b2, weights, ids, *rest)
+
+    monkeypatch.setattr(ops, "cpu_fused_moe", spy)
+    store = HostExpertStore(8, 64, 96, torch.float32, pin_memory=False)
+    store.w13.copy_(torch.randn(store.w13.shape) * 0.1)
+    store.w2.copy_(torch.randn(store.w2.shape) * 0.1)
+    call = cpu_fused_experts(store)
+    ids = torch.tensor([[0, 1], [-1, 2], [3, -1], [-1, -1]])
+    call(torch.randn(4, 64), ids, torch.full((4, 2), 0.5))
+    call(torch.randn(1, 64), ids[:1], torch.full((1, 2), 0.5))  # nothing skipped: the rows as they are
+    assert [g.tolist() for g in given] == [[[0], [1], [2], [3]], [[0, 1]]]
