@@ -31,7 +31,10 @@ def add_parser(commands) -> None:
                      help="GPUs of one machine, each holding 1/N of every expert (vLLM's tensor parallelism): "
                           "the resident fraction is per GPU, the CPU and host memory are shared (default 1)")
     sim.add_argument("--expert-format", default="bf16", choices=FORMATS,
-                     help="the experts' storage, device and host alike (its bytes per expert)")
+                     help="the host experts' storage (its bytes per expert: what the CPU reads)")
+    sim.add_argument("--device-expert-format", default=None, choices=FORMATS,
+                     help="the device experts' storage (what the device reads and copies move; default: "
+                          "--expert-format); the resident fraction stays a count of experts")
     sim.add_argument("--first-predicted-layer", type=int, default=4)
     sim.add_argument("--precomputed-kept", type=fraction, default=1.0,
                      help="(verified, daop policies) share of predicted rows whose pre-computed results the "
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
                               args.calibrate_on, args.split, accuracy, args.batch, args.first_predicted_layer,
                               progress, expert_format=args.expert_format, precomputed_kept=args.precomputed_kept,
                               staging_slots=args.staging_slots or DEFAULT_STAGING_SLOTS,
-                              max_batched_tokens=args.max_num_batched_tokens, tensor_parallel=args.tensor_parallel)
+                              max_batched_tokens=args.max_num_batched_tokens, tensor_parallel=args.tensor_parallel,
+                              device_expert_format=args.device_expert_format)
         except ValueError as exc:
             raise DaopConfigError(str(exc)) from None
     result["settings"]["trace"] = args.trace.name
@@ -94,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
         return
     settings = result["settings"]
     print(f"{args.trace.name} on {settings['hardware']['name']}, {shape.name}, "
-          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, {args.expert_format} experts, "
+          f"{100 * args.resident_fraction:.1f}% resident, batch {args.batch}, {args.expert_format} experts"
+          f"{f' ({args.device_expert_format} on the device)' if args.device_expert_format else ''}, "
           f"{settings['scored_sequences']} sequences scored")
     print(f"tensor parallel {args.tensor_parallel}: resident experts take "
           f"{settings['resident_expert_bytes_per_gpu'] / 2**30:.2f} GiB per GPU; times and bytes are one GPU's")

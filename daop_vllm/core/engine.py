@@ -14,10 +14,10 @@ import torch
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
-from daop_vllm.core.device_path import pick_device_forward
+from daop_vllm.core.device_path import ExpertsForward, pick_device_forward
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
-from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, HARDWARE_PRESETS, Hardware
+from daop_vllm.core.hardware import CPU_ONLY_STAND_IN, FORMAT_READ_SHARE, HARDWARE_PRESETS, Hardware
 from daop_vllm.core.moe import DaopMoE, RouterLogits, RoutingFunction
 from daop_vllm.core.prediction import Fidelity
 from daop_vllm.core.ranks import TensorParallelRank
@@ -198,6 +198,13 @@ class DaopEngine:
             self.device_path = description
         return given
 
+    def use_device_forward(self, forward: ExpertsForward, description: str) -> None:
+        """Run every layer's resident (and staged) experts through `forward` (the contract of
+        `expert_math.routed_experts_forward`), `description` naming it as the device path."""
+        self.device_forward, self.device_path = forward, description
+        for layer in self.layers:
+            layer.device_forward = forward
+
     def place(self, resident: list[list[int]]) -> None:
         """Make `resident[l]` the device-resident experts of layer l (slots sized to fit)."""
         if len(resident) != len(self.layers):
@@ -232,6 +239,7 @@ class DaopEngine:
         for layer in self.layers:
             layer.stream_mode, layer.staging = self.stream, self.staging
             layer.stream_costs = expert_costs(self.hardware, layer.store.expert_bytes, layer.store.flops_per_token,
+                                              cpu_read_share=FORMAT_READ_SHARE[layer.store.format],
                                               device_bytes=layer.store.device_expert_bytes)
 
     def slot_bytes_added(self, resident: list[list[int]]) -> int:

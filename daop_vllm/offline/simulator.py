@@ -187,9 +187,11 @@ class Simulator:
                  prediction_accuracy: float = PAPER_PREDICTION_ACCURACY, first_predicted_layer: int = 4,
                  batch: int = 1, seed: int = 0, expert_format: str = "bf16", precomputed_kept: float = 1.0,
                  degrades: bool | None = None, staging_slots: int = DEFAULT_STAGING_SLOTS,
-                 max_batched_tokens: int | None = None, tensor_parallel: int = 1) -> None:
-        """`expert_format`: the experts' storage (quantized_experts.py), on the device and the
-        host alike: its bytes per expert are what every read and copy moves.
+                 max_batched_tokens: int | None = None, tensor_parallel: int = 1,
+                 device_expert_format: str | None = None) -> None:
+        """`expert_format`: the experts' storage (quantized_experts.py) in host memory: its bytes
+        per expert are what the CPU reads; `device_expert_format` (default the same): the
+        device's, whose bytes the device reads and every copy moves.
         `precomputed_kept`: the share of predicted rows the staleness gate lets use their
         pre-computed results (and in daop mode their predicted routing); the others' results
         were computed all the same, and the consuming layer computes their experts again.
@@ -209,6 +211,7 @@ class Simulator:
         self.precomputed_kept = precomputed_kept
         self.accuracy, self.batch, self.seed = prediction_accuracy, batch, seed
         self.expert_bytes = self.shape.expert_bytes(expert_format=expert_format)
+        self.device_expert_bytes = self.shape.expert_bytes(expert_format=device_expert_format or expert_format)
         self.flops_per_token = 6 * shape.hidden_size * self.shape.intermediate_size
         # attention per layer (GQA 4:1, as Mixtral): q and o H x H, k and v H x H/4, in bf16;
         # vLLM splits its heads across the GPUs
@@ -233,7 +236,7 @@ class Simulator:
         self.slots = [len(experts) for experts in placement]
         self.result = SimResult()
         self.miss_costs = expert_costs(self.hw, self.expert_bytes, self.flops_per_token, policy.cpu_efficiency,
-                                       FORMAT_READ_SHARE[expert_format])
+                                       FORMAT_READ_SHARE[expert_format], self.device_expert_bytes)
         self._device_expert_s, self._cpu_expert_s = self.miss_costs.device_s, self.miss_costs.cpu_s
 
     # --- costs -------------------------------------------------------------------------------
@@ -411,7 +414,7 @@ class Simulator:
         count = sum(streamed)
         self.result.streamed["decode"] += sum(1 for d, s in zip(decode, streamed) if s and d)
         self.result.streamed["prefill"] += sum(1 for t, d, s in zip(host, decode, streamed) if s and t > d)
-        self.result.pcie_bytes += count * self.expert_bytes
+        self.result.pcie_bytes += count * self.device_expert_bytes
         self.result.cpu_expert_tokens -= sum(d for d, s in zip(decode, streamed) if s)
         return (*layer_timeline(host, streamed, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s,
                                 staged, copy_start_s), count)
@@ -439,7 +442,7 @@ class Simulator:
             landed[expert] = self.link_free
         self.result.staged_early += len(landed)
         self.result.streamed["decode"] += len(landed)
-        self.result.pcie_bytes += len(landed) * self.expert_bytes
+        self.result.pcie_bytes += len(landed) * self.device_expert_bytes
         return landed
 
     def _predict_next(self, rows: list[_Row], layer: int
@@ -475,7 +478,7 @@ class Simulator:
 
     def _miss(self, layer: int, expert: int) -> None:
         """LRU / on-demand: copy a missing expert (LRU keeps it in place of the least recent)."""
-        self.result.pcie_bytes += self.expert_bytes
+        self.result.pcie_bytes += self.device_expert_bytes
         if self.policy.misses == "lru" and self.slots[layer]:
             cache = self.lru[layer]
             cache.popitem(last=False)
@@ -486,7 +489,7 @@ class Simulator:
         swaps = self.engine.stats.values["swaps"]  # per layer, updated in place
         swaps_before = sum(swaps)
         self.engine.end_step()
-        self.result.pcie_bytes += (sum(swaps) - swaps_before) * self.expert_bytes
+        self.result.pcie_bytes += (sum(swaps) - swaps_before) * self.device_expert_bytes
 
     def run(self, sequences: list[TraceSequence]) -> dict[str, float | None]:
         """Continuous batching of `batch` sequences, a finished one making room for the next.
@@ -569,7 +572,7 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
              first_predicted_layer: int = 4, progress=None, profile: list[tuple[int, int]] | None = None,
              expert_format: str = "bf16", precomputed_kept: float = 1.0, degrades: bool | None = None,
              staging_slots: int = DEFAULT_STAGING_SLOTS, max_batched_tokens: int | None = None,
-             tensor_parallel: int = 1) -> dict:
+             tensor_parallel: int = 1, device_expert_format: str | None = None) -> dict:
     """Every policy on the same sequences: the first `calibrate_on` of them build the static
     profile (their prefill counts, as `daop-vllm calibrate`) and are not scored; with
     calibrate_on 0, `profile` (if any) places the experts. Under `tensor_parallel` N, each GPU
@@ -590,12 +593,13 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
     slots = math.floor(resident_fraction * shape.num_layers * shape.num_experts)
     placement = plan_residency(slots, shape.num_layers, shape.num_experts,
                                rank_pairs(shape.num_layers, shape.num_experts, profile))
+    device_format = device_expert_format or expert_format
     results = {}
     for name in policies:
         sim = Simulator(POLICIES[name], shape, hardware, placement, prediction_accuracy, first_predicted_layer, batch,
                         expert_format=expert_format, precomputed_kept=precomputed_kept, degrades=degrades,
                         staging_slots=staging_slots, max_batched_tokens=max_batched_tokens,
-                        tensor_parallel=tensor_parallel)
+                        tensor_parallel=tensor_parallel, device_expert_format=device_expert_format)
         results[name] = sim.run(scored)
         if progress is not None:
             progress.update()
@@ -607,13 +611,15 @@ def simulate(sequences: list[TraceSequence], policies: list[str], shape: MoEShap
             "calibration_sequences": len(calibration), "scored_sequences": len(scored),
             "prediction_accuracy": prediction_accuracy, "batch": batch,
             "first_predicted_layer": first_predicted_layer, "expert_format": expert_format,
+            "device_expert_format": device_format,
             "precomputed_kept": precomputed_kept, "staging_slots": staging_slots,
             "max_batched_tokens": max_batched_tokens,
             "expert_bytes": shape.expert_bytes(expert_format=expert_format),
             # one GPU's: a shard of each expert, and the resident experts' shards at this fraction
             "tensor_parallel_size": tensor_parallel,
             "expert_bytes_per_gpu": rank_shape.expert_bytes(expert_format=expert_format),
-            "resident_expert_bytes_per_gpu": slots * rank_shape.expert_bytes(expert_format=expert_format),
+            "device_expert_bytes": shape.expert_bytes(expert_format=device_format),
+            "resident_expert_bytes_per_gpu": slots * rank_shape.expert_bytes(expert_format=device_format),
             "allreduce": {"latency_s": ALLREDUCE_LATENCY_S, "per_layer": 2 if tensor_parallel > 1 else 0},
             "cpu_efficiency": {"ours": OUR_CPU_EFFICIENCY, "pytorch (paper, static)": TORCH_CPU_EFFICIENCY},
             "policies": {name: POLICIES[name].description for name in policies},

@@ -46,6 +46,21 @@ def test_expert_format_sets_the_bytes_every_read_and_copy_moves(fmt, bytes_per_w
     assert ondemand.run([toy_sequence([1, 2], tokens=4)])["pcie_bytes_per_token"] == pytest.approx(2 * expert_bytes)
 
 
+def test_device_expert_format_sets_what_the_device_reads_and_copies_move_and_the_host_format_what_the_cpu_reads():
+    bf16_bytes, int8_bytes = 3 * 1024 * 2048 * 2, 3 * 1024 * 2048
+    static = Simulator(POLICIES["static"], SHAPE, HW, [[0], [0]], device_expert_format="int8")
+    attention = 2.5 * 1024**2 * 2 / 1000e9
+    cpu_expert = bf16_bytes / (50e9 * POLICIES["static"].cpu_efficiency)  # the host's bf16 experts
+    assert static.run([toy_sequence([1, 2], tokens=5)])["tokens_per_s"] == pytest.approx(
+        1 / (2 * (attention + cpu_expert) + attention))
+    ondemand = Simulator(POLICIES["ondemand"], SHAPE, HW, [[0], [0]], device_expert_format="int8")
+    result = ondemand.run([toy_sequence([1, 2], tokens=4)])
+    assert result["pcie_bytes_per_token"] == pytest.approx(2 * int8_bytes)
+    gpu = Simulator(POLICIES["gpu"], SHAPE, HW, [[0], [0]], device_expert_format="int8")
+    assert 1 / result["tokens_per_s"] - 1 / gpu.run([toy_sequence([1, 2], tokens=4)])["tokens_per_s"] == \
+        pytest.approx(2 * int8_bytes / 10e9)
+
+
 def test_gpu_and_ondemand_costs():
     gpu = Simulator(POLICIES["gpu"], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
     ondemand = Simulator(POLICIES["ondemand"], SHAPE, HW, [[0], [0]]).run([toy_sequence([1, 2], tokens=4)])
