@@ -35,6 +35,7 @@ from daop_vllm.vllm_adapter.cpu_fused_experts import (
     kernel_isa,
     prepacked_bytes,
 )
+from daop_vllm.vllm_adapter.cuda_fused_experts import fp8_device_forward
 from daop_vllm.vllm_adapter.families import MoEFamily, family_for
 from daop_vllm.vllm_adapter.moe_layer import daop_moe_layers, release_loaded_experts, set_routers
 from daop_vllm.vllm_adapter.options import DaopOptions
@@ -262,6 +263,12 @@ class DaopModelLoader(BaseModelLoader):
                 cpu_fused_experts,
                 f"vLLM's CPU fused-MoE op ({kernel_isa(engine.layers[0].store.w13.dtype)}), every expert in one call "
                 f"(device and host are one memory), on a prepacked copy of the experts: +{extra / 2**30:.2f} GiB")
+        if engine.device.type == "cuda" and engine.device_expert_format == "fp8":
+            forward, description = fp8_device_forward(engine.device)
+            if forward is not None:
+                engine.use_device_forward(forward, description)
+            else:
+                engine.device_path += f" (not vLLM's FP8 MoE method: {description})"
         if self.options.stats_path:
             engine.write_stats_to(str(rank_stats_path(self.options.stats_path, engine.tensor_parallel.rank)))
         if self.options.trace_path and engine.tensor_parallel.rank == 0:  # every rank routes alike
