@@ -115,17 +115,18 @@ def degrade(
     Returns (ids, weights, degraded rows [R] bool). With fewer device-resident experts than
     K-1 a row keeps some of its lower-ranked host experts; with none it is unchanged."""
     top_k = ids.shape[1]
-    degraded = ~is_resident[ids].any(dim=1)
     substitutes = min(top_k - 1, int(is_resident.sum()))
     if substitutes == 0:
-        return ids, weights, torch.zeros_like(degraded)
+        return ids, weights, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    degraded = ~is_resident[ids].any(dim=1)
     # Every row's substitutes at once, kept where a row degrades: cheaper than picking the rows out
     device_best = scores.masked_fill(~is_resident, float("-inf")).topk(substitutes, dim=1).indices
-    substituted = torch.cat([ids[:, :1], device_best, ids[:, 1 + substitutes:]], dim=1)
-    kept = scores.gather(1, substituted).float()
-    reweighted = (kept / kept.sum(1, keepdim=True) * weights.sum(1, keepdim=True)).to(weights.dtype)
+    parts = [ids[:, :1], device_best] + ([ids[:, 1 + substitutes:]] if 1 + substitutes < top_k else [])
+    substituted = torch.cat(parts, dim=1)
+    kept = scores.gather(1, substituted)  # fp32
+    reweighted = kept / kept.sum(1, keepdim=True) * weights.sum(1, keepdim=True)
     rows = degraded[:, None]
-    return torch.where(rows, substituted, ids), torch.where(rows, reweighted, weights), degraded
+    return (torch.where(rows, substituted, ids), torch.where(rows, reweighted.to(weights.dtype), weights), degraded)
 
 
 def input_distance(earlier: torch.Tensor, actual: torch.Tensor, metric: str) -> torch.Tensor:
