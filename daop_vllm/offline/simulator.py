@@ -375,8 +375,11 @@ class Simulator:
             precomputed, routing_next, staged_next = set(), None, {}
             if decoding and layer + 1 < self.shape.num_layers and layer + 1 >= self.first_predicted:
                 routing_next, jobs, precomputed = self._predict_next(decoding, layer + 1)
-                staged_next = self._stage_early(layer + 1, jobs, next_start + self._layer_fixed_s(tokens),
-                                                device_s, max(0.0, cpu_free - next_start))
+                start_next = next_start + self._layer_fixed_s(tokens)
+                # where the CPU would pre-compute the predicted pairs it starts once it is free, as
+                # the copies start before the layer: both head starts count; exact waits for the routing
+                cpu_busy = cpu_free - start_next if self.policy.mode != "exact" else max(0.0, cpu_free - next_start)
+                staged_next = self._stage_early(layer + 1, routing_next, jobs, start_next, cpu_busy)
                 jobs = [(r, e) for r, e in jobs if e not in staged_next]
                 precomputed = {pair for pair in precomputed if pair[1] not in staged_next}
                 if self.policy.mode == "exact":  # the prediction stages, and is never computed on
@@ -419,20 +422,28 @@ class Simulator:
         return (*layer_timeline(host, streamed, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s,
                                 staged, copy_start_s), count)
 
-    def _stage_early(self, layer: int, jobs: list[tuple[int, int]], start_s: float, device_busy_s: float,
+    def _stage_early(self, layer: int, routing: list[list[int] | None], jobs: list[tuple[int, int]], start_s: float,
                      cpu_busy_s: float) -> dict[int, float]:
-        """Our streaming policies: the predicted host experts of `layer` (its (row, expert)
-        `jobs`) the plan streams, copied from now into that layer's staging rows (one set per
-        layer parity, at most `staging_slots`), heaviest first, as long as a copy starts before
-        the layer's experts do at `start_s` (one that would not gain a head start waits for the
-        layer's own routing, which a prediction may have got wrong); returns when each lands.
-        The plan sees the device and CPU busy as this layer. `stream-all` (vLLM's prefetch
-        offloader) predicts nothing."""
+        """Our streaming policies: the predicted host experts of `layer` (its predicted `routing`
+        per row, its (row, expert) `jobs` on host experts) the plan streams, copied from now into
+        that layer's staging rows (one set per layer parity, at most `staging_slots`), heaviest
+        first, as long as a copy starts before the layer's experts do at `start_s` (one that would
+        not gain a head start waits for the layer's own routing, which a prediction may have got
+        wrong); returns when each lands. The plan sees the device busy with the layer's predicted
+        resident pairs and the CPU busy for `cpu_busy_s` (negative: free that long before the
+        layer starts). `stream-all` (vLLM's prefetch offloader) predicts nothing."""
         if self.policy.stream != "auto" or not jobs:
             return {}
         per_expert: dict[int, int] = {}
         for _, expert in jobs:
             per_expert[expert] = per_expert.get(expert, 0) + 1
+        is_resident = self.engine.layers[layer].cache.is_resident.tolist()
+        resident_tokens: dict[int, int] = {}
+        for ids in routing:
+            for expert in ids or ():
+                if is_resident[expert]:
+                    resident_tokens[expert] = resident_tokens.get(expert, 0) + 1
+        device_busy_s = sum(map(self._device_expert_s, resident_tokens.values()))
         landed: dict[int, float] = {}
         for expert in plan_early_staging(per_expert, self.miss_costs, device_busy_s, self.staging_slots, cpu_busy_s,
                                          self.link_free - start_s):

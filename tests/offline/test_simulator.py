@@ -234,6 +234,26 @@ def test_decode_stages_the_predicted_next_layers_expert_a_layer_early():
     assert result["tokens_per_s"] == pytest.approx(runs[2]["tokens_per_s"])
 
 
+@pytest.mark.parametrize("cpu_gbps", [300.0, 390.0, 450.0])
+def test_a_faster_link_never_slows_staging_early_nor_below_pre_computing(cpu_gbps):
+    """Layer 0's expert is resident, layer 1's is on the host and predicted at layer 0: copied a
+    layer early, or pre-computed by the CPU while layer 0 runs. Both start before layer 1 does;
+    the plan weighs both head starts and the device work layer 1 is predicted to have."""
+    from dataclasses import replace
+
+    def tokens_per_s(policy: str, pcie_gbps: float) -> float:
+        hw = Hardware("toy", pcie_gbps=pcie_gbps, device_gbps=1000.0, cpu_gbps=cpu_gbps, device_tflops=100.0,
+                      cpu_tflops=100.0)
+        sim = Simulator(replace(POLICIES[policy], realloc="off"), SHAPE, hw, [[0], [0]], prediction_accuracy=1.0,
+                        first_predicted_layer=1)
+        return sim.run([toy_sequence([0, 1], tokens=5)])["tokens_per_s"]
+
+    pre_computing = tokens_per_s("auto-daop", 200.0)
+    streaming = [tokens_per_s("auto-daop+stream", pcie) for pcie in (200.0, 400.0, 600.0, 800.0, 1000.0, 3000.0)]
+    assert streaming == sorted(streaming), streaming
+    assert min(streaming) >= pre_computing, (streaming, pre_computing)
+
+
 def test_stream_all_and_exact_policies_without_streaming_predict_nothing():
     for name in ("stream-all", "auto-exact"):
         result = Simulator(POLICIES[name], SHAPE, HW, [[0], [0]], first_predicted_layer=1).run(
