@@ -15,6 +15,14 @@ from daop_vllm.core.quantized_experts import QuantizedWeights, dequantize
 ExpertWeights = torch.Tensor | QuantizedWeights  # [S, rows, cols], as loaded or quantized
 
 
+def summed_into_rows(out: torch.Tensor, out_rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`out` [T', H] summed into the rows `out_rows` [T'] names, in fp32 (like `like` [T, H], on
+    the host); as is without them."""
+    if out_rows is None:
+        return out
+    return torch.zeros(like.shape, dtype=torch.float32, device="cpu").index_add_(0, out_rows, out.float()).to(like.dtype)
+
+
 def routed_experts_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,

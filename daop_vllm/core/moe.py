@@ -11,7 +11,7 @@ import torch
 from daop_vllm.core.cpu_executor import CpuExpertExecutor
 from daop_vllm.core.device_cache import DeviceExpertCache
 from daop_vllm.core.device_path import ExpertsForward
-from daop_vllm.core.expert_math import routed_experts_forward
+from daop_vllm.core.expert_math import routed_experts_forward, summed_into_rows
 from daop_vllm.core.expert_store import HostExpertStore
 from daop_vllm.core.faults import log_fault_once
 from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_precomputed
@@ -31,13 +31,6 @@ _OWN_LANE = 0
 
 def _precompute_lane(layer: int) -> int:
     return 1 + layer % 2
-
-
-def _summed_into_rows(out: torch.Tensor, out_rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """`out` [T', H] summed into the rows `out_rows` [T'] names, in fp32 (like `like` [T, H]); as is without them."""
-    if out_rows is None:
-        return out
-    return torch.zeros(like.shape, dtype=torch.float32, device="cpu").index_add_(0, out_rows, out.float()).to(like.dtype)
 
 
 class DaopMoE:
@@ -131,7 +124,7 @@ class DaopMoE:
         # the same cores, this thread would wait its turn for a core in the middle of that work.
         if own_work and in_one_call:
             x_rows, ids_rows, weight_rows, out_rows = self._job_rows(cpu_rows)
-            own_out = _summed_into_rows(self.experts_call(x_rows, ids_rows, weight_rows), out_rows, x_host)
+            own_out = summed_into_rows(self.experts_call(x_rows, ids_rows, weight_rows), out_rows, x_host)
         elif own_work and one_memory:
             own_job = self._submit_own(cpu_rows, job_table)
         bank = self.layer % BANKS
@@ -423,7 +416,7 @@ class DaopMoE:
             except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
                 self._recovered(exc)
                 x, ids, weights, out_rows = self._job_rows(cpu_rows)
-                out = _summed_into_rows(routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2,
+                out = summed_into_rows(routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2,
                                                                job_table), out_rows, x_host)
         if prediction is None or prediction.job is None or not bool(match.used.any()):
             if prediction is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from daop_vllm.core.expert_math import summed_into_rows
 from daop_vllm.core.expert_store import HostExpertStore
 
 # vLLM's kernel tiles both dimensions by 32 (it pads the intermediate size itself in its own layer)
@@ -49,7 +50,7 @@ def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
         pairs_out = torch.empty((row.numel(), x.shape[1]), dtype=x.dtype, device="cpu")
         ops.cpu_fused_moe(pairs_out, x[row], w13, w2, None, None, topk_weights[row, k, None].float(),
                           topk_ids[row, k, None].to(torch.int32), "silu", isa, False)
-        return torch.zeros(x.shape, dtype=torch.float32, device="cpu").index_add_(0, row, pairs_out.float()).to(x.dtype)
+        return summed_into_rows(pairs_out, row, x)
     return experts
 
 
