@@ -81,6 +81,7 @@ class DeviceExpertCache:
         self._expert_in_slot: list[int | None] = [None] * num_slots
         self.slot_of_expert = torch.full((store.num_experts,), -1, dtype=torch.int64, device=device)
         self.is_resident = torch.zeros(store.num_experts, dtype=torch.bool, device="cpu")
+        self.is_host = ~self.is_resident  # the forward's masks, kept with the table
         self.host_slot_table = torch.arange(store.num_experts, device="cpu")  # host store index, or -1 if resident
         self.holds_every_expert = False
         self._publisher = SlotTablePublisher(store.num_experts) if device.type == "cuda" else None
@@ -170,6 +171,7 @@ class DeviceExpertCache:
         else:
             self.slot_of_expert.copy_(table)
         self.is_resident = table >= 0
+        self.is_host = ~self.is_resident
         self.holds_every_expert = bool(self.is_resident.all())
         with torch.inference_mode(False):  # a normal tensor under vLLM's too: checked once per version
             self.host_slot_table = torch.where(self.is_resident, -1, torch.arange(self.store.num_experts, device="cpu"))

@@ -31,7 +31,7 @@ from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.staging import StagingSlots
 from daop_vllm.core.stats import DaopStats, with_hit_rates
 from daop_vllm.core.stats_file import StatsFile
-from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
+from daop_vllm.core.step_counts import add_predictions_to_stats, add_resident_to_stats, add_to_stats
 from daop_vllm.core.streaming import STREAM_MODES, expert_costs
 from daop_vllm.core.trace_writer import TraceWriter
 from daop_vllm.core.transfers import HostTransfers
@@ -272,6 +272,7 @@ class DaopEngine:
         """Called after the step's forward: the step's counts folded in, then re-allocation
         (swaps start now, and complete while later steps run)."""
         batch = self.requests.batch
+        add_predictions_to_stats(self.stats, *self.requests.counts.take_predictions())
         executed, resident_layers = self.requests.take_counts()
         add_resident_to_stats(self.stats, resident_layers, batch)
         if executed is not None:

@@ -18,7 +18,7 @@ from daop_vllm.core.prediction import Fidelity, Prediction, degrade, match_preco
 from daop_vllm.core.requests import RequestTracker
 from daop_vllm.core.staging import BANKS, StagingSlots
 from daop_vllm.core.stats import DaopStats
-from daop_vllm.core.step_counts import add_resident_to_stats, add_to_stats
+from daop_vllm.core.step_counts import PredictionOutcome, add_resident_to_stats, add_to_stats
 from daop_vllm.core.streaming import MissCosts, plan_early_staging, plan_streaming
 from daop_vllm.core.transfers import HostTransfers
 
@@ -63,8 +63,9 @@ class DaopMoE:
         self.predicted = False  # decode rows may be routed / pre-computed from a prediction
         self.next_layer: DaopMoE | None = None
         # Where device and host are one memory: a call that runs the layer's routed experts (ids < 0
-        # skipped) on x at once, if one is faster than the executor's job (DaopEngine.use_experts_call)
-        self.experts_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # skipped) on x at once, if one is faster than the executor's job (DaopEngine.use_experts_call):
+        # (x, topk_ids, topk_weights, out_rows=None, like=None), cpu_fused_experts.ExpertsCall
+        self.experts_call: Callable[..., torch.Tensor] | None = None
         # Streaming (streaming.py): "off", "auto" or "all", the shared staging rows, the cost model
         self.stream_mode = "off"
         self.staging: StagingSlots | None = None
@@ -99,15 +100,16 @@ class DaopMoE:
         executed_ids, executed_weights = topk_ids, topk_weights
         if ids is not own_ids:  # the device runs the routing this layer really uses
             executed_ids, executed_weights = self.transfers.to_device(ids, weights)
-        on_cpu = ~self.cache.is_resident[ids]  # [T, K]
+        on_cpu = self.cache.is_host[ids]  # [T, K]
         match = match_precomputed(prediction, ids, weights, fresh) if prediction is not None else None
         to_compute = on_cpu & ~match.covered if match is not None else on_cpu
         one_memory = self.cache.shares_host_memory
         streamed, early = self._plan_streaming(ids, on_cpu, to_compute, match, prediction)
         if self.streamed_this_step is not None and not one_memory:
             to_compute = to_compute & ~self.streamed_this_step[ids]
-        if one_memory:  # device and host are one memory: every expert in the executor's one job (streamed too)
-            to_compute = to_compute | ~on_cpu
+        if one_memory:  # device and host are one memory: every expert in the executor's one job (streamed
+            # too) but the pre-computed pairs, which are host pairs
+            to_compute = ~match.covered if match is not None else torch.ones_like(on_cpu)
         job_table = self._store_index if one_memory else self.cache.host_slot_table
         job_ids = ids.masked_fill(~to_compute, -1)  # the pairs this layer's own CPU job computes
         cpu_rows = (x_host, job_ids, weights, *self._used_pairs_as_rows(prediction, match))
@@ -124,7 +126,7 @@ class DaopMoE:
         # the same cores, this thread would wait its turn for a core in the middle of that work.
         if own_work and in_one_call:
             x_rows, ids_rows, weight_rows, out_rows = self._job_rows(cpu_rows)
-            own_out = summed_into_rows(self.experts_call(x_rows, ids_rows, weight_rows), out_rows, x_host)
+            own_out = self.experts_call(x_rows, ids_rows, weight_rows, out_rows, x_host)
         elif own_work and one_memory:
             own_job = self._submit_own(cpu_rows, job_table)
         bank = self.layer % BANKS
@@ -274,24 +276,26 @@ class DaopMoE:
         """The routing this layer runs: its own router, except decode rows of predicted layers
         (routed by the prediction in daop mode, where the staleness gate lets them; degraded
         where degradation is on)."""
-        degraded = 0
+        degraded = None
         if not self.predicted or decode_rows is None or decode_rows.numel() == 0:
             return ids, weights, degraded
         if self.fidelity.mode == "daop" and prediction is not None:
+            degraded = prediction.degraded(fresh)
+            if fresh is None and prediction.rows.numel() == ids.shape[0]:  # a step of decode rows alone
+                return prediction.ids, prediction.weights, degraded
             ids, weights = ids.clone(), weights.clone()
             if fresh is None:
                 ids[prediction.rows], weights[prediction.rows] = prediction.ids, prediction.weights
             else:
                 rows = prediction.rows[fresh]
                 ids[rows], weights[rows] = prediction.ids[fresh], prediction.weights[fresh]
-            degraded = prediction.degraded(fresh)
         elif own_scores:
             new_ids, new_weights, rows = degrade(ids[decode_rows], weights[decode_rows], own_scores[0],
                                                  self.cache.is_resident)
             if bool(rows.any()):
                 ids, weights = ids.clone(), weights.clone()
                 ids[decode_rows], weights[decode_rows] = new_ids, new_weights
-                degraded = int(rows.sum())
+                degraded = rows
         return ids, weights, degraded
 
     def _predict_on_device(self, x: torch.Tensor, decode_rows: torch.Tensor | None) -> tuple:
@@ -319,8 +323,7 @@ class DaopMoE:
         ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool, device="cpu")
         if scores:
             ids, weights, degraded = degrade(raw_ids, raw_weights, scores[0], target.cache.is_resident)
-        on_cpu = ~target.cache.is_resident[ids]
-        pair, k = on_cpu.nonzero(as_tuple=True)
+        pair, k = target.cache.is_host[ids].nonzero(as_tuple=True)
         inputs = x_host[decode_rows] if target.fidelity.staleness_tolerance is not None else None
         return Prediction(self.requests.step, x_host.shape[0], decode_rows, raw_ids, ids, weights, degraded,
                           decode_rows[pair], ids[pair, k], None, inputs)
@@ -379,10 +382,9 @@ class DaopMoE:
         if prediction is None or prediction.pair_inputs is None or not bool(match.used.any()):
             return ()
         used = match.used.nonzero().squeeze(1)
-        ids = torch.full((used.numel(), prediction.ids.shape[1]), -1, dtype=torch.int64, device="cpu")
-        ids[:, 0] = prediction.pair_experts[used]
-        weights = torch.zeros(ids.shape, dtype=match.weights.dtype, device="cpu")
-        weights[:, 0] = match.weights[used]
+        gaps = (0, prediction.ids.shape[1] - 1)
+        ids = torch.nn.functional.pad(prediction.pair_experts[used, None], gaps, value=-1)
+        weights = torch.nn.functional.pad(match.weights[used, None], gaps)
         return prediction.pair_inputs[used], ids, weights, prediction.pair_rows[used]
 
     @staticmethod
@@ -466,12 +468,12 @@ class DaopMoE:
             self.requests.counts.add_resident(self.layer, rows, top_k)
 
     def _count_predictions(self, own_ids, own_weights, prediction, match, degraded) -> None:
-        if degraded:
-            self.stats.add(self.layer, degraded=degraded)
+        """Kept for the step's end, which counts every layer's at once (add_predictions_to_stats)."""
+        counts = self.requests.counts
+        if degraded is not None:
+            counts.degraded.append((self.layer, degraded))
         if prediction is not None:
-            used, rejected = int(match.used.sum()), int(match.rejected.sum())
-            self.stats.add(self.layer, predictions=prediction.raw_ids.numel(),
-                           predictions_correct=prediction.correct_predictions(own_ids), precomputed_used=used,
-                           precomputed_rejected=rejected, precomputed_wasted=match.used.numel() - used - rejected)
+            counts.predictions.append(PredictionOutcome(self.layer, prediction.raw_ids, prediction.rows, own_ids,
+                                                        match.used, match.rejected))
         if self.requests.recording:  # traces keep what the model's own router chose, row by row
             self.requests.record_routes(self.layer, own_ids, own_weights)

@@ -83,15 +83,12 @@ class Prediction:
             return None
         return input_distance(self.inputs, actual[self.rows], STALENESS_DISTANCE) < tolerance
 
-    def degraded(self, fresh: torch.Tensor | None) -> int:
-        """Degraded rows among those the routing takes from the prediction."""
+    def degraded(self, fresh: torch.Tensor | None) -> torch.Tensor | None:
+        """[R] bool: the degraded rows among those the routing takes from the prediction (None:
+        degradation is off)."""
         if self.degraded_rows.numel() == 0:
-            return 0
-        return int((self.degraded_rows if fresh is None else self.degraded_rows & fresh).sum())
-
-    def correct_predictions(self, true_ids: torch.Tensor) -> int:
-        """(row, predicted expert) pairs that the layer's own router also chose; true_ids [T, K]."""
-        return int((self.raw_ids[:, :, None] == true_ids[self.rows][:, None, :]).any(-1).sum())
+            return None
+        return self.degraded_rows if fresh is None else self.degraded_rows & fresh
 
     def discard(self) -> None:
         """Wait for the CPU work (its lane's workspace is about to be reused) and drop it;
@@ -119,6 +116,8 @@ def degrade(
     if substitutes == 0:
         return ids, weights, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     degraded = ~is_resident[ids].any(dim=1)
+    if not bool(degraded.any()):
+        return ids, weights, degraded
     # Every row's substitutes at once, kept where a row degrades: cheaper than picking the rows out
     device_best = scores.masked_fill(~is_resident, float("-inf")).topk(substitutes, dim=1).indices
     parts = [ids[:, :1], device_best] + ([ids[:, 1 + substitutes:]] if 1 + substitutes < top_k else [])
@@ -145,7 +144,7 @@ class PrecomputedMatch:
     covered: torch.Tensor  # [T, K] routing entries served by a pre-computed result
     used: torch.Tensor  # [P] pairs the routing uses
     weights: torch.Tensor  # [P] the routing weight of each used pair (0 where unused)
-    rejected: torch.Tensor  # [P] pairs of rows the staleness gate turned away
+    rejected: torch.Tensor | None  # [P] pairs of rows the staleness gate turned away (None: no gate)
 
 
 def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.Tensor,
@@ -154,13 +153,11 @@ def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.
     `fresh` ([R] bool, Prediction.fresh_rows), only the pairs of fresh rows."""
     rows = prediction.pair_rows
     match = ids[rows] == prediction.pair_experts[:, None]  # [P, K]
-    rejected = torch.zeros(rows.shape, dtype=torch.bool)
+    rejected = None
     if fresh is not None:
         fresh_step_rows = torch.zeros(ids.shape[0], dtype=torch.bool)
         fresh_step_rows[prediction.rows] = fresh
         rejected = ~fresh_step_rows[rows]
         match &= ~rejected[:, None]
-    covered = torch.zeros_like(ids, dtype=torch.bool)
-    pair, k = match.nonzero(as_tuple=True)
-    covered[rows[pair], k] = True
+    covered = torch.zeros(ids.shape, dtype=torch.int64).index_add_(0, rows, match.long()) > 0
     return PrecomputedMatch(covered, match.any(dim=1), (weights[rows] * match).sum(dim=1), rejected)

@@ -10,10 +10,27 @@ Legend: L layers, R the step's requests, E experts, T rows, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.stats import DaopStats
+
+
+@dataclass(frozen=True)
+class PredictionOutcome:
+    """How one layer's prediction fared, counted at the step's end: the predicted ids before
+    degradation [R, K] for the rows `rows` [R]; the layer's own routing [T, K]; of the
+    pre-computed pairs [P], those its routing used and those the staleness gate turned away
+    (None: no gate)."""
+
+    layer: int
+    raw_ids: torch.Tensor
+    rows: torch.Tensor
+    own_ids: torch.Tensor
+    used: torch.Tensor
+    rejected: torch.Tensor | None
 
 
 class StepCounts:
@@ -28,10 +45,20 @@ class StepCounts:
         self._added: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._shape: tuple[int, int, int] | None = None
         self.resident: list[tuple[int, int, int]] = []  # (layer, rows, top-k) of layers that ran on the device alone
+        self.predictions: list[PredictionOutcome] = []
+        self.degraded: list[tuple[int, torch.Tensor]] = []  # (layer, [R] bool: the rows degradation rerouted)
 
     def clear(self) -> None:
         self._added = []
         self.resident = []
+        self.predictions = []
+        self.degraded = []
+
+    def take_predictions(self) -> tuple[list[PredictionOutcome], list[tuple[int, torch.Tensor]]]:
+        """The step's prediction outcomes and degraded rows (add_predictions_to_stats), zeroed."""
+        taken = self.predictions, self.degraded
+        self.predictions, self.degraded = [], []
+        return taken
 
     def add(self, layer: int, count_rows: torch.Tensor, executed: torch.Tensor, chosen: torch.Tensor,
             shape: tuple[int, int, int]) -> None:
@@ -126,3 +153,43 @@ def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]]
         counts["decode_device_expert_tokens"] = [(batch.num_rows - prefill_rows) * k if m else 0
                                                  for m, k in zip(matched, top_k)]
     stats.add_per_layer(layers, **counts)
+
+
+def add_predictions_to_stats(stats: DaopStats, outcomes: list[PredictionOutcome],
+                             degraded: list[tuple[int, torch.Tensor]]) -> None:
+    """A step's prediction counters, for every layer at once (a layer counting its own read
+    a handful of sums back, each an op of its own, in every predicted layer)."""
+    if degraded:
+        stats.add_per_layer([layer for layer, _ in degraded], degraded=_true_counts([rows for _, rows in degraded]))
+    if not outcomes:
+        return
+    pairs = [outcome.used.numel() for outcome in outcomes]
+    used = _true_counts([outcome.used for outcome in outcomes])
+    gated = [outcome for outcome in outcomes if outcome.rejected is not None]
+    rejected = dict(zip((outcome.layer for outcome in gated), _true_counts([outcome.rejected for outcome in gated])))
+    rejected_per_layer = [rejected.get(outcome.layer, 0) for outcome in outcomes]
+    stats.add_per_layer([outcome.layer for outcome in outcomes],
+                        predictions=[outcome.raw_ids.numel() for outcome in outcomes],
+                        predictions_correct=_correct_predictions(outcomes).tolist(), precomputed_used=used,
+                        precomputed_rejected=rejected_per_layer,
+                        precomputed_wasted=[n - u - r for n, u, r in zip(pairs, used, rejected_per_layer)])
+
+
+def _true_counts(flags: list[torch.Tensor]) -> list[int]:
+    """The number of True elements of each of the 1-d bool tensors `flags`, in one read."""
+    if not flags:
+        return []
+    owner = torch.repeat_interleave(torch.arange(len(flags)), torch.tensor([f.numel() for f in flags]))
+    counts = torch.zeros(len(flags), dtype=torch.int64).index_add_(0, owner, torch.cat(flags).long())
+    return counts.tolist()
+
+
+def _correct_predictions(outcomes: list[PredictionOutcome]) -> torch.Tensor:
+    """[n] per outcome, the (row, predicted expert) pairs its layer's own router also chose: one
+    stack where the layers share their rows (a step's), else one per layer."""
+    rows = outcomes[0].rows
+    if all(outcome.rows is rows for outcome in outcomes):
+        predicted = torch.stack([outcome.raw_ids for outcome in outcomes])  # [n, R, K]
+        own = torch.stack([outcome.own_ids for outcome in outcomes])[:, rows]  # [n, R, K]
+        return (predicted[..., None] == own[..., None, :]).any(-1).sum((1, 2))
+    return torch.cat([_correct_predictions([outcome]) for outcome in outcomes])

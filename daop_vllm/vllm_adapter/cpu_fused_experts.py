@@ -22,12 +22,14 @@ def kernel_isa(dtype: torch.dtype) -> str:
     return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
 
 
-ExpertsCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x [N, H], topk_ids [N, K], topk_weights [N, K], out_rows [N] or None, like [T, H] or None) -> the
+# experts' sum per row of x, or with out_rows summed into the rows of a [T, H] result (like `like`)
+ExpertsCall = Callable[..., torch.Tensor]
 
 
 def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
-    """(x [T, H], topk_ids [T, K], topk_weights [T, K]) -> [T, H] through vLLM's op, ids < 0
-    contributing nothing; None where the op does not take this layer (dtype, alignment)."""
+    """The layer's ExpertsCall through vLLM's op, ids < 0 contributing nothing; None where the
+    op does not take this layer (dtype, alignment)."""
     from vllm import _custom_ops as ops
 
     _, two_i, hidden = store.w13.shape
@@ -37,20 +39,22 @@ def cpu_fused_experts(store: HostExpertStore) -> ExpertsCall | None:
     w13 = ops.cpu_prepack_moe_weight(store.w13, isa)
     w2 = ops.cpu_prepack_moe_weight(store.w2, isa)
 
-    def experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                out_rows: torch.Tensor | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
         skipped = topk_ids < 0  # pre-computed pairs: the op takes no gaps
         if not bool(skipped.any()):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
             ops.cpu_fused_moe(out, x.contiguous(), w13, w2, None, None, topk_weights.float(),
                               topk_ids.to(torch.int32), "silu", isa, False)
-            return out
+            return summed_into_rows(out, out_rows, like)
         # Each kept pair a row of its own, top-1: the op computes every entry it is given, and a
-        # gap filled with one of its row's experts at weight 0 cost as much as a real pair
+        # gap filled with one of its row's experts at weight 0 cost as much as a real pair. The
+        # pairs are summed into their result rows at once.
         row, k = (~skipped).nonzero(as_tuple=True)
         pairs_out = torch.empty((row.numel(), x.shape[1]), dtype=x.dtype, device="cpu")
         ops.cpu_fused_moe(pairs_out, x[row], w13, w2, None, None, topk_weights[row, k, None].float(),
                           topk_ids[row, k, None].to(torch.int32), "silu", isa, False)
-        return summed_into_rows(pairs_out, row, x)
+        return summed_into_rows(pairs_out, row if out_rows is None else out_rows[row], x if like is None else like)
     return experts
 
 

@@ -169,7 +169,7 @@ def test_a_layers_experts_call_takes_the_precomputed_pairs_too(mode):
     """One memory with a faster call of the layer's experts (inside vLLM: its CPU fused-MoE op):
     the pairs predicted for a layer go into that call as extra rows, summed into theirs; the
     output is the executor's."""
-    from daop_vllm.core.expert_math import routed_experts_forward
+    from daop_vllm.core.expert_math import routed_experts_forward, summed_into_rows
 
     outputs = []
     for with_call in (False, True):
@@ -177,9 +177,10 @@ def test_a_layers_experts_call_takes_the_precomputed_pairs_too(mode):
         calls = []
         if with_call:
             def make_call(store):
-                def call(x, ids, weights):
+                def call(x, ids, weights, out_rows=None, like=None):
                     calls.append(x.shape[0])
-                    return routed_experts_forward(x, ids, weights, store.w13, store.w2, torch.arange(E))
+                    return summed_into_rows(routed_experts_forward(x, ids, weights, store.w13, store.w2,
+                                                                   torch.arange(E)), out_rows, like)
                 return call
             engine.use_experts_call(make_call, "a test's call")
         gen = torch.Generator().manual_seed(7)

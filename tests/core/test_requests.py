@@ -4,6 +4,8 @@ import torch
 
 from daop_vllm.core.batch import StepBatch
 from daop_vllm.core.requests import RequestTracker
+from daop_vllm.core.stats import DaopStats
+from daop_vllm.core.step_counts import PredictionOutcome, add_predictions_to_stats
 
 
 def test_rows_map_to_requests_and_phases_with_padding():
@@ -39,3 +41,33 @@ def test_rows_that_do_not_match_the_batch_are_not_attributed():
     tracker.end_step()
     tracker.record(0, torch.tensor([[0, 1]]))  # outside a step
     assert tracker.prefill_counts["a"].sum() == 0
+
+
+
+def test_a_steps_prediction_outcomes_are_counted_per_layer_at_its_end():
+    """Layers sharing the step's rows are counted in one stack, others one by one; either way
+    each layer gets its own counts (worked out pair by pair in the comments)."""
+    rows = torch.tensor([0, 2])
+    own = torch.tensor([[1, 2], [0, 3], [4, 5]])  # [T, K]: the layer's own routing
+    outcomes = [
+        # row 0 chose [1, 2]: 2 and 1 right; row 2 chose [4, 5]: 4 right, 0 wrong
+        PredictionOutcome(3, torch.tensor([[2, 1], [4, 0]]), rows, own, torch.tensor([True, False, True]), None),
+        # row 0 chose [2, 3]: 7 and 6 wrong; row 2 chose [5, 6]: 5 right, 4 wrong
+        PredictionOutcome(5, torch.tensor([[7, 6], [5, 4]]), rows, own + 1, torch.tensor([False]),
+                          torch.tensor([True])),
+        # rows of its own: row 1 chose [0, 3]: 0 right, 2 wrong
+        PredictionOutcome(6, torch.tensor([[0, 2]]), torch.tensor([1]), own, torch.tensor([True, True]),
+                          torch.tensor([False, False])),
+    ]
+    stats = DaopStats(7)
+    add_predictions_to_stats(stats, outcomes, [(3, torch.tensor([True, True])), (4, torch.tensor([False, True]))])
+    expected = {  # layer: predictions, correct, used, rejected, wasted, degraded
+        3: (4, 3, 2, 0, 1, 2),
+        4: (0, 0, 0, 0, 0, 1),
+        5: (4, 1, 0, 1, 0, 0),
+        6: (2, 1, 2, 0, 0, 0),
+    }
+    for layer, counts in expected.items():
+        got = stats.layer(layer)
+        assert tuple(got[name] for name in ("predictions", "predictions_correct", "precomputed_used",
+                                            "precomputed_rejected", "precomputed_wasted", "degraded")) == counts, layer

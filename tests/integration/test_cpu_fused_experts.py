@@ -21,9 +21,16 @@ def test_matches_the_reference_and_skips_negative_ids(dtype, tolerance):
     ids[1, 0] = ids[4, 1] = -1  # pre-computed pairs: the call must leave them out
     ids[3] = -1  # a row with nothing left to compute
     every = torch.arange(8)
-    torch.testing.assert_close(call(x, ids, weights).float(),
-                               routed_experts_forward(x, ids, weights, store.w13, store.w2, every).float(),
-                               rtol=tolerance, atol=tolerance)
+    expected = routed_experts_forward(x, ids, weights, store.w13, store.w2, every).float()
+    torch.testing.assert_close(call(x, ids, weights).float(), expected, rtol=tolerance, atol=tolerance)
+    # rows that add into others' (a layer's used pre-computed pairs): rows 4 and 5 into rows 0 and 2
+    out_rows = torch.tensor([0, 1, 2, 3, 0, 2])
+    for skipped in (ids, ids.clamp_min(0)):  # with gaps, and without
+        want = routed_experts_forward(x, skipped, weights, store.w13, store.w2, every).float()
+        want = want[:4].index_add(0, torch.tensor([0, 2]), want[4:])
+        got = call(x, skipped, weights, out_rows, x[:4])
+        assert got.shape == (4, 64) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
 
 
 def test_layers_the_op_does_not_take_keep_the_executor():
