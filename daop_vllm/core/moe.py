@@ -33,6 +33,13 @@ def _precompute_lane(layer: int) -> int:
     return 1 + layer % 2
 
 
+def experts_seconds(cost: Callable[[int], float], ids: torch.Tensor, num_experts: int) -> float:
+    """The seconds of the experts named in `ids` (an entry per (token, expert) pair), each
+    costing `cost(its tokens)`: a layer's work on one side, for the streaming plans."""
+    tokens = torch.bincount(ids.flatten(), minlength=num_experts)
+    return sum(map(cost, tokens[tokens > 0].tolist()))
+
+
 class DaopMoE:
     """One MoE layer: its host store, device cache, router function and shared executor.
     `next_layer` is set (by the engine) when this layer predicts the next one's experts."""
@@ -120,7 +127,7 @@ class DaopMoE:
             own_job = self._submit_own(cpu_rows, job_table)
         stage_next = []
         if next_prediction is not None:
-            stage_next = self._choose_staged_early(next_prediction, ids, to_compute)
+            stage_next = self._choose_staged_early(next_prediction, ids, on_cpu, to_compute)
             self._precompute(next_prediction, x_host)
         # On one memory the job starts after this thread's own work for the layer: with both on
         # the same cores, this thread would wait its turn for a core in the middle of that work.
@@ -191,9 +198,8 @@ class DaopMoE:
         host = tokens.nonzero().squeeze(1)
         if host.numel() == 0 and not early:
             return [], []
-        resident_tokens = torch.bincount(ids[~on_cpu], minlength=num_experts)
         costs = self.stream_costs
-        device_busy = sum(costs.device_s(n) for n in resident_tokens[resident_tokens > 0].tolist() + early_tokens)
+        device_busy = experts_seconds(costs.device_s, ids[~on_cpu], num_experts) + sum(map(costs.device_s, early_tokens))
         counts = tokens[host].tolist()
         plan = plan_streaming(counts, costs, device_busy, self.staging.num_slots, self.stream_mode)
         streamed = [e for _, e in sorted(((n, e) for n, e, s in zip(counts, host.tolist(), plan) if s), reverse=True)]
@@ -328,18 +334,28 @@ class DaopMoE:
         return Prediction(self.requests.step, x_host.shape[0], decode_rows, raw_ids, ids, weights, degraded,
                           decode_rows[pair], ids[pair, k], None, inputs)
 
-    def _choose_staged_early(self, prediction: Prediction, ids: torch.Tensor, to_compute: torch.Tensor) -> list[int]:
-        """Where this layer stages the next one's experts early (streaming.plan_early_staging):
-        the copies' head start is this layer's own CPU work. Their pairs leave the
-        pre-computation: the next layer runs them on the device, on its true input."""
+    def _choose_staged_early(self, prediction: Prediction, ids: torch.Tensor, on_cpu: torch.Tensor,
+                             to_compute: torch.Tensor) -> list[int]:
+        """Where this layer stages the next one's experts early (streaming.plan_early_staging, as
+        the simulator plans it): the copies' head start is this layer's time (its own CPU work or
+        its resident experts, the longer); the next layer's device is busy with its predicted
+        resident pairs; where the next layer is predicted, the pre-computation the copies would
+        replace starts once this layer's CPU work is done, a head start of its own. The staged
+        experts' pairs leave the pre-computation: the next layer runs them on the device, on its
+        true input."""
         if not self.stages_next or prediction.pair_experts.numel() == 0:
             return []
-        counts = torch.bincount(prediction.pair_experts, minlength=self.next_layer.store.num_experts)
+        target = self.next_layer
+        counts = torch.bincount(prediction.pair_experts, minlength=target.store.num_experts)
         experts = counts.nonzero().squeeze(1)
-        own = torch.bincount(ids[to_compute], minlength=self.store.num_experts)
-        head_start = sum(map(self.stream_costs.cpu_s, own[own > 0].tolist()))
-        chosen = plan_early_staging(dict(zip(experts.tolist(), counts[experts].tolist())),
-                                    self.next_layer.stream_costs, 0.0, self.staging.num_slots, 0.0, -head_start)
+        cpu_s = experts_seconds(self.stream_costs.cpu_s, ids[to_compute], self.store.num_experts)
+        layer_s = max(cpu_s, experts_seconds(self.stream_costs.device_s, ids[~on_cpu], self.store.num_experts))
+        predicted = prediction.ids
+        next_device_s = experts_seconds(target.stream_costs.device_s, predicted[target.cache.is_resident[predicted]],
+                                        target.store.num_experts)
+        chosen = plan_early_staging(dict(zip(experts.tolist(), counts[experts].tolist())), target.stream_costs,
+                                    next_device_s, self.staging.num_slots, cpu_s - layer_s if target.predicted else 0.0,
+                                    -layer_s)
         if chosen:
             kept = ~torch.isin(prediction.pair_experts, torch.tensor(chosen, dtype=torch.int64))
             prediction.pair_rows, prediction.pair_experts = prediction.pair_rows[kept], prediction.pair_experts[kept]

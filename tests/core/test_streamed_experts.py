@@ -171,3 +171,20 @@ def test_staged_experts_leave_the_precomputation_and_the_counters_add_up(mode):
     predicted_host_pairs = totals["precomputed_used"] + totals["precomputed_rejected"] + totals["precomputed_wasted"]
     assert predicted_host_pairs > 0 and totals["staged_early_used"] > 0
     engine.close()
+
+
+@pytest.mark.parametrize("device_s, stages", [(0.01, True), (2.0, False)], ids=["device-idle", "device-bound"])
+def test_staging_early_weighs_the_next_layers_resident_work(device_s, stages):
+    """The simulator's plan, in the engine: a next layer whose predicted resident pairs keep the
+    device busier than its CPU experts keep the CPU gains nothing from copies that add device
+    work; a device with time to spare takes them (copies cheap; an expert takes 0.6 s on the CPU,
+    2 s or 0.01 s on the device). With no device work in the plan, both would stage."""
+    from daop_vllm.core.streaming import MissCosts
+
+    engine, gates = make_routed_engine("verified", "auto", [0, 5])
+    for layer in engine.layers:
+        layer.stream_costs = MissCosts(cpu_s=lambda n: 0.6, device_s=lambda n: device_s, copy_s=0.1)
+    for seed in range(4):
+        decode_step(engine, gates, seed)
+    assert (engine.stats.totals()["staged_early"] > 0) == stages
+    engine.close()
