@@ -326,13 +326,13 @@ class DaopMoE:
             return None
         target = self.next_layer
         raw_ids, raw_weights, *scores = predicted
-        ids, weights, degraded = raw_ids, raw_weights, torch.zeros(0, dtype=torch.bool, device="cpu")
+        ids, weights, degraded = raw_ids, raw_weights, None
         if scores:
             ids, weights, degraded = degrade(raw_ids, raw_weights, scores[0], target.cache.is_resident)
-        pair, k = target.cache.is_host[ids].nonzero(as_tuple=True)
+        pair, rank = target.cache.is_host[ids].nonzero(as_tuple=True)
         inputs = x_host[decode_rows] if target.fidelity.staleness_tolerance is not None else None
         return Prediction(self.requests.step, x_host.shape[0], decode_rows, raw_ids, ids, weights, degraded,
-                          decode_rows[pair], ids[pair, k], None, inputs)
+                          decode_rows[pair], ids[pair, rank], rank, None, inputs)
 
     def _choose_staged_early(self, prediction: Prediction, ids: torch.Tensor, on_cpu: torch.Tensor,
                              to_compute: torch.Tensor) -> list[int]:
@@ -357,8 +357,7 @@ class DaopMoE:
                                     next_device_s, self.staging.num_slots, cpu_s - layer_s if target.predicted else 0.0,
                                     -layer_s)
         if chosen:
-            kept = ~torch.isin(prediction.pair_experts, torch.tensor(chosen, dtype=torch.int64))
-            prediction.pair_rows, prediction.pair_experts = prediction.pair_rows[kept], prediction.pair_experts[kept]
+            prediction.keep_pairs(~torch.isin(prediction.pair_experts, torch.tensor(chosen, dtype=torch.int64)))
         return chosen
 
     def _stage_next(self, prediction: Prediction, experts: list[int]) -> None:
@@ -377,8 +376,7 @@ class DaopMoE:
         nothing pre-computed, its routing its own."""
         target = self.next_layer
         if not target.predicted:
-            prediction.pair_rows = prediction.pair_rows[:0]
-            prediction.pair_experts = prediction.pair_experts[:0]
+            prediction.keep_pairs(slice(0))
         if prediction.pair_rows.numel():
             inputs = x_host[prediction.pair_rows]
             if self.cache.shares_host_memory:
@@ -395,9 +393,9 @@ class DaopMoE:
         """Where the layer before kept its pairs' inputs (one memory): the pairs this layer's
         routing uses as extra rows of its own job, (inputs [U, H], expert ids [U, K] (-1 past the
         first), routing weights [U, K], their step rows [U]); else ()."""
-        if prediction is None or prediction.pair_inputs is None or not bool(match.used.any()):
+        if prediction is None or prediction.pair_inputs is None or not match.any_used:
             return ()
-        used = match.used.nonzero().squeeze(1)
+        used = match.used_pairs()
         gaps = (0, prediction.ids.shape[1] - 1)
         ids = torch.nn.functional.pad(prediction.pair_experts[used, None], gaps, value=-1)
         weights = torch.nn.functional.pad(match.weights[used, None], gaps)
@@ -436,11 +434,11 @@ class DaopMoE:
                 x, ids, weights, out_rows = self._job_rows(cpu_rows)
                 out = summed_into_rows(routed_experts_forward(x, ids, weights, self.store.w13, self.store.w2,
                                                                job_table), out_rows, x_host)
-        if prediction is None or prediction.job is None or not bool(match.used.any()):
+        if prediction is None or prediction.job is None or not match.any_used:
             if prediction is not None:
                 prediction.discard()
             return out
-        used = match.used.nonzero().squeeze(1)
+        used = match.used_pairs()
         rows = prediction.pair_rows[used]
         try:
             results = prediction.job.result()[used].float()

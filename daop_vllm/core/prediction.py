@@ -65,9 +65,10 @@ class Prediction:
     raw_ids: torch.Tensor  # [R, K] before degradation: what prediction accuracy counts
     ids: torch.Tensor  # [R, K] after degradation (daop mode routes by these)
     weights: torch.Tensor  # [R, K]
-    degraded_rows: torch.Tensor  # [R] bool: rows whose experts degradation replaced (empty: none)
+    degraded_rows: torch.Tensor | None  # [R] bool: rows whose experts degradation replaced (None: it is off)
     pair_rows: torch.Tensor  # [P] step row of each pre-computed pair
     pair_experts: torch.Tensor  # [P]
+    pair_ranks: torch.Tensor  # [P] each pair's place in its row's predicted experts (a column of `ids`)
     job: CpuJob | None  # its result [P, H] is each pair's unweighted expert output
     inputs: torch.Tensor | None = None  # [R, H] the predicting layer's input, where a tolerance gates
     staged_experts: list[int] = field(default_factory=list)  # host experts copied to staging rows a layer early
@@ -86,9 +87,14 @@ class Prediction:
     def degraded(self, fresh: torch.Tensor | None) -> torch.Tensor | None:
         """[R] bool: the degraded rows among those the routing takes from the prediction (None:
         degradation is off)."""
-        if self.degraded_rows.numel() == 0:
-            return None
-        return self.degraded_rows if fresh is None else self.degraded_rows & fresh
+        if self.degraded_rows is None or fresh is None:
+            return self.degraded_rows
+        return self.degraded_rows & fresh
+
+    def keep_pairs(self, kept: torch.Tensor | slice) -> None:
+        """Only the pairs `kept` (a mask or slice over them) stay to be pre-computed."""
+        self.pair_rows, self.pair_experts, self.pair_ranks = (
+            self.pair_rows[kept], self.pair_experts[kept], self.pair_ranks[kept])
 
     def discard(self) -> None:
         """Wait for the CPU work (its lane's workspace is about to be reused) and drop it;
@@ -137,6 +143,9 @@ def input_distance(earlier: torch.Tensor, actual: torch.Tensor, metric: str) -> 
     return 1 - torch.nn.functional.cosine_similarity(earlier, actual, dim=-1)
 
 
+_TRUE = torch.tensor(True, device="cpu")
+
+
 @dataclass
 class PrecomputedMatch:
     """Which pre-computed pairs a layer's final routing uses."""
@@ -145,6 +154,15 @@ class PrecomputedMatch:
     used: torch.Tensor  # [P] pairs the routing uses
     weights: torch.Tensor  # [P] the routing weight of each used pair (0 where unused)
     rejected: torch.Tensor | None  # [P] pairs of rows the staleness gate turned away (None: no gate)
+    every_pair_used: bool = False  # known without reading `used`
+
+    @property
+    def any_used(self) -> bool:
+        return self.used.numel() > 0 if self.every_pair_used else bool(self.used.any())
+
+    def used_pairs(self) -> torch.Tensor | slice:
+        """An index of the used pairs into tensors with a row per pair."""
+        return slice(None) if self.every_pair_used else self.used.nonzero().squeeze(1)
 
 
 def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.Tensor,
@@ -152,6 +170,11 @@ def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.
     """Match the pre-computed pairs against the final routing ids, weights [T, K]; with
     `fresh` ([R] bool, Prediction.fresh_rows), only the pairs of fresh rows."""
     rows = prediction.pair_rows
+    if ids is prediction.ids:  # every row routed by the prediction (R = T): each pair is where it was predicted
+        place = (rows, prediction.pair_ranks)
+        covered = torch.zeros(ids.shape, dtype=torch.bool, device="cpu").index_put_(place, _TRUE)
+        return PrecomputedMatch(covered, torch.ones(rows.shape, dtype=torch.bool, device="cpu"), weights[place], None,
+                                every_pair_used=True)
     match = ids[rows] == prediction.pair_experts[:, None]  # [P, K]
     rejected = None
     if fresh is not None:
@@ -159,5 +182,5 @@ def match_precomputed(prediction: Prediction, ids: torch.Tensor, weights: torch.
         fresh_step_rows[prediction.rows] = fresh
         rejected = ~fresh_step_rows[rows]
         match &= ~rejected[:, None]
-    covered = torch.zeros(ids.shape, dtype=torch.int64).index_add_(0, rows, match.long()) > 0
+    covered = torch.zeros(ids.shape, dtype=torch.int64, device="cpu").index_add_(0, rows, match.long()) > 0
     return PrecomputedMatch(covered, match.any(dim=1), (weights[rows] * match).sum(dim=1), rejected)
