@@ -34,6 +34,10 @@ class LayerCase:
     def __init__(self, batch: int, fraction: float, mode: str, threads: int, seed: int = 0) -> None:
         fidelity = Fidelity(mode, first_predicted_layer=1 if mode != "exact" else None)
         self.engine = DaopEngine(torch.device("cpu"), cpu_threads=threads, fidelity=fidelity)
+        # Every expert on the native kernels, whatever its tokens (the op and the direct calls
+        # alike): past NATIVE_MAX_TOKENS the torch path's thread handoff and torch's own threads,
+        # on the cores the native threads use, swung the same setting by 2x from round to round.
+        self.engine.executor.native_max_tokens = batch * TOP_K
         gen = torch.Generator().manual_seed(seed)
         self.gates = []
         for layer_index in range(LAYERS):
@@ -85,6 +89,18 @@ def _microseconds_per_layer(step, steps: int) -> float:
 
 
 def run(rounds: int = 5, steps: int = 50, threads: int = 1, progress=None) -> dict[str, Any]:
+    # torch's own ops on `threads` threads too, as in vLLM's GPU workers (one): with more, each
+    # small op of a step could wake torch's OpenMP threads, which then spin on the cores the
+    # native threads run on (router and kernels took up to 1.6x the kernels alone at batch 64)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _timed(rounds, steps, threads, progress)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _timed(rounds: int, steps: int, threads: int, progress) -> dict[str, Any]:
     cases = {(b, f, m): LayerCase(b, f, m, threads) for b in BATCHES for f in FRACTIONS for m in MODES}
     steps_of = {"daop": LayerCase.daop_step, "direct": LayerCase.direct_step, "routed": LayerCase.routed_step}
     samples: dict[tuple, dict[str, list[float]]] = {key: {name: [] for name in steps_of} for key in cases}
@@ -106,6 +122,7 @@ def run(rounds: int = 5, steps: int = 50, threads: int = 1, progress=None) -> di
         daop_us, direct_us, routed_us = (statistics.median(times[name]) for name in ("daop", "direct", "routed"))
         rows.append({"batch": batch, "fraction": fraction, "mode": mode, "daop_us": round(daop_us, 1),
                      "direct_us": round(direct_us, 1), "routed_us": round(routed_us, 1),
+                     "machinery_us": round(daop_us - direct_us, 1), "router_us": round(routed_us - direct_us, 1),
                      "daop_over_direct": round(daop_us / direct_us, 3),
                      "daop_over_routed": round(daop_us / routed_us, 3),
                      "machinery_share": round(max(0.0, daop_us - direct_us) / daop_us, 3),

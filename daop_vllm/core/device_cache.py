@@ -151,6 +151,8 @@ class DeviceExpertCache:
     def finish_swaps(self, wait: bool = False) -> int:
         """Put the experts whose copies are complete (all of them with `wait`) into the table;
         returns how many."""
+        if not self._incoming:  # every layer asks at every step
+            return 0
         done = [item for item in self._incoming if wait or item[2].query()]
         for slot, expert, event in done:
             event.synchronize()

@@ -276,7 +276,13 @@ class DaopMoE:
         if (not self.predicted or self.fidelity.mode == "daop" or not self.fidelity.degrades
                 or decode_rows is None or decode_rows.numel() == 0):
             return ()
-        return (self.route.scores(router_logits[self.requests.on_device("decode", decode_rows, router_logits.device)]),)
+        return (self.route.scores(self._decode_part(router_logits, decode_rows)),)
+
+    def _decode_part(self, rows: torch.Tensor, decode_rows: torch.Tensor) -> torch.Tensor:
+        """The decode rows of `rows` [T, ...] (on the device): all of them in a step of decode rows alone."""
+        if decode_rows.numel() == rows.shape[0]:
+            return rows
+        return rows[self.requests.on_device("decode", decode_rows, rows.device)]
 
     def _final_routing(self, ids, weights, decode_rows, prediction, fresh, own_scores):
         """The routing this layer runs: its own router, except decode rows of predicted layers
@@ -311,7 +317,7 @@ class DaopMoE:
         target = self.next_layer
         if target is None or decode_rows is None or decode_rows.numel() == 0:
             return ()
-        logits = target.router_logits(x[self.requests.on_device("decode", decode_rows, x.device)])
+        logits = target.router_logits(self._decode_part(x, decode_rows))
         raw_weights, raw_ids = target.route(logits)
         if target.fidelity.mode == "daop" and target.fidelity.degrades:
             return raw_ids, raw_weights, target.route.scores(logits)

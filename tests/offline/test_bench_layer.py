@@ -16,3 +16,5 @@ def test_bench_layer_times_every_setting_three_ways():
         assert row["machinery_share"] == pytest.approx(max(0, 1 - row["direct_us"] / row["daop_us"]), abs=0.01)
         assert row["machinery_share_past_router"] == pytest.approx(max(0, 1 - row["routed_us"] / row["daop_us"]),
                                                                    abs=0.01)
+        assert row["machinery_us"] == pytest.approx(row["daop_us"] - row["direct_us"], abs=0.2)
+        assert row["router_us"] == pytest.approx(row["routed_us"] - row["direct_us"], abs=0.2)
