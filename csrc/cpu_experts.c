@@ -596,6 +596,56 @@ static PyObject *py_sum_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A call's (token, expert) pairs grouped by the slot their expert maps to (cpu_executor._plan):
+ * slots in the order they first appear, each slot's pairs in token order. ids [n, k] (< 0:
+ * skipped), weights [n, k] fp32, table [E] (a slot below num_slots, or -1: not this call's),
+ * out_rows [n] (each token's result row; NULL: its own). Writes each kept pair's token, weight
+ * and result row (n * k at most) and the slots with their pair counts (num_slots at most);
+ * returns the slots' count, -1 when out of memory, -2 for an id past the table. */
+static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t n, int64_t k, const int64_t *table,
+                           int64_t num_experts, int64_t num_slots, const int64_t *out_rows, int64_t *tokens,
+                           float *pair_weights, int64_t *result_rows, int64_t *slots, int64_t *counts) {
+    for (int64_t p = 0; p < n * k; p++)
+        if (ids[p] >= num_experts) return -2;
+    int64_t *group_of = malloc(sizeof(int64_t) * (num_slots > 0 ? num_slots : 1)); /* slot -> its group, or -1 */
+    if (!group_of) return -1;
+    for (int64_t s = 0; s < num_slots; s++) group_of[s] = -1;
+    int64_t groups = 0;
+    for (int64_t p = 0; p < n * k; p++) { /* count, in first-appearance order */
+        int64_t slot = ids[p] >= 0 ? table[ids[p]] : -1;
+        if (slot < 0) continue;
+        if (group_of[slot] < 0) slots[groups] = slot, counts[groups] = 0, group_of[slot] = groups++;
+        counts[group_of[slot]]++;
+    }
+    int64_t *next = malloc(sizeof(int64_t) * (groups > 0 ? groups : 1)); /* each group's next place */
+    if (!next) return free(group_of), -1;
+    for (int64_t g = 0, start = 0; g < groups; start += counts[g++]) next[g] = start;
+    for (int64_t p = 0; p < n * k; p++) {
+        int64_t slot = ids[p] >= 0 ? table[ids[p]] : -1;
+        if (slot < 0) continue;
+        int64_t at = next[group_of[slot]]++, token = p / k;
+        tokens[at] = token, pair_weights[at] = weights[p], result_rows[at] = out_rows ? out_rows[token] : token;
+    }
+    free(next), free(group_of);
+    return groups;
+}
+
+static PyObject *py_group_pairs(PyObject *self, PyObject *args) {
+    unsigned long long ids, weights, table, out_rows, tokens, pair_weights, result_rows, slots, counts;
+    long long n, k, num_experts, num_slots;
+    if (!PyArg_ParseTuple(args, "KKLLKLLKKKKKK", &ids, &weights, &n, &k, &table, &num_experts, &num_slots, &out_rows,
+                          &tokens, &pair_weights, &result_rows, &slots, &counts))
+        return NULL;
+    /* the GIL kept: a decode step's pairs take less than handing it over and back */
+    int64_t groups = group_pairs((const int64_t *)ids, (const float *)weights, n, k, (const int64_t *)table,
+                                 num_experts, num_slots, (const int64_t *)out_rows, (int64_t *)tokens,
+                                 (float *)pair_weights, (int64_t *)result_rows, (int64_t *)slots, (int64_t *)counts);
+    if (groups == -2) return PyErr_Format(PyExc_IndexError, "an expert id is past the %lld experts of the table",
+                                          num_experts);
+    if (groups < 0) return PyErr_NoMemory();
+    return PyLong_FromLongLong(groups);
+}
+
 /* Sum of a buffer as 64-bit words: a streaming read for the bandwidth baseline, with the
  * widest loads the CPU has, so that the baseline is the memory's limit and not the core's. */
 #ifdef DAOP_X86
@@ -684,6 +734,10 @@ static PyMethodDef methods[] = {
     {"sum_rows", py_sum_rows, METH_VARARGS,
      "sum_rows(dtype, out, T, rows, tok, n, width): out[t] = sum of the fp32 rows[r] with tok[r] == t, t < T "
      "(contiguous rows of width elements; out in dtype)"},
+    {"group_pairs", py_group_pairs, METH_VARARGS,
+     "group_pairs(ids, weights, n, k, table, num_experts, num_slots, out_rows, tokens, pair_weights, result_rows, "
+     "slots, counts): "
+     "a call's pairs grouped by slot, slots in first-appearance order (see group_pairs); returns the slots' count"},
     {"pool_read", py_pool_read, METH_VARARGS,
      "pool_read(pool, ptr, nbytes, state): start a streaming read of the buffer, a share per thread (bandwidth "
      "baseline); the sum of its 64-bit words goes to the state block's word 1"},

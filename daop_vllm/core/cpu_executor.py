@@ -168,11 +168,32 @@ def _tensor_of(values: array.array, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(values, dtype=dtype) if values else torch.empty(0, dtype=dtype, device="cpu")
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, contiguous (itself where it is: an attribute check costs less than a no-op to())."""
+    return (tensor if tensor.dtype == dtype else tensor.to(dtype)).contiguous()
+
+
 def _address(tensor: torch.Tensor | None) -> tuple[int, int]:
     """A tensor's first byte and its bytes per expert (dimension 0); zeros for none."""
     if tensor is None:
         return 0, 0
     return tensor.data_ptr(), tensor.stride(0) * tensor.element_size()
+
+
+def _grouped_in_lists(topk_ids, topk_weights, slot_of_expert, out_rows) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """CpuExpertExecutor._grouped without the extension."""
+    table = slot_of_expert.tolist()
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for token, (ids, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
+        for expert, weight in zip(ids, weights):
+            if expert >= 0 and table[expert] >= 0:
+                groups.setdefault(table[expert], []).append((token, weight))
+    grouped = [pair for pairs in groups.values() for pair in pairs]
+    tokens = _tensor_of(array.array("q", [token for token, _ in grouped]), torch.int64)
+    weights = _tensor_of(array.array("f", [weight for _, weight in grouped]), torch.float32)
+    return tokens, weights, tokens if out_rows is None else out_rows[tokens], \
+        [(slot, len(pairs)) for slot, pairs in groups.items()]
 
 
 class InjectedFault(RuntimeError):
@@ -427,36 +448,56 @@ class CpuExpertExecutor:
     def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert, out_rows) -> tuple[
             _Pairs, list[_ExpertWork], list[_ExpertWork]]:
         """Group the pairs by host expert (each expert's token rows, in order, and weights are a
-        range of two tensors made once per call: a decode step has tens to hundreds of pairs,
-        which plain lists group faster than tensor ops), and split the experts into native work
-        (laid out in the activation workspace) and torch work."""
-        table = slot_of_expert.tolist()
-        groups: dict[int, list[tuple[int, float]]] = {}
-        for token, (ids, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
-            for expert, weight in zip(ids, weights):
-                if expert >= 0 and table[expert] >= 0:
-                    groups.setdefault(table[expert], []).append((token, weight))
-        grouped = [pair for pairs in groups.values() for pair in pairs]
-        tokens = _tensor_of(array.array("q", [token for token, _ in grouped]), torch.int64)
-        out_of = out_rows.tolist() if out_rows is not None else None  # result row of each row of x
-        weights = _tensor_of(array.array("f", [weight for _, weight in grouped]), torch.float32)
+        range of tensors made once per call) and split the experts into native work (laid out in
+        the activation workspace) and torch work."""
+        tokens, weights, out_tokens, groups = self._grouped(topk_ids, topk_weights, slot_of_expert, w13.shape[0],
+                                                            out_rows)
         native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and (
             isinstance(w13, QuantizedWeights) or w13.dtype == x.dtype)
         limit = max(self.native_max_tokens, QUANTIZED_NATIVE_MAX_TOKENS) if isinstance(w13, QuantizedWeights) \
             else self.native_max_tokens
-        native, by_torch, native_tokens, start = [], [], [], 0
-        for expert, expert_pairs in groups.items():
-            work = _ExpertWork(expert, start, len(expert_pairs))
-            start += work.count
-            if native_ok and work.count <= limit:
-                work.act_row = len(native_tokens)
-                native_tokens.extend(token if out_of is None else out_of[token] for token, _ in expert_pairs)
+        native, by_torch, start, act_rows = [], [], 0, 0
+        for expert, count in groups:
+            work = _ExpertWork(expert, start, count)
+            start += count
+            if native_ok and count <= limit:
+                work.act_row = act_rows
+                act_rows += count
                 native.append(work)
             else:
                 by_torch.append(work)
-        out_tokens = tokens if out_rows is None else out_rows[tokens]
-        return _Pairs(tokens, weights, _tensor_of(array.array("q", native_tokens), torch.int64), out_tokens), native, \
-            by_torch
+        native_tokens = out_tokens  # the result row of each native activation row
+        if by_torch:
+            native_tokens = torch.cat([out_tokens[w.start:w.start + w.count] for w in native]) if native \
+                else out_tokens[:0]
+        return _Pairs(tokens, weights, native_tokens, out_tokens), native, by_torch
+
+    def _grouped(self, topk_ids, topk_weights, slot_of_expert, num_slots: int, out_rows) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """The pairs grouped by the slot `slot_of_expert` maps their expert to, slots in the
+        order they first appear, each slot's pairs in token order: (token rows [P], weights [P]
+        fp32, result rows [P] (out_rows of the tokens, or the tokens), (slot, pairs) per slot).
+        In the extension (a decode step's pairs in about a microsecond, a prompt's thousands
+        without a Python loop over them); without it, plain lists, which group tens to hundreds of
+        pairs faster than tensor ops."""
+        if self.kernels is None:
+            return _grouped_in_lists(topk_ids, topk_weights, slot_of_expert, out_rows)
+        ids, table, weights = (_as(t, dtype) for t, dtype in ((topk_ids, torch.int64), (slot_of_expert, torch.int64),
+                                                              (topk_weights, torch.float32)))
+        out_rows = None if out_rows is None else _as(out_rows, torch.int64)
+        pairs = ids.numel()
+        tokens, pair_weights, result_rows = (array.array(code, bytes(size * pairs)) for code, size in
+                                             (("q", 8), ("f", 4), ("q", 8)))
+        slots, counts = array.array("q", bytes(8 * num_slots)), array.array("q", bytes(8 * num_slots))
+        groups = self.kernels.group_pairs(
+            ids.data_ptr(), weights.data_ptr(), ids.shape[0], ids.shape[1], table.data_ptr(), table.numel(), num_slots, 0 if out_rows is None else out_rows.data_ptr(),
+            tokens.buffer_info()[0], pair_weights.buffer_info()[0], result_rows.buffer_info()[0],
+            slots.buffer_info()[0], counts.buffer_info()[0])
+        kept = sum(counts[:groups])
+        for values in (tokens, pair_weights, result_rows):
+            del values[kept:]  # cheaper than slicing the tensors
+        return (_tensor_of(tokens, torch.int64), _tensor_of(pair_weights, torch.float32),
+                _tensor_of(result_rows, torch.int64), list(zip(slots[:groups], counts[:groups])))
 
     def _run_torch(self, native_job, by_torch, pairs, x, w13, w2, inject_fault) -> list:
         """The torch experts, one after another, after the native job (both at once would

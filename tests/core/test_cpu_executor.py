@@ -15,6 +15,7 @@ from daop_vllm.core.cpu_executor import (
     JOB_DONE,
     JOB_NEXT_EXPERT,
     CpuExpertExecutor,
+    _grouped_in_lists,
     job_state,
 )
 from daop_vllm.core.cpu_kernels import native_kernels
@@ -343,3 +344,27 @@ def test_rows_added_into_other_rows_of_the_result(native_max_tokens):
     want = torch.zeros(5, 64, dtype=torch.float64).index_add_(0, out_rows, reference(x, topk_ids, topk_weights, w13,
                                                                                         w2, table))
     assert got.shape == (5, 64) and (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("tokens, top_k, with_out_rows", [(1, 2, False), (7, 2, True), (300, 6, True), (64, 8, False)])
+def test_pairs_are_grouped_alike_in_the_extension_and_in_lists(tokens, top_k, with_out_rows):
+    """The extension's grouping is the lists' (slots in first-appearance order, pairs by token),
+    so the native plan, and the sums' order, do not depend on which one ran."""
+    executor = CpuExpertExecutor(1)
+    assert executor.kernels is not None, "the extension is built here (test_native_kernels_are_built_here)"
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, 16, (tokens, top_k), generator=gen)
+    ids[torch.rand(ids.shape, generator=gen) < 0.2] = -1  # pairs a call skips
+    weights = torch.rand(ids.shape, generator=gen)
+    table = torch.randperm(16, generator=gen)
+    table[table >= 12] = -1  # experts that are not this call's
+    out_rows = torch.randint(0, 3, (tokens,), generator=gen) if with_out_rows else None
+    got = executor._grouped(ids, weights, table, 16, out_rows)
+    want = _grouped_in_lists(ids, weights, table, out_rows)
+    assert got[3] == want[3] and sum(count for _, count in got[3]) == int((ids >= 0).logical_and(
+        table[ids.clamp_min(0)] >= 0).sum())
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match="past the 16 experts"):
+        executor._grouped(torch.tensor([[3, 16]]), weights[:1, :2], table, 16, None)
+    executor.shutdown()
