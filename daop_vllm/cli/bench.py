@@ -223,7 +223,8 @@ def _bench_layer(args: argparse.Namespace) -> None:
     for row in result["rows"]:
         print(f"batch {row['batch']:3d}, fraction {row['fraction']:.2f}, {row['mode']:>5}: DAOP op {row['daop_us']:8.1f} us, "
               f"kernels direct {row['direct_us']:8.1f} us ({row['daop_over_direct']:.2f}x, machinery "
-              f"{row['machinery_us']:.1f} us, {100 * row['machinery_share']:.0f}%), router and kernels {row['routed_us']:8.1f} us "
+              f"{row['machinery_us']:.1f} us, {100 * row['machinery_share']:.0f}%), "
+              f"router and kernels {row['routed_us']:8.1f} us "
               f"({row['daop_over_routed']:.2f}x)")
 
 

@@ -490,7 +490,8 @@ class CpuExpertExecutor:
                                              (("q", 8), ("f", 4), ("q", 8)))
         slots, counts = array.array("q", bytes(8 * num_slots)), array.array("q", bytes(8 * num_slots))
         groups = self.kernels.group_pairs(
-            ids.data_ptr(), weights.data_ptr(), ids.shape[0], ids.shape[1], table.data_ptr(), table.numel(), num_slots, 0 if out_rows is None else out_rows.data_ptr(),
+            ids.data_ptr(), weights.data_ptr(), ids.shape[0], ids.shape[1], table.data_ptr(), table.numel(), num_slots,
+            0 if out_rows is None else out_rows.data_ptr(),
             tokens.buffer_info()[0], pair_weights.buffer_info()[0], result_rows.buffer_info()[0],
             slots.buffer_info()[0], counts.buffer_info()[0])
         kept = sum(counts[:groups])

@@ -33,7 +33,7 @@ def _precompute_lane(layer: int) -> int:
     return 1 + layer % 2
 
 
-def experts_seconds(cost: Callable[[int], float], ids: torch.Tensor, num_experts: int) -> float:
+def _experts_seconds(cost: Callable[[int], float], ids: torch.Tensor, num_experts: int) -> float:
     """The seconds of the experts named in `ids` (an entry per (token, expert) pair), each
     costing `cost(its tokens)`: a layer's work on one side, for the streaming plans."""
     tokens = torch.bincount(ids.flatten(), minlength=num_experts)
@@ -199,7 +199,8 @@ class DaopMoE:
         if host.numel() == 0 and not early:
             return [], []
         costs = self.stream_costs
-        device_busy = experts_seconds(costs.device_s, ids[~on_cpu], num_experts) + sum(map(costs.device_s, early_tokens))
+        device_busy = _experts_seconds(costs.device_s, ids[~on_cpu], num_experts)
+        device_busy += sum(map(costs.device_s, early_tokens))
         counts = tokens[host].tolist()
         plan = plan_streaming(counts, costs, device_busy, self.staging.num_slots, self.stream_mode)
         streamed = [e for _, e in sorted(((n, e) for n, e, s in zip(counts, host.tolist(), plan) if s), reverse=True)]
@@ -354,10 +355,10 @@ class DaopMoE:
         target = self.next_layer
         counts = torch.bincount(prediction.pair_experts, minlength=target.store.num_experts)
         experts = counts.nonzero().squeeze(1)
-        cpu_s = experts_seconds(self.stream_costs.cpu_s, ids[to_compute], self.store.num_experts)
-        layer_s = max(cpu_s, experts_seconds(self.stream_costs.device_s, ids[~on_cpu], self.store.num_experts))
+        cpu_s = _experts_seconds(self.stream_costs.cpu_s, ids[to_compute], self.store.num_experts)
+        layer_s = max(cpu_s, _experts_seconds(self.stream_costs.device_s, ids[~on_cpu], self.store.num_experts))
         predicted = prediction.ids
-        next_device_s = experts_seconds(target.stream_costs.device_s, predicted[target.cache.is_resident[predicted]],
+        next_device_s = _experts_seconds(target.stream_costs.device_s, predicted[target.cache.is_resident[predicted]],
                                         target.store.num_experts)
         chosen = plan_early_staging(dict(zip(experts.tolist(), counts[experts].tolist())), target.stream_costs,
                                     next_device_s, self.staging.num_slots, cpu_s - layer_s if target.predicted else 0.0,
