@@ -159,29 +159,30 @@ def add_predictions_to_stats(stats: DaopStats, outcomes: list[PredictionOutcome]
                              degraded: list[tuple[int, torch.Tensor]]) -> None:
     """A step's prediction counters, for every layer at once (a layer counting its own read
     a handful of sums back, each an op of its own, in every predicted layer)."""
+    n = len(outcomes)
+    counted = _true_counts([outcome.used for outcome in outcomes] + [outcome.rejected for outcome in outcomes]
+                           + [rows for _, rows in degraded])
     if degraded:
-        stats.add_per_layer([layer for layer, _ in degraded], degraded=_true_counts([rows for _, rows in degraded]))
+        stats.add_per_layer([layer for layer, _ in degraded], degraded=counted[2 * n:])
     if not outcomes:
         return
-    pairs = [outcome.used.numel() for outcome in outcomes]
-    used = _true_counts([outcome.used for outcome in outcomes])
-    gated = [outcome for outcome in outcomes if outcome.rejected is not None]
-    rejected = dict(zip((outcome.layer for outcome in gated), _true_counts([outcome.rejected for outcome in gated])))
-    rejected_per_layer = [rejected.get(outcome.layer, 0) for outcome in outcomes]
+    used, rejected = counted[:n], counted[n:2 * n]
     stats.add_per_layer([outcome.layer for outcome in outcomes],
                         predictions=[outcome.raw_ids.numel() for outcome in outcomes],
                         predictions_correct=_correct_predictions(outcomes).tolist(), precomputed_used=used,
-                        precomputed_rejected=rejected_per_layer,
-                        precomputed_wasted=[n - u - r for n, u, r in zip(pairs, used, rejected_per_layer)])
+                        precomputed_rejected=rejected,
+                        precomputed_wasted=[outcome.used.numel() - u - r
+                                            for outcome, u, r in zip(outcomes, used, rejected)])
 
 
-def _true_counts(flags: list[torch.Tensor]) -> list[int]:
-    """The number of True elements of each of the 1-d bool tensors `flags`, in one read."""
-    if not flags:
-        return []
-    owner = torch.repeat_interleave(torch.arange(len(flags)), torch.tensor([f.numel() for f in flags]))
-    counts = torch.zeros(len(flags), dtype=torch.int64).index_add_(0, owner, torch.cat(flags).long())
-    return counts.tolist()
+def _true_counts(flags: list[torch.Tensor | None]) -> list[int]:
+    """The number of True elements of each of the 1-d bool tensors `flags` (0 for None), in one read."""
+    present = [f for f in flags if f is not None]
+    if not present:
+        return [0] * len(flags)
+    owner = torch.repeat_interleave(torch.arange(len(present)), torch.tensor([f.numel() for f in present]))
+    counts = iter(torch.zeros(len(present), dtype=torch.int64).index_add_(0, owner, torch.cat(present).long()).tolist())
+    return [0 if f is None else next(counts) for f in flags]
 
 
 def _correct_predictions(outcomes: list[PredictionOutcome]) -> torch.Tensor:
