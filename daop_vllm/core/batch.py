@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,7 +26,7 @@ class StepBatch:
         if self.remaining and len(self.remaining) != n:
             raise ValueError("StepBatch.remaining must be empty or have one entry per request")
 
-    @property
+    @cached_property  # every layer's counting asks
     def num_rows(self) -> int:
         return sum(self.rows)
 

@@ -48,12 +48,15 @@ class RequestTracker:
         self.step += 1
         for req_id, remaining in zip(batch.req_ids, batch.remaining):
             self.remaining[req_id] = remaining
+        decaying = []
         for req_id, prefill in zip(batch.req_ids, batch.prefill):
             if req_id not in self.prefill_counts:
                 self.prefill_counts[req_id] = torch.zeros(self.num_layers, self.num_experts, device="cpu")
                 self.decode_counts[req_id] = torch.zeros(self.num_layers, self.num_experts, device="cpu")
             elif not prefill:
-                self.decode_counts[req_id].mul_(self.decode_decay)
+                decaying.append(self.decode_counts[req_id])
+        if decaying:  # one op for the batch's requests, not one each
+            torch._foreach_mul_(decaying, self.decode_decay)
         self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
         self._start_plan()
 
@@ -118,9 +121,13 @@ class RequestTracker:
         the layers counted from their shape (StepCounts.add_resident)."""
         executed, chosen, resident = self.counts.take()
         if executed is not None and self.batch is not None:
-            for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
-                (self.prefill_counts if prefill else self.decode_counts)[req_id] += chosen[:, index]
+            torch._foreach_add_(self._counts_of_batch(), chosen[:, :-1].unbind(1))
         return executed, resident
+
+    def _counts_of_batch(self, layers: slice = slice(None)) -> list[torch.Tensor]:
+        """The prompt or decode counts [L', E] (rows `layers`) of each of the step's requests, in the batch's order."""
+        return [(self.prefill_counts if prefill else self.decode_counts)[req_id][layers]
+                for req_id, prefill in zip(self.batch.req_ids, self.batch.prefill)]
 
     def record(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor | None = None) -> None:
         """Count layer `layer`'s routing [T, K] (host tensors) into each row's request at once,
@@ -145,9 +152,7 @@ class RequestTracker:
         layers = torch.arange(num_layers, device="cpu")[:, None, None].expand_as(ids)
         counts.index_put_((requests.flatten(), layers.flatten(), ids.flatten()),
                           torch.ones(ids.numel(), device="cpu"), accumulate=True)
-        for index, (req_id, prefill) in enumerate(zip(self.batch.req_ids, self.batch.prefill)):
-            (self.prefill_counts if prefill else self.decode_counts)[req_id][first_layer:first_layer + num_layers] \
-                += counts[index]
+        torch._foreach_add_(self._counts_of_batch(slice(first_layer, first_layer + num_layers)), counts.unbind(0))
 
     def record_routes(self, layer: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Keep each request's rows of layer `layer`'s routing (host tensors), for its trace."""

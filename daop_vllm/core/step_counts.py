@@ -144,14 +144,16 @@ def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]]
     if not resident:
         return
     layers, rows, top_k = (list(column) for column in zip(*resident))
-    counted = rows if batch is None else [n if n < batch.num_rows else batch.num_rows for n in rows]
-    counts = {"device_expert_tokens": [n * k for n, k in zip(counted, top_k)]}
-    if batch is not None:
-        prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill)
-        matched = [batch.num_rows <= n for n in rows]
-        counts["prefill_device_expert_tokens"] = [prefill_rows * k if m else 0 for m, k in zip(matched, top_k)]
-        counts["decode_device_expert_tokens"] = [(batch.num_rows - prefill_rows) * k if m else 0
-                                                 for m, k in zip(matched, top_k)]
+    if batch is None:
+        stats.add_per_layer(layers, device_expert_tokens=[n * k for n, k in zip(rows, top_k)])
+        return
+    num_rows = batch.num_rows
+    prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill)
+    # (all, prompt, generated) pairs per token of top-k; a layer whose rows do not cover the batch
+    # counts its rows but no phase
+    phases = [(num_rows, prefill_rows, num_rows - prefill_rows) if n >= num_rows else (n, 0, 0) for n in rows]
+    counts = {name: [phase[index] * k for phase, k in zip(phases, top_k)] for index, name in enumerate(
+        ("device_expert_tokens", "prefill_device_expert_tokens", "decode_device_expert_tokens"))}
     stats.add_per_layer(layers, **counts)
 
 
