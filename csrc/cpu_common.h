@@ -31,6 +31,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* Softmax top-k routing (cpu_router.cpp): logits [n, num_experts] -> ids [n, k], weights [n, k] */
+enum { ROUTER_ENTRY_BYTES = 16 };
+#define ROUTER_SCRATCH_BYTES(num_experts) ((num_experts) * (ROUTER_ENTRY_BYTES + 4))
+void route_softmax_topk(const void *logits, int dtype, int64_t n, int64_t num_experts, int64_t k, int renormalize,
+                        int64_t *ids, float *weights, void *scratch);
+
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 static inline size_t dtype_size(int dtype) { return dtype == DT_BF16 ? 2 : 4; }

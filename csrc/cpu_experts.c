@@ -646,6 +646,22 @@ static PyObject *py_group_pairs(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(groups);
 }
 
+static PyObject *py_route_softmax_topk(PyObject *self, PyObject *args) {
+    unsigned long long logits, ids, weights;
+    int dtype, renormalize;
+    long long n, num_experts, k;
+    if (!PyArg_ParseTuple(args, "KiLLLpKK", &logits, &dtype, &n, &num_experts, &k, &renormalize, &ids, &weights))
+        return NULL;
+    if (k < 1 || k > num_experts)
+        return PyErr_Format(PyExc_ValueError, "top-k of %lld must be 1 to the %lld experts", k, num_experts);
+    void *scratch = malloc(ROUTER_SCRATCH_BYTES(num_experts));
+    if (!scratch) return PyErr_NoMemory();
+    route_softmax_topk((const void *)logits, dtype, n, num_experts, k, renormalize, (int64_t *)ids, (float *)weights,
+                       scratch);
+    free(scratch);
+    Py_RETURN_NONE;
+}
+
 /* Sum of a buffer as 64-bit words: a streaming read for the bandwidth baseline, with the
  * widest loads the CPU has, so that the baseline is the memory's limit and not the core's. */
 #ifdef DAOP_X86
@@ -734,6 +750,9 @@ static PyMethodDef methods[] = {
     {"sum_rows", py_sum_rows, METH_VARARGS,
      "sum_rows(dtype, out, T, rows, tok, n, width): out[t] = sum of the fp32 rows[r] with tok[r] == t, t < T "
      "(contiguous rows of width elements; out in dtype)"},
+    {"route_softmax_topk", py_route_softmax_topk, METH_VARARGS,
+     "route_softmax_topk(logits, dtype, n, num_experts, k, renormalize, ids, weights): torch.topk's experts of "
+     "each row of logits, ties included, and their softmax weights (cpu_router.cpp)"},
     {"group_pairs", py_group_pairs, METH_VARARGS,
      "group_pairs(ids, weights, n, k, table, num_experts, num_slots, out_rows, tokens, pair_weights, result_rows, "
      "slots, counts): "

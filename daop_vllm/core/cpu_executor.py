@@ -41,6 +41,7 @@ import torch
 from daop_vllm.core.cpu_kernels import NATIVE_DTYPES, native_kernels
 from daop_vllm.core.expert_math import ExpertWeights, expert_mlp
 from daop_vllm.core.quantized_experts import QuantizedWeights, weight_parts
+from daop_vllm.core.routing import SoftmaxTopK
 
 # Up to this many tokens per expert the native kernel beats torch's matmul on our development
 # machine (benchmarks/results/cpu_experts_*.json); beyond it torch's AMX/oneDNN path wins. With
@@ -363,6 +364,7 @@ class CpuExpertExecutor:
         lane: int = 0,
         out: torch.Tensor | None = None,
         out_rows: torch.Tensor | None = None,
+        routing: tuple[SoftmaxTopK, torch.Tensor] | None = None,
     ) -> CpuJob:
         """Start computing the experts that `slot_of_expert` maps, for all tokens routed to
         them (expert ids < 0 in `topk_ids` are skipped). All tensors are on the CPU; see
@@ -371,7 +373,9 @@ class CpuExpertExecutor:
         different lanes (each lane has its own workspaces); a lane's previous result must have
         been used before the lane is submitted to again, unless it goes to `out` (a [T, H] tensor
         of x's dtype the caller owns). `out_rows` [T] (with `out` [R, H]): the row of the
-        result each row of x adds into, where several rows sum into one."""
+        result each row of x adds into, where several rows sum into one. `routing` (router,
+        logits [T, E]; topk_ids and topk_weights None): the job routes the tokens itself, where
+        `routes_in_job` says it can."""
         x = x.contiguous()
         tokens, hidden = x.shape
         # The native kernels trust these: check them here, in the caller's thread.
@@ -385,7 +389,7 @@ class CpuExpertExecutor:
             self._pending[lane].wait_released()  # its threads or its result's copy may still use the workspace
         workspace = self._workspaces[lane]
         assert out_rows is None or out is not None, "out_rows needs `out`, which has the result's rows"
-        pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert, out_rows)
+        pairs, native, by_torch = self._plan(x, topk_ids, topk_weights, w13, slot_of_expert, out_rows, routing)
         if out is None:
             out = workspace.buffer("out", (tokens, hidden), x.dtype)
         self.jobs_submitted += 1
@@ -400,6 +404,14 @@ class CpuExpertExecutor:
         job = CpuJob(self, native_job, torch_part, out, native_out, pairs.native_tokens)
         self._pending[lane] = job
         return job
+
+    def routes_in_job(self, router: object, router_logits: torch.Tensor) -> bool:
+        """Whether a job can route `router_logits` [T, E] itself as `router` would (submit's
+        `routing`): a softmax top-k router, in the extension (cpu_router.cpp; the experts
+        torch.topk picks, ties included), so that a layer routes in the call that groups its pairs
+        instead of in two torch ops of more than a microsecond each."""
+        return (self.kernels is not None and isinstance(router, SoftmaxTopK) and router_logits.dim() == 2
+                and router_logits.dtype in NATIVE_DTYPES)
 
     def _check_slot_table(self, slot_of_expert: torch.Tensor, num_slots: int) -> None:
         """Every slot the table names lies in the weights; checked once per table and version
@@ -445,13 +457,13 @@ class CpuExpertExecutor:
                          self._add_busy)
         return job, native_out
 
-    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert, out_rows) -> tuple[
+    def _plan(self, x, topk_ids, topk_weights, w13, slot_of_expert, out_rows, routing) -> tuple[
             _Pairs, list[_ExpertWork], list[_ExpertWork]]:
         """Group the pairs by host expert (each expert's token rows, in order, and weights are a
         range of tensors made once per call) and split the experts into native work (laid out in
         the activation workspace) and torch work."""
         tokens, weights, out_tokens, groups = self._grouped(topk_ids, topk_weights, slot_of_expert, w13.shape[0],
-                                                            out_rows)
+                                                            out_rows, routing)
         native_ok = self.kernels is not None and x.dtype in NATIVE_DTYPES and (
             isinstance(w13, QuantizedWeights) or w13.dtype == x.dtype)
         limit = max(self.native_max_tokens, QUANTIZED_NATIVE_MAX_TOKENS) if isinstance(w13, QuantizedWeights) \
@@ -472,25 +484,30 @@ class CpuExpertExecutor:
                 else out_tokens[:0]
         return _Pairs(tokens, weights, native_tokens, out_tokens), native, by_torch
 
-    def _grouped(self, topk_ids, topk_weights, slot_of_expert, num_slots: int, out_rows) -> tuple[
+    def _grouped(self, topk_ids, topk_weights, slot_of_expert, num_slots: int, out_rows, routing=None) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """The pairs grouped by the slot `slot_of_expert` maps their expert to, slots in the
         order they first appear, each slot's pairs in token order: (token rows [P], weights [P]
         fp32, result rows [P] (out_rows of the tokens, or the tokens), (slot, pairs) per slot).
         In the extension (a decode step's pairs in about a microsecond, a prompt's thousands
-        without a Python loop over them); without it, plain lists, which group tens to hundreds of
-        pairs faster than tensor ops."""
+        without a Python loop over them), routed there first with `routing`; without it, plain
+        lists, which group tens to hundreds of pairs faster than tensor ops."""
         if self.kernels is None:
             return _grouped_in_lists(topk_ids, topk_weights, slot_of_expert, out_rows)
-        ids, table, weights = (_as(t, dtype) for t, dtype in ((topk_ids, torch.int64), (slot_of_expert, torch.int64),
-                                                              (topk_weights, torch.float32)))
+        if routing is not None:
+            (ids, weights), (rows, top_k) = self._routed(*routing)
+            ids_address, weights_address = ids.buffer_info()[0], weights.buffer_info()[0]
+        else:
+            ids, weights = _as(topk_ids, torch.int64), _as(topk_weights, torch.float32)
+            (rows, top_k), ids_address, weights_address = ids.shape, ids.data_ptr(), weights.data_ptr()
+        table = _as(slot_of_expert, torch.int64)
         out_rows = None if out_rows is None else _as(out_rows, torch.int64)
-        pairs = ids.numel()
+        pairs = rows * top_k
         tokens, pair_weights, result_rows = (array.array(code, bytes(size * pairs)) for code, size in
                                              (("q", 8), ("f", 4), ("q", 8)))
         slots, counts = array.array("q", bytes(8 * num_slots)), array.array("q", bytes(8 * num_slots))
         groups = self.kernels.group_pairs(
-            ids.data_ptr(), weights.data_ptr(), ids.shape[0], ids.shape[1], table.data_ptr(), table.numel(), num_slots,
+            ids_address, weights_address, rows, top_k, table.data_ptr(), table.numel(), num_slots,
             0 if out_rows is None else out_rows.data_ptr(),
             tokens.buffer_info()[0], pair_weights.buffer_info()[0], result_rows.buffer_info()[0],
             slots.buffer_info()[0], counts.buffer_info()[0])
@@ -499,6 +516,16 @@ class CpuExpertExecutor:
             del values[kept:]  # cheaper than slicing the tensors
         return (_tensor_of(tokens, torch.int64), _tensor_of(pair_weights, torch.float32),
                 _tensor_of(result_rows, torch.int64), list(zip(slots[:groups], counts[:groups])))
+
+    def _routed(self, router: SoftmaxTopK, router_logits: torch.Tensor) -> tuple[tuple[array.array, array.array],
+                                                                                tuple[int, int]]:
+        """(ids, weights) of `router` on `router_logits` [T, E], as arrays [T * K], and (T, K)."""
+        logits = router_logits.contiguous()
+        rows, num_experts = logits.shape
+        ids, weights = array.array("q", bytes(8 * rows * router.top_k)), array.array("f", bytes(4 * rows * router.top_k))
+        self.kernels.route_softmax_topk(logits.data_ptr(), NATIVE_DTYPES[logits.dtype], rows, num_experts, router.top_k,
+                                        router.renormalize, ids.buffer_info()[0], weights.buffer_info()[0])
+        return (ids, weights), (rows, router.top_k)
 
     def _run_torch(self, native_job, by_torch, pairs, x, w13, w2, inject_fault) -> list:
         """The torch experts, one after another, after the native job (both at once would

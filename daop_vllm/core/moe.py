@@ -84,16 +84,11 @@ class DaopMoE:
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H] and router_logits [T, E] on the device -> [T, H] on the device."""
+        if not self.requests.dummy_run and self._in_one_call():
+            return self._every_expert_at_once(x, router_logits)
         topk_weights, topk_ids = self.route(router_logits)
         if self.requests.dummy_run:
             return self._resident_only(x, topk_ids, topk_weights)
-        if self._in_one_call():
-            out = self._every_expert_at_once(x, topk_ids, topk_weights)
-            if self.cache.holds_every_expert:
-                self._count_resident(*topk_ids.shape)
-            else:
-                self._count_routing(topk_ids, topk_ids)
-            return out
         decode_rows = self.requests.decode_rows(x.shape[0])  # None outside engine steps: no prediction then
         predicting = self._predict_on_device(x, decode_rows)
         own_scores = self._own_scores_for_degradation(router_logits, decode_rows)
@@ -239,22 +234,43 @@ class DaopMoE:
             out = part if out is None else out + part
         return out
 
-    def _every_expert_at_once(self, x: torch.Tensor, topk_ids: torch.Tensor,
-                              topk_weights: torch.Tensor) -> torch.Tensor:
-        """Every routed expert in one call: the device kernel (every expert resident); where
-        device and host are one memory, the executor's one job (its native kernels are the
-        fastest CPU path; nothing to copy) or the layer's `experts_call`."""
-        if not self.cache.shares_host_memory:
-            return self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2,
-                                       self.cache.slot_of_expert)
-        if self.experts_call is not None:
-            return self.experts_call(x, topk_ids, topk_weights)
+    def _every_expert_at_once(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """Every routed expert in one call, counted: the device kernel (every expert resident);
+        where device and host are one memory, the executor's one job (its native kernels are the
+        fastest CPU path; nothing to copy), which also routes where no ids are counted, or the
+        layer's `experts_call`."""
+        one_job = self.cache.shares_host_memory and self.experts_call is None
+        if one_job and self.cache.holds_every_expert and self.executor.routes_in_job(self.route, router_logits):
+            out = self._one_job(x, None, None, router_logits)
+            self._count_resident(x.shape[0], self.route.top_k)
+            return out
+        topk_weights, topk_ids = self.route(router_logits)
+        if one_job:
+            out = self._one_job(x, topk_ids, topk_weights, router_logits)
+        elif self.cache.shares_host_memory:
+            out = self.experts_call(x, topk_ids, topk_weights)
+        else:
+            out = self.device_forward(x, topk_ids, topk_weights, self.cache.w13, self.cache.w2,
+                                      self.cache.slot_of_expert)
+        if self.cache.holds_every_expert:
+            self._count_resident(*topk_ids.shape)
+        else:
+            self._count_routing(topk_ids, topk_ids)
+        return out
+
+    def _one_job(self, x: torch.Tensor, topk_ids: torch.Tensor | None, topk_weights: torch.Tensor | None,
+                 router_logits: torch.Tensor) -> torch.Tensor:
+        """The layer in one executor job; without ids, the job routes `router_logits` too."""
+        routing = (self.route, router_logits) if topk_ids is None else None
         job = self.executor.submit(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index,
-                                   lane=_OWN_LANE, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+                                   lane=_OWN_LANE, out=torch.empty_like(x, memory_format=torch.contiguous_format),
+                                   routing=routing)
         try:
             return job.result()
         except Exception as exc:  # noqa: BLE001 - recovered: the engine must not die mid-step
             self._recovered(exc)
+            if topk_ids is None:
+                topk_weights, topk_ids = self.route(router_logits)
             return routed_experts_forward(x, topk_ids, topk_weights, self.store.w13, self.store.w2, self._store_index)
 
     def _resident_only(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

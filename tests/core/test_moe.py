@@ -98,13 +98,14 @@ def test_device_slots_hold_copies_on_cuda():
     engine.close()
 
 
+@pytest.mark.parametrize("resident", [[0, 5], list(range(E))], ids=["two", "all: routed in the job"])
 @pytest.mark.parametrize("fail_every", [1, 2])
-def test_a_failing_cpu_job_is_recomputed_and_counted(fail_every):
+def test_a_failing_cpu_job_is_recomputed_and_counted(fail_every, resident):
     """Injected executor faults (the test-only option): the layer recomputes the experts on
     its fallback path, the output stays exact, and each fault is counted."""
     engine = make_engine(cpu_threads=2)
     engine.executor.fail_every = fail_every
-    engine.place([[0, 5]] * L)
+    engine.place([resident] * L)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, H, generator=gen)
     logits = torch.randn(6, E, generator=gen)
@@ -132,6 +133,29 @@ def test_on_the_cpu_every_expert_runs_in_one_executor_job(resident):
         on_device = sum(int(e) in resident for e in ids.flatten())
         assert engine.stats.layer(layer.layer)["device_expert_tokens"] == on_device
     assert engine.executor.jobs_submitted == L
+    engine.close()
+
+
+@pytest.mark.parametrize("resident, routed_by_torch", [(list(range(E)), 0), ([2, 5], L)], ids=["all", "two"])
+def test_a_layer_in_one_job_routes_there_unless_its_ids_are_counted(resident, routed_by_torch, monkeypatch):
+    """One memory, every expert resident: the executor's job routes the layer (the extension's
+    softmax top-k, torch.topk's choice), no torch op routes it, and the counters follow from the
+    shape. With host experts the layer routes in torch: its ids are counted."""
+    engine = make_engine(cpu_threads=2)
+    if engine.executor.kernels is None:
+        pytest.skip("needs the C extension (not built here): without it the layer routes in torch")
+    engine.place([resident] * L)
+    calls = []
+    torch_router = SoftmaxTopK.__call__
+    monkeypatch.setattr(SoftmaxTopK, "__call__", lambda router, logits: calls.append(1) or torch_router(router, logits))
+    gen = torch.Generator().manual_seed(3)
+    x, logits = torch.randn(4, H, generator=gen), torch.randint(-1, 2, (4, E), generator=gen).float()  # ties
+    for layer in engine.layers:
+        expected, ids = dense_moe(x, logits, layer.store.w13, layer.store.w2)
+        torch.testing.assert_close(layer.forward(x, logits), expected, rtol=1e-5, atol=1e-5)
+        on_device = sum(int(e) in resident for e in ids.flatten())
+        assert engine.stats.layer(layer.layer)["device_expert_tokens"] == on_device
+    assert len(calls) == routed_by_torch
     engine.close()
 
 
