@@ -115,7 +115,7 @@ class DaopEngine:
                         self.requests, self.transfers)
         self.layers.append(layer)
         self.stats.add_layer()
-        self.requests.num_layers, self.requests.num_experts = len(self.layers), num_experts
+        self.requests.set_shape(len(self.layers), num_experts)
         return layer
 
     def set_router(self, layer: int, router_logits: RouterLogits) -> None:

@@ -33,6 +33,29 @@ def test_counts_go_to_their_request_and_phase_then_decay_and_drop():
     assert len(tracker) == 0 and not tracker.decode_counts
 
 
+def test_requests_past_the_first_rows_and_rows_freed_by_dropped_ones_keep_their_own_counts():
+    """Each request's counts are a row of one tensor, which grows; a dropped request's row goes
+    to a later request zeroed, and each request's counts read the same through the dicts."""
+    tracker = RequestTracker(num_layers=1, num_experts=20, decode_decay=0.5)
+    names = [f"r{i}" for i in range(20)]
+    for step in range(3):  # 20 requests: past the first 8 rows and the next 8
+        tracker.begin_step(StepBatch(tuple(names), (1,) * 20, (step == 0,) * 20, (step == 0,) * 20))
+        tracker.record(0, torch.arange(20)[:, None])  # request i routes to expert i
+        tracker.end_step()
+    for i, name in enumerate(names):
+        assert tracker.prefill_counts[name][0].tolist() == [float(e == i) for e in range(20)]
+        assert tracker.decode_counts[name][0].tolist() == [1.5 * (e == i) for e in range(20)]  # 1 * 0.5 + 1
+    demand = tracker.expected_demand(top_k=1)
+    assert torch.allclose(demand, torch.ones(1, 20)), "each request expects one token on its expert"
+    tracker.drop("r3")
+    tracker.begin_step(StepBatch(("new",), (1,), (True,), (False,)))
+    assert tracker.prefill_counts["new"].sum() == 0 and tracker.decode_counts["new"].sum() == 0
+    tracker.record(0, torch.tensor([[7]]))
+    tracker.end_step()
+    assert tracker.prefill_counts["new"][0, 7] == 1 and tracker.prefill_counts["r7"][0].sum() == 1
+    assert len(tracker) == 20
+
+
 def test_rows_that_do_not_match_the_batch_are_not_attributed():
     tracker = RequestTracker(num_layers=1, num_experts=4)
     tracker.begin_step(StepBatch(("a",), (4,), (True,), (True,)))
