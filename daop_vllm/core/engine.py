@@ -287,8 +287,9 @@ class DaopEngine:
                         self._reallocate(self.requests.prefill_counts[req_id], budget)
             elif any(batch.prefill_completes) or self.requests.step % AUTO_INTERVAL_STEPS == 0:
                 self._reallocate(self.requests.expected_demand(self.layers[0].route.top_k), budget)
-        for layer in self.layers:
-            layer.streamed_this_step = None
+        if self.stream != "off":
+            for layer in self.layers:
+                layer.streamed_this_step = None
         self.requests.end_step()
 
     def drop_request(self, req_id: str, finished: bool = True) -> None:

@@ -39,7 +39,7 @@ class RequestTracker:
         self.step = 0  # counts begin_step calls: what a row's pre-computed results are keyed by
         self.dummy_run = False  # inside vLLM's dummy or profile run (DaopEngine.dummy_run)
         self._batch_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the batch's (rows, phases) of _counts
-        self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
+        self._row_request: torch.Tensor | None = None  # the step's rows' requests, found when first asked
         self._row_prefill = torch.empty(0, dtype=torch.bool, device="cpu")
         self._row_request_on: dict[tuple, torch.Tensor] = {}  # the step's row maps on a device (on_device)
         self._decode_rows: dict[int, torch.Tensor | None] = {}  # the step's decode rows, by total rows
@@ -58,8 +58,7 @@ class RequestTracker:
         for req_id in batch.req_ids:
             if req_id not in self._row_of:
                 self._add(req_id)
-        self._batch_rows = None
-        self._row_request = torch.empty(0, dtype=torch.int64, device="cpu")
+        self._batch_rows = self._row_request = None
         self._start_plan()
 
     def set_shape(self, num_layers: int, num_experts: int) -> None:
@@ -103,7 +102,7 @@ class RequestTracker:
         steps (e.g. profiling runs, or a batch whose rows do not match)."""
         if self.batch is None or self.batch.num_rows > total_rows:
             return None
-        if self._row_request.numel() != total_rows:
+        if self._row_request is None or self._row_request.numel() != total_rows:
             self._row_request = self.batch.row_request(total_rows)
             self._row_prefill = self.batch.row_is_prefill(total_rows)
         return self._row_request, self._row_prefill

@@ -143,18 +143,24 @@ def add_resident_to_stats(stats: DaopStats, resident: list[tuple[int, int, int]]
     the batch)."""
     if not resident:
         return
-    layers, rows, top_k = (list(column) for column in zip(*resident))
+    alike: dict[tuple[int, int], dict[str, int]] = {}  # a step's layers share their rows and top-k
+    counts = []
+    for _, rows, top_k in resident:
+        if (rows, top_k) not in alike:
+            alike[rows, top_k] = _resident_counts(rows, top_k, batch)
+        counts.append(alike[rows, top_k])
+    stats.add_per_layer([layer for layer, _, _ in resident], **{name: [c[name] for c in counts] for name in counts[0]})
+
+
+def _resident_counts(rows: int, top_k: int, batch: StepBatch | None) -> dict[str, int]:
     if batch is None:
-        stats.add_per_layer(layers, device_expert_tokens=[n * k for n, k in zip(rows, top_k)])
-        return
-    num_rows = batch.num_rows
+        return {"device_expert_tokens": rows * top_k}
+    if rows < batch.num_rows:  # rows that do not cover the batch (a dummy run's): counted in no phase
+        return {"device_expert_tokens": rows * top_k, "prefill_device_expert_tokens": 0,
+                "decode_device_expert_tokens": 0}
     prefill_rows = sum(n for n, prefill in zip(batch.rows, batch.prefill) if prefill)
-    # (all, prompt, generated) pairs per token of top-k; a layer whose rows do not cover the batch
-    # counts its rows but no phase
-    phases = [(num_rows, prefill_rows, num_rows - prefill_rows) if n >= num_rows else (n, 0, 0) for n in rows]
-    counts = {name: [phase[index] * k for phase, k in zip(phases, top_k)] for index, name in enumerate(
-        ("device_expert_tokens", "prefill_device_expert_tokens", "decode_device_expert_tokens"))}
-    stats.add_per_layer(layers, **counts)
+    return {"device_expert_tokens": batch.num_rows * top_k, "prefill_device_expert_tokens": prefill_rows * top_k,
+            "decode_device_expert_tokens": (batch.num_rows - prefill_rows) * top_k}
 
 
 def add_predictions_to_stats(stats: DaopStats, outcomes: list[PredictionOutcome],
