@@ -1,7 +1,7 @@
 /*
  * Softmax top-k routing (routing.SoftmaxTopK) for the executor's job, so that a layer of
- * every expert in one call routes in the same C call that groups its pairs, not in two torch
- * ops of a microsecond or more each.
+ * every expert in one call routes in C just before its pairs are grouped, not in two torch ops
+ * of a microsecond or more each.
  *
  * The experts chosen are torch.topk's, ties included: its CPU loop (aten's topk_impl_loop)
  * step for step, on the same libstdc++ algorithms with the same comparator (largest first, NaN

@@ -408,8 +408,8 @@ class CpuExpertExecutor:
     def routes_in_job(self, router: object, router_logits: torch.Tensor) -> bool:
         """Whether a job can route `router_logits` [T, E] itself as `router` would (submit's
         `routing`): a softmax top-k router, in the extension (cpu_router.cpp; the experts
-        torch.topk picks, ties included), so that a layer routes in the call that groups its pairs
-        instead of in two torch ops of more than a microsecond each."""
+        torch.topk picks, ties included), so that a layer routes in C just before its pairs are
+        grouped instead of in two torch ops of more than a microsecond each."""
         return (self.kernels is not None and isinstance(router, SoftmaxTopK) and router_logits.dim() == 2
                 and router_logits.dtype in NATIVE_DTYPES)
 
