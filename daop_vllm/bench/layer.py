@@ -105,14 +105,12 @@ def _timed(rounds: int, steps: int, threads: int, progress) -> dict[str, Any]:
     steps_of = {"daop": LayerCase.daop_step, "direct": LayerCase.direct_step, "routed": LayerCase.routed_step}
     samples: dict[tuple, dict[str, list[float]]] = {key: {name: [] for name in steps_of} for key in cases}
     try:
-        for case in cases.values():  # warm-up: workspaces, native threads, torch's first calls
-            for step in steps_of.values():
-                step(case)
         names = list(steps_of)
         for round_index in range(rounds):
-            # the setting before left its own weights and buffers in the caches (32 layers of this
-            # one's weights are 25 MB): an untimed step of each kind first, and the kinds in turn
-            # in a rotating order, or whichever kind ran first paid for it (1.12x against 1.08x)
+            # an untimed step of each kind first (in the first round: workspaces, native threads,
+            # torch's first calls; later: the setting before left its own weights and buffers in
+            # the caches, and 32 layers of this one's weights are 25 MB), and the kinds in turn in a
+            # rotating order, or whichever kind ran first paid for it (1.12x against 1.08x)
             order = names[round_index % len(names):] + names[:round_index % len(names)]
             for key, case in cases.items():
                 for name in order:
